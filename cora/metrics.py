@@ -1,0 +1,222 @@
+"""Ranking metrics for CTR-style evaluation: AUC, user-averaged AUC (UAUC), warm/cold split.
+
+Plain numpy, fully vectorised (no Python loop over samples or users).
+
+Both AUCs use the Mann-Whitney form.  With the n = n_pos + n_neg scores ranked
+ascending (1-based; tied scores all receive the average of the ranks they span)
+and R_pos the sum of the ranks of the positives,
+
+    AUC = (R_pos - n_pos (n_pos + 1) / 2) / (n_pos * n_neg)
+
+which equals P(s_pos > s_neg) + 0.5 * P(s_pos == s_neg) over all positive/negative
+pairs, i.e. exactly the area under the ROC curve with ties drawn as diagonals
+(what ``sklearn.metrics.roc_auc_score`` computes).  Twice an average rank is an
+integer, so rank sums are accumulated exactly in int64 and divided once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["auc", "uauc", "evaluate", "UAUCResult"]
+
+
+@dataclass(frozen=True)
+class UAUCResult:
+    """UAUC = (1/|U|) * sum_{u in U} AUC_u, where U = users having both classes.
+
+    ``n_users`` = |U|; ``n_skipped`` = users whose labels are all one class.
+    """
+
+    uauc: float
+    n_users: int
+    n_skipped: int
+
+
+# ----------------------------------------------------------------------------- validation
+def _as_1d(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}; pass a flat array (e.g. x.ravel()).")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty; AUC needs at least one positive and one negative sample.")
+    return a
+
+
+def _check_len(a: np.ndarray, b: np.ndarray, na: str, nb: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"length mismatch: {na} has {len(a)} elements but {nb} has {len(b)}; "
+                         "they must be aligned one-to-one.")
+
+
+def _labels(x) -> np.ndarray:
+    y = _as_1d(x, "labels")
+    if y.dtype.kind == "b":
+        return y.astype(np.int64)
+    if y.dtype.kind not in "iuf":
+        raise ValueError(f"labels must be numeric 0/1 or boolean, got dtype {y.dtype}; convert them to 0/1.")
+    bad = ~((y == 0) | (y == 1))
+    if bad.any():
+        shown = np.unique(y[bad])[:5].tolist()
+        raise ValueError(f"labels must all be 0 or 1; found {int(bad.sum())} other values, e.g. {shown}; "
+                         "binarise them first (e.g. labels = (rating >= threshold)).")
+    return y.astype(np.int64)
+
+
+def _scores(x) -> np.ndarray:
+    s = _as_1d(x, "scores")
+    if s.dtype.kind not in "biuf":
+        raise ValueError(f"scores must be numeric, got dtype {s.dtype}.")
+    s = s.astype(np.float64)
+    nonfinite = ~np.isfinite(s)
+    if nonfinite.any():
+        raise ValueError(f"scores contain {int(nonfinite.sum())} non-finite values (NaN/inf) out of {len(s)}; "
+                         "fix the model output or drop those rows before computing AUC.")
+    return s
+
+
+def _user_index(x) -> tuple[np.ndarray, int]:
+    """Map arbitrary (int or str) user ids to 0..U-1 via np.unique(return_inverse)."""
+    u = _as_1d(x, "users")
+    if u.dtype.kind == "f" and np.isnan(u).any():
+        raise ValueError(f"users contain {int(np.isnan(u).sum())} NaN ids; every row needs a user id.")
+    try:
+        uniq, inv = np.unique(u, return_inverse=True)
+    except TypeError as e:  # e.g. an object array mixing str and None
+        raise ValueError(f"users could not be sorted/compared ({e}); use a single id type (int or str).") from e
+    return inv.reshape(-1).astype(np.int64), len(uniq)
+
+
+def _single_class_msg(y: np.ndarray) -> str | None:
+    npos = int(y.sum())
+    if 0 < npos < len(y):
+        return None
+    return (f"AUC is undefined: all {len(y)} labels are {1 if npos else 0}; "
+            "need at least one positive and one negative")
+
+
+# ----------------------------------------------------------------------------- cores (validated input)
+def _auc_core(y: np.ndarray, s: np.ndarray) -> float:
+    order = np.argsort(s, kind="stable")
+    ss, ys = s[order], y[order]
+    n = len(ss)
+    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+    ends = np.r_[starts[1:], n]
+    # run [starts, ends) covers 1-based ranks starts+1..ends; twice their mean is an integer
+    rank2 = np.repeat(starts + 1 + ends, ends - starts)
+    npos = int(ys.sum())
+    nneg = n - npos
+    r2 = int((rank2 * ys).sum())
+    return (r2 - npos * (npos + 1)) / (2.0 * npos * nneg)
+
+
+def _uauc_core(uid: np.ndarray, n_users: int, y: np.ndarray, s: np.ndarray):
+    """Per-user AUC for every user id 0..n_users-1 (all present). Returns (auc_u, valid)."""
+    order = np.lexsort((s, uid))  # primary key: user, secondary: score
+    u, ss, ys = uid[order], s[order], y[order]
+    n = len(u)
+    new_group = np.r_[True, u[1:] != u[:-1]]
+    new_run = new_group | np.r_[True, ss[1:] != ss[:-1]]  # tie run = equal (user, score)
+    g_starts = np.flatnonzero(new_group)
+    r_starts = np.flatnonzero(new_run)
+    r_ends = np.r_[r_starts[1:], n]
+    g_of_pos = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
+    gs = g_of_pos[r_starts]
+    # within-group 1-based ranks of run: (r_start-gs+1)..(r_end-gs); twice their mean:
+    rank2 = np.repeat((r_starts - gs + 1) + (r_ends - gs), r_ends - r_starts)
+    r2 = np.add.reduceat(rank2 * ys, g_starts)
+    npos = np.add.reduceat(ys, g_starts)
+    cnt = np.diff(np.r_[g_starts, n])
+    assert len(cnt) == n_users
+    nneg = cnt - npos
+    valid = (npos > 0) & (nneg > 0)
+    auc_u = np.full(n_users, np.nan)
+    auc_u[valid] = (r2 - npos * (npos + 1))[valid] / (2.0 * npos * nneg)[valid]
+    return auc_u, valid
+
+
+# ----------------------------------------------------------------------------- public API
+def auc(labels, scores) -> float:
+    """ROC AUC = (R_pos - n_pos(n_pos+1)/2) / (n_pos n_neg), average ranks for ties.
+
+    Raises ValueError for empty/misaligned input, labels outside {0,1},
+    non-finite scores, or a single class.
+    """
+    y, s = _labels(labels), _scores(scores)
+    _check_len(y, s, "labels", "scores")
+    msg = _single_class_msg(y)
+    if msg:
+        raise ValueError(msg)
+    return float(_auc_core(y, s))
+
+
+def uauc(users, labels, scores) -> UAUCResult:
+    """UAUC = mean over users u having both classes of AUC_u (ranks taken within u).
+
+    Users with a single class are skipped and counted in ``n_skipped``; raises
+    ValueError if no user has both classes (or on invalid input as in :func:`auc`).
+    """
+    y, s = _labels(labels), _scores(scores)
+    _check_len(y, s, "labels", "scores")
+    uid, n_users = _user_index(users)
+    _check_len(uid, y, "users", "labels")
+    auc_u, valid = _uauc_core(uid, n_users, y, s)
+    n_ok = int(valid.sum())
+    if n_ok == 0:
+        raise ValueError(f"UAUC is undefined: none of the {n_users} users has both a positive and a "
+                         f"negative label ({n_users} skipped); need at least one such user.")
+    return UAUCResult(uauc=float(auc_u[valid].mean()), n_users=n_ok, n_skipped=n_users - n_ok)
+
+
+def _summary(uid: np.ndarray, y: np.ndarray, s: np.ndarray) -> dict:
+    """AUC/UAUC of already-validated arrays; undefined metrics become None plus a "note"."""
+    out = {"auc": None, "uauc": None, "n": int(len(y)), "n_users": 0, "n_users_skipped": 0}
+    if len(y) == 0:
+        out["note"] = "no samples in this subset; auc and uauc are undefined"
+        return out
+    notes = []
+    msg = _single_class_msg(y)
+    if msg:
+        notes.append(msg)
+    else:
+        out["auc"] = float(_auc_core(y, s))
+    uniq, inv = np.unique(uid, return_inverse=True)
+    auc_u, valid = _uauc_core(inv.reshape(-1).astype(np.int64), len(uniq), y, s)
+    n_ok = int(valid.sum())
+    out["n_users"], out["n_users_skipped"] = n_ok, int(len(uniq) - n_ok)
+    if n_ok:
+        out["uauc"] = float(auc_u[valid].mean())
+    else:
+        notes.append(f"UAUC is undefined: none of the {len(uniq)} users has both classes")
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
+
+
+def evaluate(labels, scores, users, cold=None) -> dict:
+    """Overall AUC/UAUC, plus "warm"/"cold" sub-dicts when a ``cold`` mask is given.
+
+    ``cold[i]`` is True when the user or item of row i was unseen in training;
+    warm = ~cold.  Invalid input (misaligned, non-binary labels, NaN scores, bad
+    mask) raises ValueError.  A metric that is undefined on some (sub)set
+    (empty, single class, no user with both classes) is reported as None with a
+    "note" explaining why; "n" is always reported.  The result is JSON-safe.
+    """
+    y, s = _labels(labels), _scores(scores)
+    _check_len(y, s, "labels", "scores")
+    uid, _ = _user_index(users)
+    _check_len(uid, y, "users", "labels")
+    out = _summary(uid, y, s)
+    if cold is None:
+        return out
+    c = _as_1d(cold, "cold")
+    _check_len(c, y, "cold", "labels")
+    if c.dtype.kind != "b":
+        if c.dtype.kind not in "iuf" or not np.isin(c, (0, 1)).all():
+            raise ValueError(f"cold must be a boolean mask (True = unseen user/item), got dtype {c.dtype}.")
+        c = c.astype(bool)
+    out["warm"] = _summary(uid[~c], y[~c], s[~c])
+    out["cold"] = _summary(uid[c], y[c], s[c])
+    return out

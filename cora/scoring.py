@@ -1,0 +1,115 @@
+"""The CoRA scoring model: frozen LLM + collaborative weights generator + per-sample injection.
+
+    A = G(concat(u, i))                  # (B, d_in, r), per sample
+    h = LLM_A(prompt)[answer position]   # (B, d), with y = Wx + (alpha/r) P(dropout(x) A_b) injected
+    logit = h . w_yes (+ b_yes)          # (B,): only the "Yes" row of the LM head, never the vocabulary
+    loss = BCEWithLogits(logit, label)
+
+Prompts are right-padded: with causal attention a real token never attends to a later pad, so no
+attention mask is needed (SDPA can take its causal fast path) and the answer hidden state is read at
+index ``length - 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cora.generator import CollaborativeWeightsGenerator, GeneratorConfig
+from cora.injection import Injection, InjectionConfig
+
+
+@dataclass
+class Batch:
+    """One training/eval batch, right-padded."""
+
+    input_ids: torch.Tensor   # (B, T) long
+    lengths: torch.Tensor     # (B,) long, real tokens per row
+    user_emb: torch.Tensor    # (B, du)
+    item_emb: torch.Tensor    # (B, di)
+    labels: torch.Tensor | None = None  # (B,) float in {0, 1}
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(*(move(getattr(self, f)) for f in ("input_ids", "lengths", "user_emb", "item_emb", "labels")))
+
+
+def collate(prompts: Sequence[Sequence[int]], user_emb, item_emb, labels=None, pad_id: int = 0) -> Batch:
+    """Right-pad token id lists into a Batch."""
+    if len(prompts) == 0:
+        raise ValueError("empty batch: no prompts given")
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    if int(lengths.min()) == 0:
+        raise ValueError(f"prompt {int(lengths.argmin())} of the batch is empty (0 tokens)")
+    ids = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+    as_t = lambda x: None if x is None else torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
+    return Batch(ids, lengths, as_t(user_emb), as_t(item_emb), as_t(labels))
+
+
+def answer_row(llm: nn.Module, token_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight row (and bias) for one token, copied out of the (frozen) model.
+
+    Under ZeRO-3 the caller gathers the head first (the trainer does) and passes the row in."""
+    head = llm.get_output_embeddings()
+    w = head.weight[token_id].detach().clone()
+    b = None if getattr(head, "bias", None) is None else head.bias[token_id].detach().clone()
+    return w, b
+
+
+class CoRAModel(nn.Module):
+    """Frozen LLM scored at the answer token; trainable: generator and P (or LoRA's A and P)."""
+
+    def __init__(self, llm: nn.Module, answer_token_id: int, user_dim: int, item_dim: int,
+                 injection: InjectionConfig | None = None, generator: GeneratorConfig | None = None,
+                 answer_weight: tuple[torch.Tensor, torch.Tensor | None] | None = None):
+        super().__init__()
+        injection = injection or InjectionConfig()
+        llm.requires_grad_(False)
+        self.llm = llm
+        w, b = answer_weight if answer_weight is not None else answer_row(llm, answer_token_id)
+        self.register_buffer("answer_w", w, persistent=False)
+        self.register_buffer("answer_b", b, persistent=False)
+        self.injection = Injection(llm, injection)   # adds the trainable P (and A) parameters
+        self.generator = None
+        if injection.adapter == "cora":
+            self.generator = CollaborativeWeightsGenerator(
+                generator or GeneratorConfig(), user_dim, item_dim, self.injection.widths,
+                injection.rank, self.injection.num_layers, injection.per_layer)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The LLM without its LM head (LlamaModel, GPT2Model, ...)."""
+        return self.llm.base_model
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.injection.parameters())
+        if self.generator is not None:
+            params += list(self.generator.parameters())
+        return params
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """The raw "Yes" logit at each prompt's answer position, (B,)."""
+        if batch.input_ids.shape[0] == 0:
+            raise ValueError("empty batch: 0 samples")
+        if self.generator is not None:
+            self.injection.set_weights(self.generator(batch.user_emb, batch.item_emb))
+        hidden = self.backbone(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # (B, T, d)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        h = hidden[rows, batch.lengths.to(hidden.device) - 1]                 # (B, d) answer position
+        logit = h @ self.answer_w.to(h.dtype)                                 # (B,)
+        if self.answer_b is not None:
+            logit = logit + self.answer_b.to(h.dtype)
+        return logit.float()
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(BCE-with-logits loss, logits)."""
+        if batch.labels is None:
+            raise ValueError("batch has no labels; loss() needs them")
+        logits = self(batch)
+        return F.binary_cross_entropy_with_logits(logits, batch.labels.to(logits.device)), logits

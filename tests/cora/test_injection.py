@@ -1,0 +1,187 @@
+"""Per-sample injection: exactness against merged weights, zero-init identity, independence, bad input."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cora.injection import Injection, InjectionConfig, MLP_TARGETS, dense_weight
+from cora.scoring import CoRAModel, collate
+
+from .conftest import SMALL_GEN, randomise_p, tiny
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _batch(tokenizer, n=3, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    texts = ["a short prompt #Answer:", "another, longer prompt about a movie #Answer:", "x #Answer:"]
+    prompts = [tokenizer(texts[i % 3]).input_ids for i in range(n)]
+    return collate(prompts, torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g),
+                   torch.randint(0, 2, (n,), generator=g).float(), tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gpt2"])
+def test_zero_init_reproduces_frozen_llm_exactly(family, tokenizer, yes_id):
+    llm = tiny(family)
+    ref = copy.deepcopy(llm)
+    targets = ALL if family != "tiny-gpt2" else [t for t in ALL if t != "gate_proj"]
+    model = CoRAModel(llm, yes_id, 8, 8, InjectionConfig(targets=targets), SMALL_GEN).eval()
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        got = model(batch)
+        hidden_ref = ref.base_model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+        hidden_got = model.backbone(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+        full = ref(input_ids=batch.input_ids).logits                       # (B, T, V) reference head
+    assert torch.equal(hidden_got, hidden_ref)                              # bit-identical at P = 0
+    want = full[torch.arange(3), batch.lengths - 1, yes_id]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,targets", [("tiny-llama", ALL), ("tiny-qwen2", ALL),
+                                            ("tiny-gpt2", [t for t in ALL if t != "gate_proj"])])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_injected_layer_equals_explicit_merged_weight(family, targets, per_layer, tokenizer, yes_id):
+    model = CoRAModel(tiny(family), yes_id, 8, 8, InjectionConfig(targets=targets, per_layer=per_layer),
+                      SMALL_GEN).eval()
+    randomise_p(model)
+    batch = _batch(tokenizer)
+    model.injection.set_weights(model.generator(batch.user_emb, batch.item_emb))
+    seen = set()
+    for m in model.injection.modules:
+        x = torch.randn(3, 5, m.in_features)
+        with torch.no_grad():
+            y = m(x)
+            for b in range(3):
+                w = m.merge(b)                                              # (out, in)
+                assert w.shape == (m.out_features, m.in_features)
+                want = x[b] @ w.t() + (m.base.bias if m.base.bias is not None else 0)
+                torch.testing.assert_close(y[b], want, rtol=1e-5, atol=1e-5)
+        seen.add(type(m.base).__name__)
+    assert seen == ({"Conv1D"} if family == "tiny-gpt2" else {"Linear"})
+
+
+def test_whole_model_matches_per_sample_merged_models(tokenizer, yes_id):
+    """The batched forward equals, for each sample, a plain LLM whose weights were merged for it."""
+    llm = tiny("tiny-llama")
+    plain = copy.deepcopy(llm)
+    model = CoRAModel(llm, yes_id, 8, 8, InjectionConfig(targets=ALL, per_layer=True), SMALL_GEN).eval()
+    randomise_p(model, std=0.3)
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        got = model(batch)
+        names = {id(m): n for n, m in model.llm.named_modules()}
+        for b in range(3):
+            merged = copy.deepcopy(plain)
+            for m in model.injection.modules:
+                path = names[id(m)]
+                merged.get_submodule(path).weight.copy_(m.merge(b))
+            ids = batch.input_ids[b:b + 1, : batch.lengths[b]]
+            want = merged(input_ids=ids).logits[0, -1, yes_id]
+            torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
+
+
+def test_samples_are_independent(tokenizer, yes_id):
+    model = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(), SMALL_GEN).eval()
+    randomise_p(model)
+    batch = _batch(tokenizer, n=4)
+    with torch.no_grad():
+        before = model(batch)
+        batch.user_emb[2] += 3.0
+        batch.item_emb[2] -= 1.0
+        after = model(batch)
+    for i in (0, 1, 3):
+        assert torch.equal(before[i], after[i])
+    assert not torch.equal(before[2], after[2])
+
+
+def test_training_changes_only_generator_and_p(tokenizer, yes_id):
+    torch.manual_seed(0)
+    model = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(dropout=0.0), SMALL_GEN)
+    llm_before = {n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_" not in n}
+    train_before = [p.detach().clone() for p in model.trainable_parameters()]
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    batch = _batch(tokenizer, n=4)
+    model.train()
+    for _ in range(3):
+        loss, _ = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = dict(model.llm.named_parameters())
+    assert llm_before and all(torch.equal(after[n], p) for n, p in llm_before.items())
+    assert not any(p.requires_grad for n, p in model.llm.named_parameters() if "lora_" not in n)
+    changed = [not torch.equal(a, b) for a, b in zip(train_before, model.trainable_parameters())]
+    assert all(changed)
+    first = model.generator.qformer.encoder.layer[0]
+    grads = [p.grad for p in first.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert model.generator.queries.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (InjectionConfig(targets=["q_proj", "qq_proj"]), r"unknown target modules \['qq_proj'\]"),
+    (InjectionConfig(rank=0), "rank must be a positive integer, got 0"),
+    (InjectionConfig(rank=-4), "got -4"),
+    (InjectionConfig(targets=[]), "targets is empty"),
+])
+def test_bad_injection_config(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        Injection(tiny(), cfg)
+
+
+def test_architecture_without_the_target_modules():
+    with pytest.raises(ValueError, match=r"gpt2 has no modules for targets \['gate_proj'\]"):
+        Injection(tiny("tiny-gpt2"), InjectionConfig(targets=["gate_proj"]))
+    with pytest.raises(ValueError, match="target all of q_proj, k_proj, v_proj"):
+        Injection(tiny("tiny-gpt2"), InjectionConfig(targets=["q_proj"]))
+
+    class Other(nn.Module):
+        config = type("C", (), {"model_type": "bert"})()
+    with pytest.raises(ValueError, match="'bert' is not supported"):
+        Injection(Other(), InjectionConfig())
+
+
+def test_embedding_mismatch_and_empty_batch(tokenizer, yes_id):
+    model = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(), SMALL_GEN)
+    batch = _batch(tokenizer)
+    batch.user_emb = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="embedding size mismatch: got user 16, item 8.*built for user 8"):
+        model(batch)
+    with pytest.raises(ValueError, match="empty batch"):
+        collate([], torch.zeros(0, 8), torch.zeros(0, 8))
+    with pytest.raises(ValueError, match="empty batch"):
+        model.generator(torch.zeros(0, 8), torch.zeros(0, 8))
+
+
+def test_mlp_down_proj_gets_its_own_width(tokenizer, yes_id):
+    model = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(targets=list(MLP_TARGETS)), SMALL_GEN)
+    assert model.injection.widths == {64, 128}                       # hidden and intermediate widths
+    out = model.generator(torch.randn(2, 8), torch.randn(2, 8))
+    assert out[64].shape == (2, 64, 16) and out[128].shape == (2, 128, 16)
+    flat = out[128].flatten(1)
+    torch.testing.assert_close(flat.norm(dim=1), torch.ones(2))       # L2-normalised over the whole A
+
+
+def test_lora_baseline_has_no_generator_and_trains_a(tokenizer, yes_id):
+    model = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(adapter="lora"))
+    assert model.generator is None
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("lora_A") for n in names) and any(n.endswith("lora_P") for n in names)
+    m = model.injection.modules[0]
+    with torch.no_grad():
+        m.lora_P.normal_()
+    x = torch.randn(2, 3, m.in_features)
+    m.eval()
+    torch.testing.assert_close(m(x), x @ m.merge().t(), rtol=1e-5, atol=1e-5)
+    assert dense_weight(m.base).shape == (m.out_features, m.in_features)
+
+
+def test_injection_config_reports_every_problem_at_once():
+    from cora.config import ConfigError, from_dict
+    with pytest.raises(ConfigError) as err:
+        from_dict(InjectionConfig, {"rank": 0, "targets": ["q_proj", "qkv"], "alpah": 3.0, "dropout": 1.5})
+    text = str(err.value)
+    assert "rank must be a positive integer, got 0" in text and "unknown target modules ['qkv']" in text
+    assert "did you mean 'alpha'" in text and "dropout must be in [0, 1), got 1.5" in text

@@ -1,0 +1,236 @@
+"""Tests for cora.metrics against sklearn references."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from cora.metrics import UAUCResult, auc, evaluate, uauc
+
+
+def _random_case(rng, tie_decimals=None):
+    n = int(rng.integers(2, 400))
+    y = rng.integers(0, 2, n)
+    y[0], y[1] = 0, 1  # guarantee both classes
+    rng.shuffle(y)
+    s = rng.normal(size=n) + 0.7 * y
+    if tie_decimals is not None:
+        s = np.round(s, tie_decimals)
+    return y, s
+
+
+def _ref_uauc(users, y, s):
+    vals, skipped = [], 0
+    for u in np.unique(users):
+        m = users == u
+        if len(np.unique(y[m])) < 2:
+            skipped += 1
+            continue
+        vals.append(roc_auc_score(y[m], s[m]))
+    return float(np.mean(vals)), len(vals), skipped
+
+
+# ----------------------------------------------------------------------------- auc vs sklearn
+@pytest.mark.parametrize("tie_decimals", [None, 1, 0])
+def test_auc_matches_sklearn(tie_decimals):
+    rng = np.random.default_rng(1234 + (tie_decimals or 7))
+    for _ in range(200):
+        y, s = _random_case(rng, tie_decimals)
+        assert auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_auc_accepts_bool_labels_lists_and_int_scores():
+    y = [True, False, True, False, False]
+    s = [3, 1, 2, 2, 0]
+    assert auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_auc_large_input_matches_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200_000)
+    s = np.round(rng.normal(size=y.size) + 0.3 * y, 2)
+    assert auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- uauc vs sklearn loop
+@pytest.mark.parametrize("seed", range(25))
+def test_uauc_matches_per_user_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(50, 2000))
+    n_users = int(rng.integers(2, 60))
+    users = rng.integers(0, n_users, n) * 7 - 100  # arbitrary, negative, non-contiguous ids
+    y = rng.integers(0, 2, n)
+    s = np.round(rng.normal(size=n) + 0.5 * y, int(rng.integers(0, 3)))  # heavy ties
+    # force some single-class users
+    single = np.isin(users, np.unique(users)[:3])
+    y[single] = 1
+    ref, ref_n, ref_skipped = _ref_uauc(users, y, s)
+    res = uauc(users, y, s)
+    assert isinstance(res, UAUCResult)
+    assert res.uauc == pytest.approx(ref, abs=1e-12)
+    assert res.n_users == ref_n
+    assert res.n_skipped == ref_skipped
+    assert res.n_skipped >= 3
+
+
+def test_uauc_string_users_and_shuffle_invariance():
+    rng = np.random.default_rng(5)
+    n = 500
+    users = np.array([f"user_{i}" for i in rng.integers(0, 20, n)])
+    y = rng.integers(0, 2, n)
+    s = np.round(rng.normal(size=n), 1)
+    ref, ref_n, ref_skipped = _ref_uauc(users, y, s)
+    res = uauc(users, y, s)
+    assert (res.uauc, res.n_users, res.n_skipped) == (pytest.approx(ref, abs=1e-12), ref_n, ref_skipped)
+    p = rng.permutation(n)
+    assert uauc(users[p], y[p], s[p]).uauc == pytest.approx(res.uauc, abs=1e-12)
+
+
+def test_uauc_ties_across_users_do_not_merge():
+    # identical scores in different users must not share a tie run
+    users = np.array([0, 0, 1, 1])
+    y = np.array([0, 1, 1, 0])
+    s = np.array([0.5, 0.9, 0.5, 0.9])
+    res = uauc(users, y, s)
+    assert res.uauc == pytest.approx(0.5)  # user 0: 1.0, user 1: 0.0
+    assert (res.n_users, res.n_skipped) == (2, 0)
+
+
+def test_uauc_result_is_frozen():
+    res = uauc([0, 0], [0, 1], [0.1, 0.2])
+    with pytest.raises(Exception):
+        res.uauc = 0.0  # type: ignore[misc]
+
+
+def test_uauc_no_user_with_both_classes_raises():
+    with pytest.raises(ValueError, match=r"none of the 3 users.*3 skipped"):
+        uauc([1, 2, 3, 3], [0, 1, 1, 1], [0.1, 0.2, 0.3, 0.4])
+
+
+# ----------------------------------------------------------------------------- edge cases
+def test_perfect_reversed_and_constant():
+    y = np.array([0, 0, 0, 1, 1])
+    assert auc(y, [0.1, 0.2, 0.3, 0.8, 0.9]) == 1.0
+    assert auc(y, [0.9, 0.8, 0.7, 0.2, 0.1]) == 0.0
+    assert auc(y, np.full(5, 0.42)) == 0.5
+    users = [0, 0, 0, 1, 1, 1]
+    yy = [0, 1, 1, 1, 0, 0]
+    assert uauc(users, yy, np.zeros(6)).uauc == 0.5
+    assert uauc(users, yy, [0, 1, 1, 1, 0, 0]).uauc == 1.0
+
+
+def test_error_empty():
+    with pytest.raises(ValueError, match="labels is empty"):
+        auc([], [])
+
+
+def test_error_length_mismatch_names_both_lengths():
+    with pytest.raises(ValueError, match=r"labels has 3 elements but scores has 2"):
+        auc([0, 1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"users has 2 elements but labels has 3"):
+        uauc([1, 2], [0, 1, 1], [0.1, 0.2, 0.3])
+
+
+def test_error_bad_labels_shows_values():
+    with pytest.raises(ValueError, match=r"\[-1, 2\]"):
+        auc([0, 1, 2, -1], [0.1, 0.2, 0.3, 0.4])
+    # at most 5 offending values shown
+    with pytest.raises(ValueError, match=r"7 other values, e.g. \[2, 3, 4, 5, 6\]") as ei:
+        auc([0, 1, 2, 3, 4, 5, 6, 7, 8], np.arange(9.0))
+    assert "7," not in str(ei.value).split("e.g.")[1]
+
+
+def test_error_nonfinite_scores_counted():
+    with pytest.raises(ValueError, match=r"2 non-finite values"):
+        auc([0, 1, 0, 1], [0.1, np.nan, np.inf, 0.3])
+    with pytest.raises(ValueError, match=r"1 non-finite"):
+        uauc([0, 0], [0, 1], [np.nan, 0.3])
+
+
+def test_error_single_class_message():
+    with pytest.raises(ValueError, match=r"AUC is undefined: all 37 labels are 1; "
+                                         r"need at least one positive and one negative"):
+        auc(np.ones(37, dtype=int), np.arange(37.0))
+    with pytest.raises(ValueError, match=r"all 4 labels are 0"):
+        auc(np.zeros(4), np.arange(4.0))
+
+
+def test_error_2d_input():
+    with pytest.raises(ValueError, match=r"shape \(2, 2\)"):
+        auc([[0, 1], [1, 0]], [[0.1, 0.2], [0.3, 0.4]])
+
+
+# ----------------------------------------------------------------------------- evaluate
+def test_evaluate_warm_cold_split_matches_direct():
+    rng = np.random.default_rng(42)
+    n = 3000
+    users = rng.integers(0, 80, n)
+    y = rng.integers(0, 2, n)
+    s = np.round(rng.normal(size=n) + 0.4 * y, 1)
+    cold = rng.random(n) < 0.3
+    out = evaluate(y, s, users, cold=cold)
+    assert out["n"] == n
+    assert out["auc"] == pytest.approx(auc(y, s), abs=1e-12)
+    full = uauc(users, y, s)
+    assert out["uauc"] == pytest.approx(full.uauc, abs=1e-12)
+    assert (out["n_users"], out["n_users_skipped"]) == (full.n_users, full.n_skipped)
+    for name, m in (("warm", ~cold), ("cold", cold)):
+        sub = out[name]
+        assert sub["n"] == int(m.sum())
+        assert sub["auc"] == pytest.approx(roc_auc_score(y[m], s[m]), abs=1e-12)
+        ref, ref_n, ref_skipped = _ref_uauc(users[m], y[m], s[m])
+        assert sub["uauc"] == pytest.approx(ref, abs=1e-12)
+        assert (sub["n_users"], sub["n_users_skipped"]) == (ref_n, ref_skipped)
+        assert "note" not in sub
+    assert out["warm"]["n"] + out["cold"]["n"] == n
+    json.dumps(out)
+
+
+def test_evaluate_all_warm_gives_empty_cold_with_note():
+    y = np.array([0, 1, 0, 1])
+    s = np.array([0.1, 0.9, 0.2, 0.8])
+    out = evaluate(y, s, [1, 1, 2, 2], cold=np.zeros(4, dtype=bool))
+    assert out["cold"]["auc"] is None and out["cold"]["uauc"] is None
+    assert out["cold"]["n"] == 0
+    assert "no samples" in out["cold"]["note"]
+    assert out["warm"]["auc"] == 1.0 and out["warm"]["uauc"] == 1.0
+    s_json = json.dumps(out)
+    assert json.loads(s_json)["cold"]["auc"] is None
+
+
+def test_evaluate_single_class_subset_reports_note_not_raise():
+    y = np.array([0, 1, 1, 1, 0, 1])
+    s = np.array([0.1, 0.9, 0.3, 0.4, 0.2, 0.8])
+    users = np.array([0, 0, 1, 1, 2, 2])
+    cold = np.array([False, False, True, True, False, False])
+    out = evaluate(y, s, users, cold=cold)
+    assert out["cold"]["auc"] is None and out["cold"]["uauc"] is None
+    assert out["cold"]["n"] == 2 and out["cold"]["n_users_skipped"] == 1
+    assert "all 2 labels are 1" in out["cold"]["note"]
+    assert out["warm"]["n_users"] == 2
+    json.dumps(out)
+
+
+def test_evaluate_auc_defined_but_uauc_undefined():
+    out = evaluate([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], ["a", "b", "c", "d"])
+    assert out["auc"] == pytest.approx(0.75)
+    assert out["uauc"] is None and "UAUC is undefined" in out["note"]
+    assert (out["n_users"], out["n_users_skipped"]) == (0, 4)
+
+
+def test_evaluate_without_cold_has_no_split_and_is_json_native():
+    out = evaluate([0, 1, 1], [0.2, 0.4, 0.1], [7, 7, 7])
+    assert "warm" not in out and "cold" not in out
+    assert set(out) == {"auc", "uauc", "n", "n_users", "n_users_skipped"}
+    for k in ("n", "n_users", "n_users_skipped"):
+        assert type(out[k]) is int
+    assert type(out["auc"]) is float and type(out["uauc"]) is float
+    json.dumps(out)
+
+
+def test_evaluate_rejects_bad_cold_mask():
+    with pytest.raises(ValueError, match="cold has 2 elements but labels has 3"):
+        evaluate([0, 1, 1], [0.2, 0.4, 0.1], [1, 1, 1], cold=[True, False])
+    with pytest.raises(ValueError, match="cold must be a boolean mask"):
+        evaluate([0, 1, 1], [0.2, 0.4, 0.1], [1, 1, 1], cold=[0, 2, 1])
