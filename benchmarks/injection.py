@@ -75,7 +75,7 @@ def build(args):
     labels = torch.randint(0, 2, (args.batch,), generator=g).float().to(dev)
     emb = torch.randn(args.batch, 256, generator=g).to(dev)
     batch = Batch(ids, torch.full((args.batch,), args.seq, device=dev), emb, emb.clone(), labels)
-    inj = InjectionConfig(rank=args.rank, alpha=2 * args.rank, dropout=0.05, targets=TARGETS)
+    inj = InjectionConfig(rank=args.rank, alpha=2 * args.rank, dropout=args.dropout, targets=TARGETS)
 
     frozen = new()
     w_yes = frozen.get_output_embeddings().weight[yes].detach().clone()
@@ -91,7 +91,7 @@ def build(args):
         F.binary_cross_entropy_with_logits(logits[:, -1, yes].float(), labels).backward()
 
     from peft import LoraConfig, get_peft_model
-    peft_model = get_peft_model(new(), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
+    peft_model = get_peft_model(new(), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                                                   target_modules=TARGETS))
     peft_model.train()
 
@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions of each step")
+    ap.add_argument("--dropout", type=float, default=0.05, help="adapter dropout (peft, cora, naive)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out (e.g. naive)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -147,7 +148,7 @@ def main() -> None:
     out = {"benchmark": "injection", "device": args.device, "dtype": args.dtype,
            "threads": torch.get_num_threads(),
            "model": "smollm2-135m-shape", "batch": args.batch, "seq": args.seq, "rank": args.rank,
-           "targets": TARGETS, "reps": args.reps,
+           "dropout": args.dropout, "targets": TARGETS, "reps": args.reps,
            "median_s": {k: round(v, 4) for k, v in med.items()}}
     ratios = {f"{k}/frozen": med[k] / med["frozen"] for k in med if k != "frozen" and "frozen" in med}
     if "peft" in med:
