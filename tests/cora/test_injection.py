@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cora.injection import Injection, InjectionConfig, MLP_TARGETS, dense_weight
+from cora.injection import Injection, InjectionConfig, MLP_TARGETS, adapter_dropout, dense_weight
 from cora.scoring import CoRAModel, collate
 
 from .conftest import SMALL_GEN, randomise_p, tiny
@@ -185,3 +185,26 @@ def test_injection_config_reports_every_problem_at_once():
     text = str(err.value)
     assert "rank must be a positive integer, got 0" in text and "unknown target modules ['qkv']" in text
     assert "did you mean 'alpha'" in text and "dropout must be in [0, 1), got 1.5" in text
+
+
+def test_cpu_adapter_dropout_is_an_unbiased_independent_dropout():
+    x = torch.ones(64, 128, 96, requires_grad=True)
+    torch.manual_seed(3)
+    h, factor = adapter_dropout(x, 0.05, training=True)
+    kept = (h != 0).float()
+    assert abs(kept.mean().item() - (1 - 0.05)) < 0.003                # rate: p to 2**-15
+    assert abs((kept.mean() * factor).item() - 1.0) < 0.003            # unbiased after the factor
+    assert factor == pytest.approx(1 / (1 - round(0.05 * 2**15) / 2**15))
+    # neighbouring elements (the four 15-bit draws of one 64-bit word) are not correlated
+    flat = kept.flatten()
+    corr = torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1]
+    assert abs(corr.item()) < 0.01
+    torch.manual_seed(3)
+    again, _ = adapter_dropout(x, 0.05, training=True)
+    assert torch.equal(again, h)                                        # seeded by torch.manual_seed
+    other, _ = adapter_dropout(x, 0.05, training=True)
+    assert not torch.equal(other, h)                                    # fresh mask per call
+    h.sum().backward()
+    assert torch.equal(x.grad, kept)                                    # gradient flows only where kept
+    same, one = adapter_dropout(x, 0.05, training=False)
+    assert same is x and one == 1.0
