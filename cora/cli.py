@@ -84,7 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--gen-hidden", type=int, default=64, help="Q-Former hidden size (paper: 512)")
     d.add_argument("--gen-layers", type=int, default=2, help="Q-Former layers (paper: 8)")
     d.add_argument("--seed", type=int, default=0)
+    from .data.prepare import add_parser as add_prepare
+    add_prepare(sub)
+    try:
+        from .cf.cli import add_parser as add_train_cf
+        add_train_cf(sub)
+    except ImportError:  # pragma: no cover - while cora/cf is being written
+        pass
     args = ap.parse_args(argv)
+    if args.command != "demo":
+        from .data.schema import DatasetError
+        try:
+            return args.func(args)
+        except DatasetError as e:
+            print(f"cora {args.command}: error: {e}", file=sys.stderr)
+            return 2
     bad = [f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}"
            for k in ("samples", "users", "items", "dim", "epochs", "batch_size", "gen_hidden", "gen_layers")
            if getattr(args, k, 1) < 1]

@@ -1,0 +1,1 @@
+"""Data preparation: sources, the CoLLM protocol, and the prepared-directory format."""

@@ -1,0 +1,197 @@
+"""``cora prepare``: any supported input -> a versioned, verifiable data directory (see schema.py).
+
+    cora prepare --source movielens --input ml-1m/ --out data/ml1m
+    cora prepare --source csv --input log.csv --out data/mine --columns user=uid,item=sku,rating=stars,timestamp=ts
+    cora prepare --source synthetic --out data/synth --users 2000 --items 1000 --interactions 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import protocol, sources
+from .accounting import Accounting
+from .schema import SCHEMA_VERSION, DatasetError
+from .write import sha256, write_dataset
+
+SOURCES = ("movielens", "collm", "parquet", "csv", "synthetic")
+
+
+@dataclass
+class SyntheticSpec:
+    """Planted-factor interactions: label = 1[u.v / sqrt(factors) + noise * eps > 0]; each user
+    arrives at a random time (skewed early) and interacts uniformly from then on."""
+
+    users: int = 1000
+    """Number of users."""
+    items: int = 500
+    """Number of items."""
+    interactions: int = 50_000
+    """Number of (user, item) interactions, all distinct pairs."""
+    factors: int = 16
+    """Size of the planted latent factors."""
+    noise: float = 0.3
+    """Label noise (std of the Gaussian added to the score)."""
+    days: int = 365
+    """Time span of the timestamps (from 2024-01-01 UTC)."""
+    seed: int = 0
+    """Everything is drawn from this seed (the same spec gives byte-identical output)."""
+
+
+def synthetic(spec: SyntheticSpec, acc: Accounting) -> sources.RawData:
+    from ..synthetic import WORDS
+    if min(spec.users, spec.items, spec.interactions, spec.factors, spec.days) < 1:
+        raise DatasetError(f"synthetic sizes must be >= 1, got {asdict(spec)}")
+    if spec.interactions > spec.users * spec.items:
+        raise DatasetError(f"--interactions {spec.interactions} exceeds users x items = "
+                           f"{spec.users * spec.items} distinct pairs")
+    rng = np.random.default_rng(spec.seed)
+    uf = rng.standard_normal((spec.users, spec.factors))
+    vf = rng.standard_normal((spec.items, spec.factors))
+    pairs = rng.choice(spec.users * spec.items, spec.interactions, replace=False)
+    user, item = pairs // spec.items, pairs % spec.items
+    score = (uf[user] * vf[item]).sum(1) / np.sqrt(spec.factors) + spec.noise * rng.standard_normal(len(pairs))
+    # each user arrives at some time and is active from then on, so late users are cold in valid/test
+    span = spec.days * 86400
+    arrival = (rng.random(spec.users) ** 2 * 0.9 * span).astype(np.int64)
+    start = np.datetime64("2024-01-01T00:00:00", "s").astype(np.int64)
+    ts = start + arrival[user] + (rng.random(len(pairs)) * (span - arrival[user])).astype(np.int64)
+    acc.read(len(pairs))
+    frame = pd.DataFrame({"user": [f"u{u}" for u in user], "item": [f"i{i}" for i in item],
+                          "rating": np.nan, "label": (score > 0).astype(float), "timestamp": ts,
+                          "order": np.arange(len(pairs))})
+    words = rng.choice(WORDS, (spec.items, 2))
+    titles = {f"i{i}": f"{a.title()} {b.title()} ({1950 + (i * 7) % 70})" for i, (a, b) in enumerate(words)}
+    return sources.RawData(frame, titles, [], defaults={
+        "label_rule": "label", "split": "time:0.8,0.1,0.1", "domain": "items", "variant": "synthetic"})
+
+
+def read_source(args, acc: Accounting) -> sources.RawData:
+    if args.source == "synthetic":
+        return synthetic(SyntheticSpec(**{k: getattr(args, k) for k in SyntheticSpec.__dataclass_fields__}), acc)
+    if args.input is None:
+        raise DatasetError(f"--source {args.source} needs --input PATH")
+    path = Path(args.input)
+    if not path.exists():
+        raise DatasetError(f"--input {path} does not exist")
+    if args.source == "movielens":
+        return sources.read_movielens(path, acc)
+    if args.source == "collm":
+        return sources.read_collm(path, acc, args.allow_pickle)
+    return sources.read_tabular(path, args.source, acc, args.columns, args.time_unit)
+
+
+def _options(args, defaults: dict) -> dict:
+    opts = {"source": args.source, "label_rule": args.label_rule or defaults["label_rule"],
+            "split": args.split or defaults["split"], "domain": args.domain or defaults["domain"],
+            "history_stored": args.history_stored, "history_in_prompt": args.history_in_prompt,
+            "samples_per_shard": args.samples_per_shard, "on_bad_row": args.on_bad_row}
+    if args.source in ("parquet", "csv"):
+        opts.update(columns=sources.parse_columns(args.columns), time_unit=args.time_unit)
+    if args.source == "synthetic":
+        opts["synthetic"] = {k: getattr(args, k) for k in SyntheticSpec.__dataclass_fields__}
+    return opts
+
+
+def _check_out(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
+    """The existing dataset.json when ``out`` already holds this exact dataset; raise when it holds
+    something else (unless overwrite)."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    existing = out / "dataset.json"
+    if existing.is_file():
+        old = json.loads(existing.read_text())
+        if old.get("fingerprint") == fingerprint:
+            return old
+    if not overwrite:
+        what = "a different dataset" if existing.is_file() else "other files"
+        raise DatasetError(f"--out {out} already holds {what}; choose another --out, or pass --overwrite "
+                           f"to replace it")
+    return None
+
+
+def prepare(args, progress: bool = True) -> dict:
+    """Run the whole pipeline; returns dataset.json's content."""
+    t0 = time.time()
+    out = Path(args.out)
+    _validate(args)
+    acc = Accounting(args.on_bad_row)
+    raw = read_source(args, acc)
+    opts = _options(args, raw.defaults)
+    inputs = [{"file": str(p), "bytes": p.stat().st_size, "sha256": sha256(p)} for p in raw.inputs]
+    fingerprint = hashlib.sha256(json.dumps([[i["sha256"] for i in inputs], opts],
+                                            sort_keys=True).encode()).hexdigest()
+    done = _check_out(out, fingerprint, args.overwrite)
+    if done is not None:
+        print(f"[prepare] {out} already holds this dataset (same inputs and options); nothing to do",
+              file=sys.stderr)
+        return done
+    prep = protocol.apply(raw, acc, opts["label_rule"], opts["split"], args.history_stored)
+    counts = acc.check(len(prep.frame))
+    if raw.item_file:
+        counts["item_file"] = raw.item_file
+    manifest = {"schema_version": SCHEMA_VERSION, "source": args.source,
+                "variant": raw.defaults.get("variant"), "domain": opts["domain"], "fingerprint": fingerprint,
+                "inputs": inputs, "options": opts, "label_rule": opts["label_rule"], "split_rule": opts["split"],
+                "history_stored": args.history_stored, "history_in_prompt": args.history_in_prompt,
+                "samples_per_shard": args.samples_per_shard, "counts": counts,
+                "id_maps": {"users": "users.parquet", "items": "items.parquet"}}
+    manifest = write_dataset(prep, out, manifest, samples_per_shard=args.samples_per_shard,
+                             history_in_prompt=args.history_in_prompt, overwrite=args.overwrite,
+                             progress=progress)
+    print(f"[prepare] wrote {out}: " + ", ".join(f"{s} {c['rows']}" for s, c in manifest["counts"]["splits"].items())
+          + f"; dropped {counts['dropped'] or 'none'}; {time.time() - t0:.1f}s", file=sys.stderr)
+    return manifest
+
+
+def _validate(args) -> None:
+    problems = [f"--{k.replace('_', '-')} must be >= {lo}, got {getattr(args, k)}"
+                for k, lo in (("samples_per_shard", 1), ("history_stored", 0), ("history_in_prompt", 0))
+                if getattr(args, k) < lo]
+    if args.history_in_prompt > args.history_stored:
+        problems.append(f"--history-in-prompt {args.history_in_prompt} exceeds --history-stored "
+                        f"{args.history_stored}")
+    if args.source not in SOURCES:
+        problems.append(f"--source {args.source!r}: accepted {', '.join(SOURCES)}")
+    if problems:
+        raise DatasetError("; ".join(problems))
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="turn interaction data into a prepared data directory",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, choices=SOURCES)
+    p.add_argument("--input", help="file or directory to read (not for synthetic)")
+    p.add_argument("--out", required=True, help="the data directory to create")
+    p.add_argument("--domain", choices=["movies", "books", "items"], help="prompt template domain")
+    p.add_argument("--label-rule", help="rating>=4 (MovieLens default), rating==5, ..., or label")
+    p.add_argument("--split", help="months:A-B,C-D,E-F | time:F1,F2,F3 | given (see README)")
+    p.add_argument("--columns", help="parquet/csv column mapping, e.g. user=uid,item=iid,rating=r,timestamp=t,title=name")
+    p.add_argument("--time-unit", default="s", choices=list(sources.TIME_UNITS), help="unit of numeric timestamps")
+    p.add_argument("--history-stored", type=int, default=50, help="earlier positives kept per sample")
+    p.add_argument("--history-in-prompt", type=int, default=10, help="most recent titles used in prompts")
+    p.add_argument("--samples-per-shard", type=int, default=10_000)
+    p.add_argument("--on-bad-row", choices=["drop", "error"], default="drop",
+                   help="drop (and count) unreadable rows, or stop at the first")
+    p.add_argument("--allow-pickle", action="store_true", help="read CoLLM .pkl files (runs code from them)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, different --out")
+    p.add_argument("--no-progress", action="store_true")
+    for name, f in SyntheticSpec.__dataclass_fields__.items():
+        p.add_argument(f"--{name}", type=type(f.default), default=f.default, help=f"synthetic: {name}")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    manifest = prepare(args, progress=not args.no_progress)
+    print(json.dumps({"out": str(args.out), "counts": manifest["counts"], "num_users": manifest["num_users"],
+                      "num_items": manifest["num_items"]}, indent=1))
+    return 0

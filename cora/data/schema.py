@@ -1,0 +1,65 @@
+"""The prepared data directory: what ``cora prepare`` writes and every later stage reads.
+
+    DATA_DIR/
+      dataset.json              schema version, source, rule, counts (every input row accounted for),
+                                split boundaries, shard lists, sha256 of every file below
+      train.parquet             one row per sample, columns INTERACTION_COLUMNS, sorted by timestamp
+      valid.parquet
+      test.parquet
+      items.parquet             item (dense id), raw_id (the source's id, as text), title
+      users.parquet             user (dense id), raw_id
+      shards/<split>-NNNNNN.tar WebDataset shards of the same samples (SHARD_FIELDS, as one .json
+                                member per sample, key = the zero-padded sample_id)
+
+Dense ids are 0..n-1 in order of first appearance in time; ``sample_id`` is unique across splits.
+``history`` holds the user's earlier positive items (most recent last, at most ``history_stored``);
+prompts use the last ``history_in_prompt`` of them. ``cold_user`` / ``cold_item``: the user / item has
+no interaction in train; a sample is warm when neither is true.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "valid", "test")
+
+INTERACTIONS = pa.schema([
+    ("sample_id", pa.int64()),
+    ("user", pa.int32()),
+    ("item", pa.int32()),
+    ("label", pa.int8()),
+    ("rating", pa.float32()),        # null when the source has only labels
+    ("timestamp", pa.int64()),       # unix seconds, UTC
+    ("history", pa.list_(pa.int32())),
+    ("cold_user", pa.bool_()),
+    ("cold_item", pa.bool_()),
+])
+ITEMS = pa.schema([("item", pa.int32()), ("raw_id", pa.string()), ("title", pa.string())])
+USERS = pa.schema([("user", pa.int32()), ("raw_id", pa.string())])
+
+# Fields of one WebDataset sample (the member "<key>.json"): enough to build the prompt and look up
+# the CF embeddings without any other table.
+SHARD_FIELDS = ("sample_id", "user", "item", "label", "timestamp", "history", "title",
+                "history_titles", "cold_user", "cold_item")
+
+
+class DatasetError(ValueError):
+    """A data directory or input that cannot be used; the message names the value and the fix."""
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """dataset.json of a prepared directory, with a clear error when it is not one."""
+    path = Path(data_dir) / "dataset.json"
+    if not path.is_file():
+        raise DatasetError(f"{data_dir} is not a prepared data directory (no dataset.json); "
+                           f"create it with `cora prepare --source ... --out {data_dir}`")
+    manifest = json.loads(path.read_text())
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DatasetError(f"{path} has schema_version {version!r}; this version of cora reads "
+                           f"{SCHEMA_VERSION}: prepare the data again")
+    return manifest

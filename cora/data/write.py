@@ -1,0 +1,131 @@
+"""Writing a prepared data directory: Parquet tables, WebDataset shards, dataset.json, atomically.
+
+Everything is written into a temporary sibling directory (``.NAME.tmp-XXXX``) and renamed into place
+only when complete, dataset.json (with the sha256 of every other file) last; a failed or killed run
+leaves no directory that looks finished. ``verify`` re-checks a directory against its dataset.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from tqdm import tqdm
+
+from .protocol import Prepared
+from .schema import INTERACTIONS, ITEMS, SPLITS, USERS, DatasetError, read_manifest
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+
+
+def write_shards(frame: pd.DataFrame, titles: np.ndarray, split: str, shard_dir: Path,
+                 per_shard: int, in_prompt: int, progress: bool) -> list[str]:
+    """``<split>-NNNNNN.tar`` files of ``per_shard`` samples each (the last may hold fewer); one
+    ``<sample_id>.json`` member per sample; mtime 0, so equal data gives byte-identical shards."""
+    names = []
+    cols = [frame[c].to_numpy() for c in ("sample_id", "user", "item", "label", "timestamp", "history",
+                                           "cold_user", "cold_item")]
+    bar = tqdm(total=len(frame), desc=f"shards {split}", unit="sample", file=sys.stderr,
+               disable=not progress, leave=False)
+    for start in range(0, len(frame), per_shard):
+        name = f"{split}-{start // per_shard:06d}.tar"
+        with wds.TarWriter(str(shard_dir / name), mtime=0, encoder=False) as sink:
+            for sid, u, i, y, ts, hist, cu, ci in zip(*(c[start:start + per_shard] for c in cols)):
+                sample = {"sample_id": int(sid), "user": int(u), "item": int(i), "label": int(y),
+                          "timestamp": int(ts), "history": hist.tolist(), "title": titles[i],
+                          "history_titles": titles[hist[-in_prompt:]].tolist() if in_prompt else [],
+                          "cold_user": bool(cu), "cold_item": bool(ci)}
+                sink.write({"__key__": f"{sid:012d}", "json": json.dumps(sample).encode()})
+        bar.update(min(per_shard, len(frame) - start))
+        names.append(f"shards/{name}")
+    bar.close()
+    return names
+
+
+def split_counts(frame: pd.DataFrame) -> dict:
+    out = {}
+    for split in SPLITS:
+        f = frame[frame["split"] == split]
+        cold = f["cold_user"] | f["cold_item"]
+        out[split] = {"rows": len(f), "positives": int(f["label"].sum()), "users": int(f["user"].nunique()),
+                      "items": int(f["item"].nunique()), "warm": int((~cold).sum()), "cold": int(cold.sum()),
+                      "empty_history": int((f["history"].map(len) == 0).sum())}
+    return out
+
+
+def write_dataset(prep: Prepared, out: Path, manifest: dict, *, samples_per_shard: int,
+                  history_in_prompt: int, overwrite: bool, progress: bool) -> dict:
+    """Write everything under a temporary directory, then move it to ``out``; returns dataset.json."""
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "shards").mkdir()
+        titles = prep.items["title"].to_numpy(dtype=object)
+        shards = {}
+        for split in SPLITS:
+            f = prep.frame[prep.frame["split"] == split]
+            pq.write_table(_table(f, INTERACTIONS), tmp / f"{split}.parquet")
+            shards[split] = write_shards(f, titles, split, tmp / "shards", samples_per_shard,
+                                         history_in_prompt, progress)
+        pq.write_table(_table(prep.items, ITEMS), tmp / "items.parquet")
+        pq.write_table(_table(prep.users, USERS), tmp / "users.parquet")
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {**manifest, "num_users": len(prep.users), "num_items": len(prep.items),
+                    "split_boundaries": prep.boundaries, "shards": shards,
+                    "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+                              for p in files}}
+        manifest["counts"]["splits"] = split_counts(prep.frame)
+        (tmp / "dataset.json").write_text(json.dumps(manifest, indent=1))
+        _move_into_place(tmp, out, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:   # checked up front too; this guards a directory created meanwhile
+            raise DatasetError(f"{out} appeared while preparing; not replacing it without --overwrite")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+
+
+def verify(data_dir: str | Path) -> dict:
+    """Re-check every file of a prepared directory against dataset.json; raises naming the first bad one."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    for rel, want in manifest["files"].items():
+        p = data_dir / rel
+        if not p.is_file():
+            raise DatasetError(f"{p} is listed in dataset.json but missing; prepare the data again")
+        if p.stat().st_size != want["bytes"] or sha256(p) != want["sha256"]:
+            raise DatasetError(f"{p} does not match its checksum in dataset.json (changed or truncated); "
+                               f"prepare the data again")
+    return manifest
