@@ -1,0 +1,241 @@
+"""InteractionShard actors: each owns a slice of a split's WebDataset shards and feeds one trainer rank.
+
+Per epoch (see ``plan.py`` for the exact-once assignment) an actor orders its samples, builds the
+prompts (tokenizer loaded once per actor), looks up the CF embeddings from the EmbeddingServers,
+and keeps up to ``prefetch`` ready batches in a queue ahead of the trainer.
+
+A batch is a dict of numpy arrays: ``input_ids`` (B, T) right-padded, ``lengths`` (B,),
+``user_emb`` / ``item_emb`` (B, d), ``labels`` (B,), ``weights`` (B,; 0 for a padding sample),
+``sample_ids``, ``users`` (B,), ``cold`` (B,).
+
+Dashboard metrics: ``cora_prefetch_depth`` (gauge, ready batches queued), ``cora_samples_per_second``
+(gauge) and ``cora_samples_produced`` (counter), tagged with split and rank.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import webdataset as wds
+from ray.util.metrics import Counter, Gauge
+
+from cora.data.schema import read_manifest
+
+from . import plan
+
+_END = "end-of-epoch"
+
+
+class DataError(ValueError):
+    """A split, shard or rank assignment that cannot feed the trainer."""
+
+
+def split_shards(manifest: dict, data_dir: str, split: str) -> tuple[list[str], list[int]]:
+    """(paths, sizes) of a split's shards, from dataset.json."""
+    names = manifest["shards"].get(split)
+    if names is None:
+        raise DataError(f"split {split!r} not in {data_dir}/dataset.json; splits: {', '.join(manifest['shards'])}")
+    rows, per = manifest["counts"]["splits"][split]["rows"], manifest["samples_per_shard"]
+    sizes = [per] * (len(names) - 1) + [rows - per * (len(names) - 1)]
+    return [str(Path(data_dir) / n) for n in names], sizes
+
+
+def check_assignment(names: list[str], split: str, world_size: int) -> None:
+    if len(names) < world_size:
+        raise DataError(f"split {split!r} has {len(names)} shard file(s) for {world_size} ranks, so rank "
+                        f"{len(names)} would own none; prepare the data again with a smaller "
+                        f"--samples-per-shard (at most rows / ranks), or use fewer ranks")
+
+
+@ray.remote(concurrency_groups={"feed": 1, "peers": 2})
+class InteractionShard:
+    """Feeds one rank. ``start_epoch``/``next_batch`` run one at a time in call order (the "feed"
+    group), so batches come out in the planned order however many requests are in flight; peers'
+    ``get_samples`` calls run beside them (the "peers" group) while the producer thread works."""
+
+    def __init__(self, data_dir: str, split: str, rank: int, world_size: int, *, batch_size: int, seed: int,
+                 embeddings, tokenizer: str = "smollm2", domain: str | None = None, max_history: int = 10,
+                 max_length: int = 512, prefetch: int = 4, sasrec_history: int = 0):
+        from cora.llm import load_tokenizer
+        from cora.prompts import PromptEncoder, get_template
+        manifest = read_manifest(data_dir)
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.batch_size, self.seed, self.prefetch = batch_size, seed, prefetch
+        self.paths, self.sizes = split_shards(manifest, data_dir, split)
+        check_assignment(self.paths, split, world_size)
+        mine = plan.owned_shards(len(self.paths), rank, world_size)
+        missing = [self.paths[s] for s in mine if not Path(self.paths[s]).is_file()]
+        if missing:
+            raise DataError(f"rank {rank}: shard file {missing[0]} is missing; prepare the data again")
+        self.samples = [json.loads(s["json"]) for s in
+                        wds.WebDataset([self.paths[s] for s in mine], shardshuffle=False)]
+        want = sum(self.sizes[s] for s in mine)
+        if len(self.samples) != want:
+            raise DataError(f"rank {rank}: read {len(self.samples)} samples from {len(mine)} shards of split "
+                            f"{split!r}, dataset.json says {want}; the shards are damaged, prepare again")
+        self.total = sum(self.sizes)
+        self.steps = plan.steps_per_epoch(self.total, world_size, batch_size)
+        tok = load_tokenizer(tokenizer)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.encoder = PromptEncoder(tok, get_template(domain or manifest["domain"]), max_history, max_length)
+        self.embeddings, self.sasrec_history = embeddings, sasrec_history
+        self.peers = None
+        self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.thread, self.stop, self.ended = None, threading.Event(), False
+        # the producer thread and the calls share the GIL: hand it over within 1 ms, not the default 5,
+        # so that a ready batch is returned at once while the producer builds the next one
+        sys.setswitchinterval(0.001)
+        tags = {"split": split, "rank": str(rank)}
+        self._depth = Gauge("cora_prefetch_depth", "ready batches queued for the trainer", ("split", "rank"))
+        self._rate = Gauge("cora_samples_per_second", "samples prepared per second", ("split", "rank"))
+        self._produced = Counter("cora_samples_produced", "samples prepared", ("split", "rank"))
+        for m in (self._depth, self._rate, self._produced):
+            m.set_default_tags(tags)
+
+    # ------------------------------------------------------------------ set-up
+    def set_peers(self, peers: list) -> None:
+        self.peers = peers
+
+    def describe(self) -> dict:
+        quota = plan.quotas(self.total, self.world_size)[self.rank]
+        return {"split": self.split, "rank": self.rank, "world_size": self.world_size, "total": self.total,
+                "quota": quota, "steps": self.steps, "batch_size": self.batch_size, "seed": self.seed,
+                "owned_samples": len(self.samples),
+                "shards": plan.shards_fingerprint([Path(p).name for p in self.paths], self.sizes)}
+
+    @ray.method(concurrency_group="peers")
+    def get_samples(self, indices: list[int]) -> list[dict]:
+        """Samples this actor owns, by index (for peers that take over part of its quota)."""
+        return [self.samples[i] for i in indices]
+
+    # ------------------------------------------------------------------ epochs
+    @ray.method(concurrency_group="feed")
+    def start_epoch(self, epoch: int, skip: int = 0) -> int:
+        """Begin producing ``epoch``'s batches, skipping the first ``skip`` samples (a restored cursor;
+        a multiple of the batch size). Returns the number of batches that will follow."""
+        if skip % self.batch_size:
+            raise DataError(f"cursor offset {skip} is not a multiple of the batch size {self.batch_size}")
+        self._halt()
+        self.stop.clear()
+        self.ended = False
+        self.queue = queue.Queue(maxsize=self.prefetch)
+        order = plan.epoch_lists(self.sizes, self.world_size, self.seed, epoch)[self.rank]
+        batches = plan.batches(order, self.steps, self.batch_size)[skip // self.batch_size:]
+        self.thread = threading.Thread(target=self._produce, args=(batches,), daemon=True)
+        self.thread.start()
+        return len(batches)
+
+    @ray.method(concurrency_group="feed")
+    def next_batch(self, timeout: float = 600.0):
+        """The next ready batch, or None at (and after) the end of the epoch; re-raises a producer error."""
+        if self.ended:
+            return None
+        item = self.queue.get(timeout=timeout)
+        self._depth.set(self.queue.qsize())
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, str) and item == _END:
+            self.ended = True
+            return None
+        return item
+
+    def _halt(self) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            self.stop.set()
+            while self.thread.is_alive():
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    time.sleep(0.01)
+
+    def _produce(self, batches: list[list[tuple[int, int]]]) -> None:
+        try:
+            t0, done = time.perf_counter(), 0
+            for refs in batches:
+                if self.stop.is_set():
+                    return
+                batch = self._build(self._fetch(refs))
+                done += int(batch["weights"].sum())
+                if refs:
+                    self._produced.inc(len(refs))
+                self._rate.set(done / max(time.perf_counter() - t0, 1e-6))
+                self._put(batch)
+            self._put(_END)
+        except BaseException as e:  # noqa: BLE001 - surfaced to the trainer by next_batch
+            self._put(DataError(f"rank {self.rank} split {self.split!r}: {type(e).__name__}: {e}"))
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                self._depth.set(self.queue.qsize())
+                return
+            except queue.Full:
+                continue
+
+    def _fetch(self, refs: list[tuple[int, int]]) -> list[dict]:
+        if not refs:                                   # the weight-0 padding sample
+            return [dict(self.samples[0], label=0, _padding=True)]
+        out: list[dict | None] = [None] * len(refs)
+        by_owner: dict[int, list[int]] = {}
+        for k, (owner, i) in enumerate(refs):
+            if owner == self.rank:
+                out[k] = self.samples[i]
+            else:
+                by_owner.setdefault(owner, []).append(k)
+        for owner, ks in by_owner.items():
+            got = ray.get(self.peers[owner].get_samples.remote([refs[k][1] for k in ks]))
+            for k, s in zip(ks, got):
+                out[k] = s
+        return out
+
+    def _build(self, samples: list[dict]) -> dict:
+        users = np.array([s["user"] for s in samples], dtype=np.int64)
+        items = np.array([s["item"] for s in samples], dtype=np.int64)
+        if self.sasrec_history:
+            hist = np.full((len(samples), self.sasrec_history), -1, dtype=np.int64)
+            for row, s in enumerate(samples):
+                h = s["history"][-self.sasrec_history:]
+                if h:
+                    hist[row, -len(h):] = h
+            user_emb = self.embeddings.user_vectors(hist)
+            item_wait = self.embeddings.lookup_async("item", items)
+        else:
+            user_wait = self.embeddings.lookup_async("user", users)
+            item_wait = self.embeddings.lookup_async("item", items)
+        prompts = [self.encoder.encode(s["history_titles"], s["title"]) for s in samples]
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        ids = np.full((len(prompts), lengths.max()), self.pad_id, dtype=np.int64)
+        for row, p in enumerate(prompts):
+            ids[row, :len(p)] = p
+        if not self.sasrec_history:
+            user_emb = user_wait()
+        return {"input_ids": ids, "lengths": lengths, "user_emb": user_emb, "item_emb": item_wait(),
+                "labels": np.array([s["label"] for s in samples], dtype=np.float32),
+                "weights": np.array([0.0 if s.get("_padding") else 1.0 for s in samples], dtype=np.float32),
+                "sample_ids": np.array([s["sample_id"] for s in samples], dtype=np.int64), "users": users,
+                "cold": np.array([s["cold_user"] or s["cold_item"] for s in samples])}
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()
+
+
+def start_interaction_shards(data_dir: str, split: str, world_size: int, *, embeddings, batch_size: int,
+                             seed: int, num_cpus: float = 1.0, **kwargs) -> list:
+    """One actor per trainer rank, peers wired, each checked to have loaded its shards."""
+    manifest = read_manifest(data_dir)
+    names, _ = split_shards(manifest, data_dir, split)
+    check_assignment(names, split, world_size)
+    actors = [InteractionShard.options(num_cpus=num_cpus).remote(
+        data_dir, split, r, world_size, batch_size=batch_size, seed=seed, embeddings=embeddings, **kwargs)
+        for r in range(world_size)]
+    ray.get([a.set_peers.remote(actors) for a in actors])
+    return actors

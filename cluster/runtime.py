@@ -1,0 +1,43 @@
+"""Starting or joining Ray with the project's safety defaults, and finding its metrics endpoint.
+
+- Token authentication stays on. Ray (2.59+) turns it on by itself for a new local instance when
+  ``RAY_AUTH_MODE`` is unset (generating ``~/.ray/auth_token``), and when joining a cluster whose
+  token is present; ``RAY_AUTH_MODE`` set to anything but ``token`` is refused. (Ray reads the
+  variable when it is imported, so setting it from here would be too late: ``launch.sh`` exports it
+  before starting Ray processes.)
+- The dashboard binds to 127.0.0.1 unless ``dashboard_host`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def secure_env() -> None:
+    mode = os.environ.get("RAY_AUTH_MODE", "token")
+    if mode.lower() != "token":
+        raise RuntimeError(f"RAY_AUTH_MODE={mode!r} turns Ray's token authentication off; this project keeps "
+                           f"it on (anyone who can reach an unauthenticated Ray port can run code). Unset it "
+                           f"or set RAY_AUTH_MODE=token")
+
+
+def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False,
+         dashboard_host: str = "127.0.0.1", namespace: str = "cora") -> dict:
+    """Join ``address`` (a running cluster, or 'auto'), or start a local instance."""
+    secure_env()
+    if ray.is_initialized():
+        return ray.get_runtime_context().__dict__.get("_info", {}) or {}
+    if address:
+        ctx = ray.init(address=address, namespace=namespace, log_to_driver=True)
+    else:
+        ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host,
+                       namespace=namespace)
+    return {"dashboard_url": getattr(ctx, "dashboard_url", None), "address": ctx.address_info.get("address")}
+
+
+def metrics_urls() -> list[str]:
+    """The Prometheus endpoints of all alive nodes (Ray's per-node metrics agents)."""
+    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in ray.nodes() if n.get("Alive")]
