@@ -86,11 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     from .data.prepare import add_parser as add_prepare
     add_prepare(sub)
-    try:
-        from .cf.cli import add_parser as add_train_cf
-        add_train_cf(sub)
-    except ImportError:  # pragma: no cover - while cora/cf is being written
-        pass
+    from .cf.cli import add_parser as add_train_cf
+    add_train_cf(sub)
     args = ap.parse_args(argv)
     if args.command != "demo":
         from .data.schema import DatasetError

@@ -21,7 +21,8 @@ import pandas as pd
 from . import protocol, sources
 from .accounting import Accounting
 from .schema import SCHEMA_VERSION, DatasetError
-from .write import sha256, write_dataset
+from ..fileio import sha256
+from .write import write_dataset
 
 SOURCES = ("movielens", "collm", "parquet", "csv", "synthetic")
 

@@ -1,18 +1,14 @@
 """Writing a prepared data directory: Parquet tables, WebDataset shards, dataset.json, atomically.
 
-Everything is written into a temporary sibling directory (``.NAME.tmp-XXXX``) and renamed into place
-only when complete, dataset.json (with the sha256 of every other file) last; a failed or killed run
-leaves no directory that looks finished. ``verify`` re-checks a directory against its dataset.json.
+Everything is written into a temporary sibling directory (``.NAME.tmp-XXXX``, see
+``cora.fileio.write_atomically``) and renamed into place only when complete, dataset.json (with the
+sha256 of every other file) last; a failed or killed run leaves no directory that looks finished. ``verify`` re-checks a directory against its dataset.json.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +18,9 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
+from ..fileio import sha256, write_atomically
 from .protocol import Prepared
 from .schema import INTERACTIONS, ITEMS, SPLITS, USERS, DatasetError, read_manifest
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
@@ -76,9 +65,12 @@ def split_counts(frame: pd.DataFrame) -> dict:
 def write_dataset(prep: Prepared, out: Path, manifest: dict, *, samples_per_shard: int,
                   history_in_prompt: int, overwrite: bool, progress: bool) -> dict:
     """Write everything under a temporary directory, then move it to ``out``; returns dataset.json."""
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    result = {}
+
+    def write(tmp: Path) -> None:
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            # checked up front too; this guards a directory filled meanwhile
+            raise DatasetError(f"{out} appeared while preparing; not replacing it without --overwrite")
         (tmp / "shards").mkdir()
         titles = prep.items["title"].to_numpy(dtype=object)
         shards = {}
@@ -90,31 +82,15 @@ def write_dataset(prep: Prepared, out: Path, manifest: dict, *, samples_per_shar
         pq.write_table(_table(prep.items, ITEMS), tmp / "items.parquet")
         pq.write_table(_table(prep.users, USERS), tmp / "users.parquet")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {**manifest, "num_users": len(prep.users), "num_items": len(prep.items),
-                    "split_boundaries": prep.boundaries, "shards": shards,
-                    "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-                              for p in files}}
-        manifest["counts"]["splits"] = split_counts(prep.frame)
-        (tmp / "dataset.json").write_text(json.dumps(manifest, indent=1))
-        _move_into_place(tmp, out, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+        result.update(manifest, num_users=len(prep.users), num_items=len(prep.items),
+                      split_boundaries=prep.boundaries, shards=shards,
+                      files={str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+                             for p in files})
+        result["counts"]["splits"] = split_counts(prep.frame)
+        (tmp / "dataset.json").write_text(json.dumps(result, indent=1))   # last: marks it complete
 
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:   # checked up front too; this guards a directory created meanwhile
-            raise DatasetError(f"{out} appeared while preparing; not replacing it without --overwrite")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+    write_atomically(out, write)
+    return result
 
 
 def verify(data_dir: str | Path) -> dict:

@@ -5,6 +5,7 @@ import pytest
 import ray
 
 from cluster import runtime
+from cora.cf.store import embedding_table
 from cora.cli import main
 
 
@@ -16,11 +17,9 @@ def ray_local():
 
 
 def write_table(path, key: str, vectors: np.ndarray, order=None) -> None:
-    """An embedding table as `cora train-cf` writes it (rows optionally shuffled)."""
-    ids = np.arange(len(vectors), dtype=np.int32) if order is None else order.astype(np.int32)
-    flat = pa.array(vectors[ids].reshape(-1), pa.float32())
-    col = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
-    pq.write_table(pa.table({key: pa.array(ids), "embedding": col}), path)
+    """An embedding table as `cora train-cf` writes it (rows optionally stored in another order)."""
+    table = embedding_table(key, vectors)
+    pq.write_table(table if order is None else table.take(pa.array(order)), path)
 
 
 @pytest.fixture(scope="session")

@@ -50,3 +50,19 @@ def test_bad_ids_dimension_and_missing_tables_are_named(ray_local, cf_dir, tmp_p
     write_table(tmp_path / "item_embeddings.parquet", "item", users[:3])
     with pytest.raises(EmbeddingError, match="cannot cut a table of 3 rows into 4 shards"):
         start_embedding_servers(str(tmp_path), shards=4)
+
+
+def test_sasrec_user_vectors_are_computed_server_side(ray_local, data_dir, tmp_path):
+    import torch
+
+    from cora.cf.train import CFConfig, load_cf, train_cf
+    cf = tmp_path / "sasrec"
+    train_cf(str(data_dir), str(cf), CFConfig(model="sasrec", dim=16, max_epochs=1), progress=False)
+    client = start_embedding_servers(str(cf), shards=2, dim=16, num_cpus=0.1, sasrec=True)
+    model, _ = load_cf(cf)
+    hist = np.array([[-1] * 24 + [3], [-1] * 25, list(range(25))], dtype=np.int64)
+    with torch.no_grad():
+        want = model.user_vectors_from_history(torch.as_tensor(hist)).numpy()
+    got = client.user_vectors(hist)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(got).all()

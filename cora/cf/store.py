@@ -1,0 +1,108 @@
+"""Files of a trained CF run (CF_DIR) and how they are written: all at once or not at all.
+
+    CF_DIR/
+      metrics.json              valid/test AUC and UAUC, warm/cold test subsets, the epoch log
+      user_embeddings.parquet   user int32, embedding fixed_size_list<float32>[d]  (all num_users)
+      item_embeddings.parquet   item int32, embedding fixed_size_list<float32>[d]  (all num_items)
+      model.safetensors         the model's state dict (safetensors only, never pickle)
+      cf.json                   model name, config, sizes, the dataset identity, sha256 of the files
+
+The run is written into a temporary sibling directory and renamed into place, so a reader never
+sees a half-written CF_DIR. An existing non-empty CF_DIR is replaced only when it holds the same run
+(same config and dataset) or when ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cora.data.schema import DatasetError
+from cora.fileio import sha256, write_atomically  # noqa: F401 - re-exported
+
+CF_FORMAT = "cora-cf"
+CF_FORMAT_VERSION = 1
+FILES = ("metrics.json", "user_embeddings.parquet", "item_embeddings.parquet", "model.safetensors", "cf.json")
+
+
+def dataset_identity(data_dir: str | Path, manifest: dict) -> dict:
+    """What identifies the data a run was trained on: dataset.json's sha256 and its checksums."""
+    data_dir = Path(data_dir)
+    return {"data_dir": str(data_dir.resolve()),
+            "dataset_json_sha256": sha256(data_dir / "dataset.json"),
+            "checksums": manifest.get("checksums")}
+
+
+def embedding_table(key: str, vectors: np.ndarray) -> pa.Table:
+    """(n, d) float vectors -> table (key int32 = row index, embedding fixed_size_list<float32>[d])."""
+    n, d = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))    # (n * d,)
+    emb = pa.FixedSizeListArray.from_arrays(flat, d)                                # (n,) of [d]
+    return pa.table({key: pa.array(np.arange(n, dtype=np.int32)), "embedding": emb})
+
+
+def read_embeddings(path: str | Path) -> np.ndarray:
+    """(n, d) float32 from an embedding table, rows ordered by id (ids must be 0..n-1)."""
+    table = pq.read_table(path)
+    key = table.column_names[0]
+    ids = table.column(key).to_numpy()
+    emb = table.column("embedding").combine_chunks()
+    d = emb.type.list_size
+    flat = emb.flatten().to_numpy(zero_copy_only=False)
+    out = np.empty((len(ids), d), dtype=np.float32)
+    out[ids] = flat.reshape(len(ids), d)
+    return out
+
+
+def same_run(meta: dict, config: dict, identity: dict) -> bool:
+    """Whether an existing cf.json describes the run (config, dataset) about to be written."""
+    return (meta.get("config") == config
+            and meta.get("dataset", {}).get("dataset_json_sha256") == identity["dataset_json_sha256"])
+
+
+def check_out_dir(out_dir: Path, config: dict, identity: dict, overwrite: bool) -> None:
+    """Refuse a non-empty ``out_dir`` holding anything but this same run, unless ``overwrite``."""
+    if overwrite or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory; choose another --out")
+    if not any(out_dir.iterdir()):
+        return
+    meta_path = out_dir / "cf.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if meta is not None and same_run(meta, config, identity):
+        return
+    what = (f"a different CF run (model={meta.get('model')!r}, config or dataset differ)" if meta is not None
+            else "files that are not a CF run")
+    raise FileExistsError(f"{out_dir} already holds {what}; pass overwrite=True (--overwrite) to replace "
+                          f"it, or choose another output directory")
+
+
+def read_meta(cf_dir: str | Path) -> dict:
+    """cf.json of a CF run, with a clear error when ``cf_dir`` is not one."""
+    cf_dir = Path(cf_dir)
+    path = cf_dir / "cf.json"
+    if not path.is_file():
+        raise DatasetError(f"{cf_dir} is not a CF run (no cf.json); create it with "
+                           f"`cora train-cf --data DATA_DIR --out {cf_dir}`")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != CF_FORMAT or meta.get("format_version") != CF_FORMAT_VERSION:
+        raise DatasetError(f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+                           f"this version of cora reads {CF_FORMAT!r} version {CF_FORMAT_VERSION}: train again")
+    return meta
+
+
+def verify_file(cf_dir: Path, meta: dict, name: str) -> Path:
+    """Path of ``name`` in the run, after checking its sha256 against cf.json."""
+    path = cf_dir / name
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing; the CF run is incomplete: train it again")
+    expected = meta.get("files", {}).get(name)
+    if expected is not None and sha256(path) != expected:
+        raise DatasetError(f"{path} does not match the sha256 recorded in cf.json (file changed or "
+                           f"corrupted); train the CF model again")
+    return path
