@@ -23,6 +23,8 @@ import pyarrow.parquet as pq
 import ray
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from cora.fileio import is_remote, open_fs, storage_env
+
 LATENCY_BOUNDS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5]
 
 
@@ -31,11 +33,9 @@ class EmbeddingError(ValueError):
 
 
 def open_table(uri: str):
-    """(filesystem, path) for a local path or a pyarrow.fs URI, with a clear error when missing."""
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except ValueError:                        # a relative local path (pyarrow.ArrowInvalid)
-        fs, path = pafs.LocalFileSystem(), str(uri)
+    """(filesystem, path) for a local path or a storage URI (cora.fileio.open_fs), with a clear error
+    when the table is missing."""
+    fs, path = open_fs(uri)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
         raise EmbeddingError(f"embedding table {uri} not found; run `cora train-cf` to write it, or fix the path")
@@ -202,7 +202,9 @@ def start_embedding_servers(cf_dir: str, shards: int = 1, dim: int | None = None
             raise EmbeddingError(f"{uri}: embeddings have dimension {table_dim}, the configuration says {dim}; "
                                  f"set the CF dimension to {table_dim} or retrain the CF model")
         bounds[key], dims[key] = shard_bounds(rows, shards), table_dim
-        opts = {"num_cpus": num_cpus, "name": None}
+        opts = {"num_cpus": num_cpus}
+        if is_remote(cf_dir):      # the actors read the tables with this process's storage settings
+            opts["runtime_env"] = {"env_vars": storage_env()}
         if memory_per_shard:
             opts["memory"] = memory_per_shard
         servers[key] = [EmbeddingServer.options(**opts).remote(

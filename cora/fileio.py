@@ -1,4 +1,12 @@
-"""File helpers shared by the stages that write directories: checksums and atomic replacement."""
+"""File helpers shared by the stages: checksums, atomic directory replacement, and opening local or
+object-storage locations through ``pyarrow.fs``.
+
+Object storage: ``s3://bucket/path`` (``gs://``, ``hdfs://`` and ``file://`` work the same way).
+An S3-compatible server other than AWS is selected with ``CORA_S3_ENDPOINT`` (e.g.
+``http://127.0.0.1:9000``); credentials come from the usual ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` / ``AWS_DEFAULT_REGION`` (or the machine's role). ``storage_env()`` is what
+Ray actors need to see the same storage as the process that starts them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,12 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+STORAGE_ENV = ("CORA_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 def sha256(path: str | Path) -> str:
@@ -42,3 +56,28 @@ def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_remote(uri: str | Path) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def open_fs(uri: str | Path, create_buckets: bool = False) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path, ``file://``, ``s3://`` (honouring
+    ``CORA_S3_ENDPOINT``), ``gs://`` or any other URI pyarrow knows. Buckets are never created
+    unless ``create_buckets``."""
+    uri = str(uri)
+    endpoint = os.environ.get("CORA_S3_ENDPOINT")
+    if uri.startswith("s3://") and endpoint:
+        ep = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        fs = pafs.S3FileSystem(endpoint_override=ep.netloc, scheme=ep.scheme, allow_bucket_creation=create_buckets,
+                               region=os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1")))
+        return fs, uri[len("s3://"):].rstrip("/")
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).absolute())
+    return pafs.FileSystem.from_uri(uri)
+
+
+def storage_env() -> dict[str, str]:
+    """The storage-related environment variables of this process (for a Ray actor's runtime_env)."""
+    return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}

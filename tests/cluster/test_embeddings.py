@@ -66,3 +66,19 @@ def test_sasrec_user_vectors_are_computed_server_side(ray_local, data_dir, tmp_p
     got = client.user_vectors(hist)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert np.isfinite(got).all()
+
+
+def test_tables_are_read_from_object_storage(ray_local, cf_dir, s3_server):
+    import pyarrow.fs as pafs
+
+    from cora.fileio import open_fs
+    out, users, items = cf_dir
+    fs, bucket = open_fs("s3://cf-bucket", create_buckets=True)
+    fs.create_dir(bucket)
+    for name in ("user_embeddings.parquet", "item_embeddings.parquet"):
+        pafs.copy_files(str(out / name), f"{bucket}/run1/{name}", destination_filesystem=fs)
+    client = start_embedding_servers("s3://cf-bucket/run1", shards=2, dim=8, num_cpus=0.1)
+    ids = np.arange(len(users))
+    np.testing.assert_array_equal(client.lookup("user", ids), users)
+    with pytest.raises(EmbeddingError, match="s3://cf-bucket/missing/user_embeddings.parquet not found"):
+        start_embedding_servers("s3://cf-bucket/missing", shards=1)
