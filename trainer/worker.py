@@ -1,0 +1,101 @@
+"""The per-worker training function run by Ray Train's TorchTrainer (one process per rank).
+
+Life cycle: ``setup`` (accelerator, process group, partitioned LLM, CoRA model, engine) ->
+``train_epoch`` (batches from this rank's InteractionShard actor, forward/backward/step, weighted
+loss) -> ``report``. Evaluation, checkpoints, TensorBoard and the CLI build on these (next steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+
+def to_batch(b: dict):
+    from cora.scoring import Batch
+    return Batch(*(torch.tensor(b[k]) for k in ("input_ids", "lengths", "user_emb", "item_emb", "labels")))
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over the real samples of the batch (padding samples have weight 0)."""
+    per = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (per * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def setup(config: dict):
+    from trainer.engine import select_accelerator
+    select_accelerator(config.get("device", "cpu"))
+    import deepspeed
+    import ray.train
+
+    from cora.generator import GeneratorConfig
+    from cora.injection import InjectionConfig
+    from cora.llm import LLMConfig, resolve_answer_token
+    from cora.optim import OptimConfig
+    from cora.scoring import CoRAModel
+    from trainer import engine as eng
+
+    ctx = ray.train.get_context()
+    deepspeed.init_distributed(dist_backend=config.get("backend", "gloo"))
+    torch.manual_seed(config.get("seed", 0))
+    ecfg = eng.EngineConfig(**config.get("engine", {}))
+    ds = eng.ds_config(ecfg, ctx.get_world_size())
+    llm, tok = eng.build_partitioned_llm(LLMConfig(**config["llm"]), ds)
+    yes = resolve_answer_token(tok)
+    answer = eng.gathered_answer_row(llm, yes)
+    model = CoRAModel(llm, yes, config["cf_dim"], config["cf_dim"], InjectionConfig(**config.get("injection", {})),
+                      GeneratorConfig(**config.get("generator", {})), answer_weight=answer)
+    engine, _, _ = eng.initialize(model, ds, OptimConfig(**config.get("optim", {})), config.get("total_steps", 100))
+    return ctx, engine, model
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point. ``config['actors']``: one InteractionShard handle per rank."""
+    import ray.train
+
+    from cluster.client import BatchIterator
+    from trainer.engine import partition_stats
+    ctx, engine, model = setup(config)
+    rank = ctx.get_world_rank()
+    frozen = [p for p in model.llm.parameters() if not p.requires_grad]     # the LLM's own weights (not P)
+    llm_start = [p.ds_tensor.detach().clone() for p in frozen]
+    gen_start = [p.ds_tensor.detach().clone() for p in model.generator.parameters()]
+    log = []
+    for epoch in range(config.get("epochs", 1)):
+        it = BatchIterator(config["actors"][rank], epoch)
+        for step, raw in enumerate(it):
+            t0 = time.perf_counter()
+            batch = to_batch(raw)
+            logits = engine(batch)
+            loss = weighted_loss(logits, batch.labels, torch.tensor(raw["weights"]))
+            engine.backward(loss)
+            engine.step()
+            log.append({"epoch": epoch, "step": step, "loss": float(loss), "seconds": time.perf_counter() - t0,
+                        "finite": bool(torch.isfinite(logits).all()), "sample_ids": raw["sample_ids"].tolist()})
+            if config.get("max_steps") and len(log) >= config["max_steps"]:
+                break
+    out = {"rank": rank, "world_size": ctx.get_world_size(), "llm_partition": partition_stats(frozen),
+           "llm_unchanged": all(torch.equal(a, p.ds_tensor) for a, p in zip(llm_start, frozen)),
+           "generator_changed": any(not torch.equal(a, p.ds_tensor) for a, p in
+                                    zip(gen_start, model.generator.parameters())),
+           "log": log}
+    if config.get("report_dir"):
+        Path(config["report_dir"], f"rank{rank}.json").write_text(json.dumps(out))
+    ray.train.report({"loss": log[-1]["loss"] if log else math.nan, "steps": len(log)})
+
+
+def run(config: dict, num_workers: int, storage_path: str, name: str = "cora"):
+    """Start the worker group (gloo on CPU, NCCL on GPU per ``config['device']``) and train."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    gpu = config.get("device") == "cuda"
+    trainer = TorchTrainer(train_loop, train_loop_config=config,
+                           scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu,
+                                                        resources_per_worker={"CPU": config.get("cpus_per_worker", 1)}),
+                           torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+                           run_config=RunConfig(storage_path=storage_path, name=name))
+    return trainer.fit()
