@@ -71,10 +71,13 @@ def build_partitioned_llm(llm_cfg, ds: dict):
     from transformers.integrations import HfDeepSpeedConfig
 
     from cora.llm import load_llm
-    keep = HfDeepSpeedConfig(ds)            # noqa: F841 - while alive, from_pretrained loads under ZeRO-3
-    dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32
-    with deepspeed.zero.Init(config_dict_or_path=ds, dtype=dtype):
+    hf_ds = HfDeepSpeedConfig(ds)          # while alive, from_pretrained loads under ZeRO-3
+    # No dtype= here: with a config *and* a dtype, DeepSpeed 0.19.8's zero.Init ignores the dtype on an
+    # accelerator without fp16 (the CPU) and partitions in bfloat16 (an operator-precedence slip in
+    # Init._set_dtype). Without it the dtype comes from the config: bf16 when enabled, else fp32.
+    with deepspeed.zero.Init(config_dict_or_path=ds):
         llm, tok = load_llm(llm_cfg)
+    del hf_ds
     return llm, tok
 
 
@@ -87,6 +90,17 @@ def gathered_answer_row(llm, token_id: int):
         w = head.weight[token_id].detach().clone()
         b = None if getattr(head, "bias", None) is None else head.bias[token_id].detach().clone()
     return w, b
+
+
+def save_gathered(module, path: str, write: bool) -> None:
+    """Gather a partitioned module's parameters (a collective: every rank calls it) and, where
+    ``write``, save them as safetensors. For small models (tests, export); never for a 7B LLM."""
+    import deepspeed
+    from safetensors.torch import save_file
+    params = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        if write:
+            save_file({n: p.detach().clone().contiguous() for n, p in params.items()}, path)
 
 
 def partition_stats(params) -> dict:

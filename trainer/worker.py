@@ -45,6 +45,8 @@ def setup(config: dict):
     ecfg = eng.EngineConfig(**config.get("engine", {}))
     ds = eng.ds_config(ecfg, ctx.get_world_size())
     llm, tok = eng.build_partitioned_llm(LLMConfig(**config["llm"]), ds)
+    if config.get("dump_llm"):             # tests: the exact weights, for a 1-process reference run
+        eng.save_gathered(llm, config["dump_llm"], ctx.get_world_rank() == 0)
     yes = resolve_answer_token(tok)
     answer = eng.gathered_answer_row(llm, yes)
     model = CoRAModel(llm, yes, config["cf_dim"], config["cf_dim"], InjectionConfig(**config.get("injection", {})),
@@ -76,6 +78,8 @@ def train_loop(config: dict) -> None:
             engine.step()
             log.append({"epoch": epoch, "step": step, "loss": float(loss), "seconds": time.perf_counter() - t0,
                         "finite": bool(torch.isfinite(logits).all()), "sample_ids": raw["sample_ids"].tolist()})
+            if len(log) <= config.get("record_batches", 0):     # for comparisons with a 1-process run
+                log[-1]["batch"] = {k: v.tolist() for k, v in raw.items()}
             if config.get("max_steps") and len(log) >= config["max_steps"]:
                 break
     out = {"rank": rank, "world_size": ctx.get_world_size(), "llm_partition": partition_stats(frozen),

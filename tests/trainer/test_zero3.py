@@ -68,3 +68,56 @@ def test_training_is_finite_falls_and_sees_each_sample_once_per_epoch(two_rank_r
     for epoch in (0, 1):
         seen = [i for r in ranks for step in r["log"] if step["epoch"] == epoch for i in step["sample_ids"]]
         assert sorted(seen) == sorted(train_ids)
+
+
+def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path):
+    """Same seed, same samples: rank 0's and rank 1's k-th batches together are the k-th batch of a
+    plain single-process run (no DeepSpeed), which must give the same loss step after step."""
+    import torch
+    from torch import nn
+
+    from cora.generator import GeneratorConfig
+    from cora.injection import InjectionConfig
+    from cora.llm import LLMConfig, load_llm, resolve_answer_token
+    from cora.optim import OptimConfig, build_optimizer
+    from cora.scoring import CoRAModel, collate
+    from trainer.worker import run
+    assert main(["prepare", "--source", "synthetic", "--out", str(tmp_path / "data"), "--users", str(USERS),
+                 "--items", str(ITEMS), "--interactions", "400", "--factors", str(FACTORS),
+                 "--samples-per-shard", "60", "--no-progress"]) == 0
+    planted_tables(tmp_path / "data", tmp_path / "cf")
+    runtime.init(num_cpus=4)
+    client = start_embedding_servers(str(tmp_path / "cf"), shards=1, dim=FACTORS, num_cpus=0.1)
+    actors = start_interaction_shards(str(tmp_path / "data"), "train", 2, embeddings=client, batch_size=4,
+                                      seed=1, num_cpus=0.1, max_length=256)
+    (tmp_path / "report").mkdir()
+    steps = 5
+    gen = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "dropout": 0.0}
+    optim = {"warmup_steps": 2, "lr_peak": 1e-2, "lr_start": 1e-3, "lr_end": 1e-3}
+    cfg = {"llm": {"name": "tiny-llama"}, "cf_dim": FACTORS, "actors": actors, "max_steps": steps, "seed": 3,
+           "record_batches": steps, "report_dir": str(tmp_path / "report"), "total_steps": steps,
+           "dump_llm": str(tmp_path / "llm.safetensors"),
+           "generator": gen, "optim": optim, "injection": {"dropout": 0.0}}
+    run(cfg, num_workers=2, storage_path=str(tmp_path / "runs"))
+    ranks = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text())["log"] for r in (0, 1)]
+
+    torch.manual_seed(3)                                       # the reference: one process, batch 8
+    from safetensors.torch import load_file
+    llm, tok = load_llm(LLMConfig(name="tiny-llama"))
+    llm.load_state_dict(load_file(str(tmp_path / "llm.safetensors")), strict=False)  # zero.Init's weights
+    model = CoRAModel(llm, resolve_answer_token(tok), FACTORS, FACTORS, InjectionConfig(dropout=0.0),
+                      GeneratorConfig(**gen)).train()
+    opt, sched = build_optimizer(model.trainable_parameters(), OptimConfig(**optim), steps)
+    for k in range(steps):
+        parts = [ranks[r][k]["batch"] for r in (0, 1)]
+        prompts = [row[:n] for p in parts for row, n in zip(p["input_ids"], p["lengths"])]
+        batch = collate(prompts, sum((p["user_emb"] for p in parts), []), sum((p["item_emb"] for p in parts), []),
+                        sum((p["labels"] for p in parts), []), tok.pad_token_id)
+        opt.zero_grad()
+        loss, _ = model.loss(batch)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.trainable_parameters(), 1.0)
+        opt.step()
+        sched.step()
+        distributed = (ranks[0][k]["loss"] + ranks[1][k]["loss"]) / 2
+        assert abs(distributed - loss.item()) < 1e-4 * max(1.0, abs(loss.item())), (k, distributed, loss.item())
