@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
+
 
 
 def select_accelerator(device: str) -> None:

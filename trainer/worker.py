@@ -1,8 +1,10 @@
 """The per-worker training function run by Ray Train's TorchTrainer (one process per rank).
 
-Life cycle: ``setup`` (accelerator, process group, partitioned LLM, CoRA model, engine) ->
-``train_epoch`` (batches from this rank's InteractionShard actor, forward/backward/step, weighted
-loss) -> ``report``. Evaluation, checkpoints, TensorBoard and the CLI build on these (next steps).
+Life cycle: ``setup`` (accelerator, process group, partitioned LLM, CoRA model, engine) -> per epoch:
+train (batches from this rank's InteractionShard actor, forward/backward/step, weighted loss) ->
+``validate`` (AUC/UAUC over all ranks; on a better valid AUC: test metrics and the exported adapter;
+early stop after ``patience`` evaluations without improvement) -> ``metrics.json`` in the run
+directory. Checkpoints, TensorBoard and the CLI build on these (next steps).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def train_loop(config: dict) -> None:
     frozen = [p for p in model.llm.parameters() if not p.requires_grad]     # the LLM's own weights (not P)
     llm_start = [p.ds_tensor.detach().clone() for p in frozen]
     gen_start = [p.ds_tensor.detach().clone() for p in model.generator.parameters()]
-    log = []
+    log, state = [], {"best_auc": -1.0, "best": None, "stale": 0, "evals": []}
     for epoch in range(config.get("epochs", 1)):
         it = BatchIterator(config["actors"][rank], epoch)
         for step, raw in enumerate(it):
@@ -82,6 +84,15 @@ def train_loop(config: dict) -> None:
                 log[-1]["batch"] = {k: v.tolist() for k, v in raw.items()}
             if config.get("max_steps") and len(log) >= config["max_steps"]:
                 break
+        if config.get("valid_actors") and validate(config, engine, model, rank, epoch, state):
+            break                                                   # early stop
+    if rank == 0 and config.get("run_dir"):
+        summary = {"valid": state["best"]["valid"] if state["best"] else None,
+                   "test": state["best"]["test"] if state["best"] else None,
+                   "best_epoch": state["best"]["epoch"] if state["best"] else None,
+                   "evaluations": state["evals"], "steps": len(log)}
+        Path(config["run_dir"]).mkdir(parents=True, exist_ok=True)
+        Path(config["run_dir"], "metrics.json").write_text(json.dumps(summary, indent=1))
     out = {"rank": rank, "world_size": ctx.get_world_size(), "llm_partition": partition_stats(frozen),
            "llm_unchanged": all(torch.equal(a, p.ds_tensor) for a, p in zip(llm_start, frozen)),
            "generator_changed": any(not torch.equal(a, p.ds_tensor) for a, p in
@@ -90,6 +101,28 @@ def train_loop(config: dict) -> None:
     if config.get("report_dir"):
         Path(config["report_dir"], f"rank{rank}.json").write_text(json.dumps(out))
     ray.train.report({"loss": log[-1]["loss"] if log else math.nan, "steps": len(log)})
+
+
+def validate(config: dict, engine, model, rank: int, epoch: int, state: dict) -> bool:
+    """Evaluate valid; on improvement also test, and export the adapter. True = stop early."""
+    from trainer.evaluate import evaluate, export_trainable, trainable_state
+    valid, _ = evaluate(engine, config["valid_actors"][rank])
+    state["evals"].append({"epoch": epoch, "valid_auc": valid["auc"], "valid_uauc": valid["uauc"]})
+    if valid["auc"] > state["best_auc"]:
+        state["best_auc"], state["stale"] = valid["auc"], 0
+        test, preds = evaluate(engine, config["test_actors"][rank]) if config.get("test_actors") else (None, None)
+        state["best"] = {"epoch": epoch, "valid": valid, "test": test}
+        weights = trainable_state(model)                         # collective: every rank gathers
+        if rank == 0 and config.get("run_dir"):
+            keys = ("llm", "injection", "generator", "cf_dim")
+            export_trainable(weights, Path(config["run_dir"], "export"), {k: config.get(k, {}) for k in keys})
+            if preds is not None:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+                pq.write_table(pa.table(preds), Path(config["run_dir"], "test_predictions.parquet"))
+        return False
+    state["stale"] += 1
+    return state["stale"] >= config.get("patience", 3)
 
 
 def run(config: dict, num_workers: int, storage_path: str, name: str = "cora"):

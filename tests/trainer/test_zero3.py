@@ -37,21 +37,23 @@ def two_rank_run(tmp_path_factory):
     planted_tables(tmp / "data", tmp / "cf")
     runtime.init(num_cpus=4)
     client = start_embedding_servers(str(tmp / "cf"), shards=1, dim=FACTORS, num_cpus=0.1)
-    actors = start_interaction_shards(str(tmp / "data"), "train", 2, embeddings=client, batch_size=8, seed=0,
-                                      num_cpus=0.1, max_length=256)
+    actors = {split: start_interaction_shards(str(tmp / "data"), split, 2, embeddings=client, batch_size=8, seed=0,
+                                              num_cpus=0.1, max_length=256) for split in ("train", "valid", "test")}
     (tmp / "report").mkdir()
-    cfg = {"llm": {"name": "tiny-llama"}, "cf_dim": FACTORS, "actors": actors, "epochs": 2,
+    cfg = {"llm": {"name": "tiny-llama"}, "cf_dim": FACTORS, "actors": actors["train"], "epochs": 2,
+           "valid_actors": actors["valid"], "test_actors": actors["test"], "run_dir": str(tmp / "run"),
+           "dump_llm": str(tmp / "llm.safetensors"),
            "report_dir": str(tmp / "report"), "total_steps": 100,
            "generator": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
            "optim": {"warmup_steps": 0, "lr_peak": 1e-2, "lr_end": 1e-3}}
     run(cfg, num_workers=2, storage_path=str(tmp / "runs"))
     ranks = [json.loads((tmp / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
     train_ids = pq.read_table(tmp / "data" / "train.parquet").column("sample_id").to_pylist()
-    return ranks, train_ids
+    return ranks, train_ids, tmp, actors
 
 
 def test_each_rank_holds_half_of_the_llm_and_it_never_changes(two_rank_run):
-    ranks, _ = two_rank_run
+    ranks = two_rank_run[0]
     for r in ranks:
         part = r["llm_partition"]
         assert part["total"] > 3_000_000 and abs(part["share"] - 0.5) < 0.01     # from ds_tensor sizes
@@ -60,7 +62,7 @@ def test_each_rank_holds_half_of_the_llm_and_it_never_changes(two_rank_run):
 
 
 def test_training_is_finite_falls_and_sees_each_sample_once_per_epoch(two_rank_run):
-    ranks, train_ids = two_rank_run
+    ranks, train_ids = two_rank_run[:2]
     for r in ranks:
         assert all(step["finite"] for step in r["log"])
         losses = [step["loss"] for step in r["log"]]
@@ -121,3 +123,31 @@ def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path):
         sched.step()
         distributed = (ranks[0][k]["loss"] + ranks[1][k]["loss"]) / 2
         assert abs(distributed - loss.item()) < 1e-4 * max(1.0, abs(loss.item())), (k, distributed, loss.item())
+
+
+def test_validation_metrics_and_the_export_scores_like_the_distributed_model(two_rank_run):
+    import torch
+    from safetensors.torch import load_file
+
+    from cluster.client import BatchIterator
+    from cora.export import load_exported
+    from trainer.worker import to_batch
+    _, _, tmp, actors = two_rank_run
+    m = json.loads((tmp / "run" / "metrics.json").read_text())
+    assert [e["epoch"] for e in m["evaluations"]] == [0, 1]
+    assert 0.0 <= m["valid"]["auc"] <= 1.0 and m["valid"]["auc"] == max(e["valid_auc"] for e in m["evaluations"])
+    test_rows = pq.read_table(tmp / "data" / "test.parquet").num_rows
+    assert m["test"]["n"] == test_rows and {"warm", "cold"} <= set(m["test"])
+    preds = pq.read_table(tmp / "run" / "test_predictions.parquet").to_pandas().set_index("sample_ids")
+    assert len(preds) == test_rows
+    # the exported adapter, in one process without DeepSpeed, scores the test samples the same way
+    model, _ = load_exported(tmp / "run" / "export", llm_state=load_file(str(tmp / "llm.safetensors")))
+    got = {}
+    with torch.no_grad():
+        for r in (0, 1):
+            for raw in BatchIterator(actors["test"][r], epoch=0):
+                for sid, score, w in zip(raw["sample_ids"], model(to_batch(raw)).numpy(), raw["weights"]):
+                    if w > 0:
+                        got[int(sid)] = float(score)
+    assert sorted(got) == sorted(preds.index)
+    np.testing.assert_allclose([got[i] for i in preds.index], preds["scores"].to_numpy(), rtol=1e-4, atol=1e-4)

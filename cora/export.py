@@ -1,0 +1,38 @@
+"""A trained CoRA adapter in one process, without DeepSpeed: the frozen LLM (loaded as configured)
+plus the exported generator and P.
+
+    EXPORT_DIR/config.json          {"llm": {...}, "injection": {...}, "generator": {...}, "cf_dim": d}
+    EXPORT_DIR/adapter.safetensors  the trainable tensors only (names as in CoRAModel.named_parameters)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from .generator import GeneratorConfig
+from .injection import InjectionConfig
+from .llm import LLMConfig, load_llm, resolve_answer_token
+from .scoring import CoRAModel
+
+
+def load_exported(export_dir: str | Path, llm_state: dict | None = None) -> tuple[CoRAModel, object]:
+    """(CoRAModel in eval mode, tokenizer). ``llm_state`` overrides the LLM's weights (tests of
+    randomly initialised presets, whose weights depend on how they were built)."""
+    export_dir = Path(export_dir)
+    cfg = json.loads((export_dir / "config.json").read_text())
+    llm, tok = load_llm(LLMConfig(**cfg["llm"]))
+    if llm_state is not None:
+        llm.load_state_dict(llm_state, strict=False)
+    model = CoRAModel(llm, resolve_answer_token(tok), cfg["cf_dim"], cfg["cf_dim"],
+                      InjectionConfig(**cfg.get("injection", {})), GeneratorConfig(**cfg.get("generator", {})))
+    state = load_file(str(export_dir / "adapter.safetensors"))
+    want = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != want:
+        missing, extra = sorted(want - set(state))[:3], sorted(set(state) - want)[:3]
+        raise ValueError(f"{export_dir}/adapter.safetensors does not fit the configured model: missing "
+                         f"{missing}, unexpected {extra}; was it exported with this config.json?")
+    model.load_state_dict(state, strict=False)
+    return model.eval(), tok
