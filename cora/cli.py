@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     add_prepare(sub)
     from .cf.cli import add_parser as add_train_cf
     add_train_cf(sub)
+    from trainer.train import add_parser as add_train
+    add_train(sub)
     args = ap.parse_args(argv)
     if args.command != "demo":
         from .data.schema import DatasetError

@@ -1,0 +1,88 @@
+"""The ``cora train`` configuration: one typed section per concern, validated strictly
+(``cora.config``: unknown keys rejected, every problem reported at once, ``key=value`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cora.generator import GeneratorConfig
+from cora.injection import InjectionConfig
+from cora.llm import LLMConfig
+from cora.optim import OptimConfig
+
+from .engine import EngineConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared data and the CF model are, and how batches are built."""
+
+    data_dir: str = "runs/demo/data"
+    """A directory written by `cora prepare`."""
+    cf_dir: str = "runs/demo/cf"
+    """A directory written by `cora train-cf` (local path or s3://, gs://, file://)."""
+    embedding_shards: int = 1
+    """EmbeddingServer actors per table."""
+    max_history: int = 10
+    """History titles in a prompt."""
+    max_length: int = 512
+    """Prompt length limit in tokens (oldest titles dropped first)."""
+    prefetch: int = 4
+    """Ready batches each InteractionShard actor keeps queued."""
+
+    def validate(self) -> list[str]:
+        return [f"data.{k} must be >= 1, got {getattr(self, k)}" for k in ("embedding_shards", "max_length", "prefetch")
+                if getattr(self, k) < 1]
+
+
+@dataclass
+class RunConfig:
+    """The job: where it writes, how long it trains, how many workers."""
+
+    run_dir: str = "runs/demo/run"
+    """Run directory: metrics.json, tensorboard/, export/, test_predictions.parquet."""
+    epochs: int = 1
+    """Training epochs (validation after each)."""
+    patience: int = 3
+    """Stop after this many validations without a better valid AUC."""
+    workers: int = 2
+    """Ray Train workers (ranks); the LLM is partitioned across them."""
+    cpus_per_worker: int = 1
+    """CPUs reserved per worker (also its torch threads)."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """cpu: gloo, fp32; cuda: NCCL (set engine.bf16: true for bf16)."""
+    seed: int = 0
+    """Seeds the generator's initialisation and the data order."""
+    address: str | None = None
+    """A running Ray cluster to join ('auto' or HOST:PORT); None starts a local one."""
+    max_steps: int | None = None
+    """Stop after this many steps in total (smoke tests)."""
+
+    def validate(self) -> list[str]:
+        problems = [f"run.{k} must be >= 1, got {getattr(self, k)}" for k in ("epochs", "patience", "workers",
+                                                                                 "cpus_per_worker")
+                    if getattr(self, k) < 1]
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"run.max_steps must be >= 1 or null, got {self.max_steps}")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    """Everything `cora train` needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data and CF inputs."""
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    """The frozen LLM."""
+    injection: InjectionConfig = field(default_factory=InjectionConfig)
+    """Where and how the per-sample update is injected."""
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """The collaborative weights generator."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the warm-up + cosine schedule."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """DeepSpeed ZeRO-3."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """The job."""
