@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     add_train_cf(sub)
     from trainer.train import add_parser as add_train
     add_train(sub)
+    from trainer.eval import add_parser as add_eval
+    add_eval(sub)
     args = ap.parse_args(argv)
     if args.command != "demo":
         from .data.schema import DatasetError

@@ -65,12 +65,21 @@ def ds_config(cfg: EngineConfig, world_size: int) -> dict:
 
 
 def build_partitioned_llm(llm_cfg, ds: dict):
-    """(LLM partitioned across the ranks as it is built, tokenizer). Presets are built from their
-    config; pretrained directories are loaded shard by shard by transformers' ZeRO-3 integration."""
+    """(LLM partitioned across the ranks, tokenizer).
+
+    A local model directory (the 7B+ case) is loaded under ``deepspeed.zero.Init`` with transformers'
+    ZeRO-3 integration: each weight shard is read, partitioned and freed, so no rank ever holds the
+    whole model. Presets (tiny test models and SmolLM2-135M, at most 135M parameters) are built
+    whole from their seed, then partitioned (``zero.Init(module=...)``): their weights are then the
+    same as in a single process, so a run can be checked against one, and evaluated by one."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from cora.llm import load_llm
+    from cora.llm import PRESETS, REAL_PRESETS, load_llm
+    if llm_cfg.name in PRESETS or llm_cfg.name in REAL_PRESETS:
+        llm, tok = load_llm(llm_cfg)
+        deepspeed.zero.Init(module=llm, config_dict_or_path=ds)
+        return llm, tok
     hf_ds = HfDeepSpeedConfig(ds)          # while alive, from_pretrained loads under ZeRO-3
     # No dtype= here: with a config *and* a dtype, DeepSpeed 0.19.8's zero.Init ignores the dtype on an
     # accelerator without fp16 (the CPU) and partitions in bfloat16 (an operator-precedence slip in

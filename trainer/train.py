@@ -63,7 +63,12 @@ def train(cfg: TrainConfig) -> dict:
     from cluster import runtime
 
     from .worker import run
+    from cora.fileio import is_remote
     t0 = time.time()
+    for key in ("data_dir", "cf_dir"):       # the run's config.json must not depend on the cwd
+        value = getattr(cfg.data, key)
+        if not is_remote(value):
+            setattr(cfg.data, key, str(Path(value).absolute()))
     info = runtime.init(cfg.run.address, num_cpus=max(4, cfg.run.workers * cfg.run.cpus_per_worker + 2))
     cf_dim, cf_model = _cf_info(cfg.data.cf_dir)
     actors = start_data(cfg, cf_dim, cf_model)

@@ -41,3 +41,10 @@ def test_cora_train_end_to_end(tmp_path, capsys):
     assert {"train/loss", "train/lr", "train/grad_norm", "valid/auc", "valid/uauc", "perf/samples_per_s",
             "perf/tokens_per_s", "time/data_wait_s", "time/forward_s", "time/backward_s", "time/optimizer_s"} <= tags
     assert len(ea.Scalars("train/loss")) == 8
+    # `cora eval`: the exported adapter in one process scores the test split as the run did
+    assert main(["eval", "--run", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    evaluated = json.loads(out[out.rindex("\n{\n") + 1:] if "\n{\n" in out else out)
+    assert evaluated["n"] == printed["test"]["n"]
+    assert abs(evaluated["auc"] - printed["test"]["auc"]) < 1e-4 and abs(evaluated["uauc"] - printed["test"]["uauc"]) < 1e-4
+    assert (run / "predictions-test.parquet").is_file()
