@@ -200,12 +200,8 @@ class InteractionShard:
         users = np.array([s["user"] for s in samples], dtype=np.int64)
         items = np.array([s["item"] for s in samples], dtype=np.int64)
         if self.sasrec_history:
-            hist = np.full((len(samples), self.sasrec_history), -1, dtype=np.int64)
-            for row, s in enumerate(samples):
-                h = s["history"][-self.sasrec_history:]
-                if h:
-                    hist[row, -len(h):] = h
-            user_emb = self.embeddings.user_vectors(hist)
+            from cora.cf.models import pad_history
+            user_emb = self.embeddings.user_vectors(pad_history([s["history"] for s in samples], self.sasrec_history))
             item_wait = self.embeddings.lookup_async("item", items)
         else:
             user_wait = self.embeddings.lookup_async("user", users)

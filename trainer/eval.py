@@ -26,15 +26,12 @@ def _embeddings(cf_dir: str, frame, sasrec_len: int):
     meta = json.loads(Path(cf_dir, "cf.json").read_text())
     if meta.get("config", {}).get("model") != "sasrec":
         return read_embeddings(f"{cf_dir}/user_embeddings.parquet")[frame["user"].to_numpy()], items
+    from cora.cf.models import pad_history
     from cora.cf.train import load_cf
     model, _ = load_cf(cf_dir)
-    hist = np.full((len(frame), sasrec_len), -1, dtype=np.int64)
-    for row, h in enumerate(frame["history"]):
-        h = list(h)[-sasrec_len:]
-        if h:
-            hist[row, -len(h):] = h
     with torch.no_grad():
-        return model.user_vectors_from_history(torch.as_tensor(hist)).numpy(), items
+        hist = torch.as_tensor(pad_history(frame["history"], sasrec_len))
+        return model.user_vectors_from_history(hist).numpy(), items
 
 
 def evaluate_run(run: str | Path, split: str = "test", batch_size: int = 32, progress: bool = True) -> dict:

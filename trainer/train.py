@@ -31,18 +31,16 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> dict:
     """EmbeddingServers and one InteractionShard per rank for train, valid and test."""
     from cluster.embeddings import start_embedding_servers
     from cluster.interactions import start_interaction_shards
+    from cora.llm import PRESETS, REAL_PRESETS           # presets all use the SmolLM2 tokenizer
     sasrec = cf_model == "sasrec"
     client = start_embedding_servers(cfg.data.cf_dir, shards=cfg.data.embedding_shards, dim=cf_dim,
                                      num_cpus=0.1, sasrec=sasrec)
     common = {"embeddings": client, "batch_size": cfg.engine.micro_batch_size, "seed": cfg.run.seed,
               "num_cpus": 0.1, "max_history": cfg.data.max_history, "max_length": cfg.data.max_length,
               "prefetch": cfg.data.prefetch, "sasrec_history": 25 if sasrec else 0,
-              "tokenizer": "smollm2" if cfg.llm.name in _PRESET_TOKENIZED else cfg.llm.name}
+              "tokenizer": "smollm2" if cfg.llm.name in PRESETS or cfg.llm.name in REAL_PRESETS else cfg.llm.name}
     return {split: start_interaction_shards(cfg.data.data_dir, split, cfg.run.workers, **common)
             for split in ("train", "valid", "test")}
-
-
-_PRESET_TOKENIZED = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gpt2", "smollm2-135m-shape", "smollm2-135m")
 
 
 def worker_config(cfg: TrainConfig, actors: dict, cf_dim: int) -> dict:

@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,17 @@ from cora.injection import adapter_dropout
 
 HISTORY_PAD = -1
 MODEL_NAMES = ("mf", "lightgcn", "sasrec")
+
+
+def pad_history(lists, length: int) -> np.ndarray:
+    """Python lists of item ids (oldest first) -> (N, length) int64: the last ``length`` ids of each,
+    right-aligned, left-padded with HISTORY_PAD (the layout ``user_vectors_from_history`` takes)."""
+    out = np.full((len(lists), length), HISTORY_PAD, dtype=np.int64)
+    for row, h in enumerate(lists):
+        h = list(h)[-length:]
+        if h:
+            out[row, -len(h):] = h
+    return out
 
 
 @dataclass
