@@ -9,6 +9,10 @@ import urllib.request
 
 import pytest
 
+# Logical CPUs of the tests' local Ray instance (whichever test starts it first). Ray's CPU counts are
+# reservations, not cores: generous, so that actors left by earlier tests never starve a worker group.
+TEST_CPUS = 32
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -58,6 +58,8 @@ class RunConfig:
     """A running Ray cluster to join ('auto' or HOST:PORT); None starts a local one."""
     max_steps: int | None = None
     """Stop after this many steps in total (smoke tests)."""
+    wait_for_resources: bool = False
+    """Wait for CPUs/GPUs to become free (autoscaling clusters) instead of failing at once."""
 
     def validate(self) -> list[str]:
         problems = [f"run.{k} must be >= 1, got {getattr(self, k)}" for k in ("epochs", "patience", "workers",

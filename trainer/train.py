@@ -57,6 +57,18 @@ def worker_config(cfg: TrainConfig, actors: dict, cf_dim: int) -> dict:
             "valid_actors": actors["valid"], "test_actors": actors["test"], "tensorboard": True, "progress": True}
 
 
+def check_resources(cfg: TrainConfig) -> None:
+    """Fail fast instead of waiting forever when the worker group cannot be placed now."""
+    import ray
+    need = cfg.run.workers * cfg.run.cpus_per_worker
+    free = ray.available_resources().get("CPU", 0.0)
+    if free < need and not cfg.run.wait_for_resources:
+        raise RuntimeError(f"the worker group needs {need} CPUs ({cfg.run.workers} workers x "
+                           f"{cfg.run.cpus_per_worker}) but the Ray cluster has {free:g} free; lower run.workers "
+                           f"or run.cpus_per_worker, free the cluster, or set run.wait_for_resources=true "
+                           f"(an autoscaling cluster)")
+
+
 def train(cfg: TrainConfig) -> dict:
     from cluster import runtime
 
@@ -70,6 +82,7 @@ def train(cfg: TrainConfig) -> dict:
     info = runtime.init(cfg.run.address, num_cpus=max(4, cfg.run.workers * cfg.run.cpus_per_worker + 2))
     cf_dim, cf_model = _cf_info(cfg.data.cf_dir)
     actors = start_data(cfg, cf_dim, cf_model)
+    check_resources(cfg)
     run_dir = Path(cfg.run.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))

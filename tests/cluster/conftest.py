@@ -5,13 +5,14 @@ import pytest
 import ray
 
 from cluster import runtime
+from tests.conftest import TEST_CPUS
 from cora.cf.store import embedding_table
 from cora.cli import main
 
 
 @pytest.fixture(scope="session")
 def ray_local():
-    runtime.init(num_cpus=4)
+    runtime.init(num_cpus=TEST_CPUS)
     yield
     ray.shutdown()
 

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster import runtime
+from tests.conftest import TEST_CPUS
 from cluster.embeddings import start_embedding_servers
 from cluster.interactions import start_interaction_shards
 from cora.cf.store import embedding_table
@@ -35,7 +36,7 @@ def two_rank_run(tmp_path_factory):
                  "--items", str(ITEMS), "--interactions", "1000", "--factors", str(FACTORS), "--noise", "0.1",
                  "--samples-per-shard", "60", "--no-progress"]) == 0
     planted_tables(tmp / "data", tmp / "cf")
-    runtime.init(num_cpus=4)
+    runtime.init(num_cpus=TEST_CPUS)
     client = start_embedding_servers(str(tmp / "cf"), shards=1, dim=FACTORS, num_cpus=0.1)
     actors = {split: start_interaction_shards(str(tmp / "data"), split, 2, embeddings=client, batch_size=8, seed=0,
                                               num_cpus=0.1, max_length=256) for split in ("train", "valid", "test")}
@@ -88,7 +89,7 @@ def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path):
                  "--items", str(ITEMS), "--interactions", "400", "--factors", str(FACTORS),
                  "--samples-per-shard", "60", "--no-progress"]) == 0
     planted_tables(tmp_path / "data", tmp_path / "cf")
-    runtime.init(num_cpus=4)
+    runtime.init(num_cpus=TEST_CPUS)
     client = start_embedding_servers(str(tmp_path / "cf"), shards=1, dim=FACTORS, num_cpus=0.1)
     actors = start_interaction_shards(str(tmp_path / "data"), "train", 2, embeddings=client, batch_size=4,
                                       seed=1, num_cpus=0.1, max_length=256)
