@@ -226,8 +226,8 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def load(cls: type, path: str | Path, overrides: Iterable[str] = ()) -> Any:
-    """Read YAML at ``path``, apply ``key=value`` overrides, and build ``cls``."""
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file, with clear errors for a missing file, bad YAML or a non-mapping."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -246,4 +246,14 @@ def load(cls: type, path: str | Path, overrides: Iterable[str] = ()) -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], source)
-    return from_dict(cls, merge(data, parse_overrides(overrides)), source=source)
+    return data
+
+
+def load(cls: type, path: str | Path | list, overrides: Iterable[str] = ()) -> Any:
+    """Read YAML at ``path`` (or several files, later ones layered over earlier ones), apply
+    ``key=value`` overrides, and build ``cls``."""
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    data: dict = {}
+    for p in paths:
+        data = merge(data, read_yaml(p))
+    return from_dict(cls, merge(data, parse_overrides(overrides)), source=" + ".join(map(str, paths)))

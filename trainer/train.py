@@ -1,7 +1,7 @@
 """``cora train``: the driver. Starts (or joins) Ray, the EmbeddingServers and the InteractionShard
 actors for every split, then the Ray Train worker group, and prints the run's metrics.
 
-    cora train --config configs/demo.yaml [key=value ...]
+    cora train --config configs/demo.yaml [--config more.yaml ...] [key=value ...]
 """
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ def train(cfg: TrainConfig) -> dict:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train CoRA with DeepSpeed ZeRO-3 workers on Ray", description=__doc__)
-    p.add_argument("--config", required=True, help="YAML file (see configs/)")
+    p.add_argument("--config", required=True, action="append",
+                   help="YAML file (see configs/); repeat to layer files, e.g. --config configs/collm-ml1m.yaml "
+                        "--config configs/llm/llama-13b.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.epochs=2 llm.name=tiny-qwen2")
     p.set_defaults(func=main)
 

@@ -1,0 +1,34 @@
+"""Every shipped config validates (alone, and with each LLM size preset layered over it)."""
+
+from pathlib import Path
+
+import pytest
+
+from cora.config import load
+from trainer.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(ROOT.glob("*.yaml"))
+PRESETS = sorted((ROOT / "llm").glob("*.yaml"))
+LOCAL_ONLY = ["llm.name=tiny-llama"]   # configs naming a /models/... directory: validate the rest here
+
+
+def test_there_are_configs_and_each_starts_with_its_command():
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "collm-ml1m.yaml"} and len(PRESETS) >= 4
+    for p in CONFIGS + PRESETS:
+        head = p.read_text().splitlines()[:5]
+        assert any("cora train --config" in line or "./launch.sh demo" in line for line in head), p
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates(path):
+    cfg = load(TrainConfig, path, LOCAL_ONLY if "/models/" in path.read_text() else [])
+    assert cfg.run.workers >= 1 and cfg.engine.micro_batch_size >= 1
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_presets_layer_over_the_reproduction_config(preset):
+    cfg = load(TrainConfig, [ROOT / "collm-ml1m.yaml", preset], LOCAL_ONLY)
+    want = load(TrainConfig, preset, LOCAL_ONLY)
+    assert cfg.engine.bf16 == want.engine.bf16 and cfg.llm.dtype == want.llm.dtype
+    assert cfg.run.workers == 8                                # the base config's value survives
