@@ -177,6 +177,7 @@ def train_loop(config: dict) -> None:
         Path(config["run_dir"]).mkdir(parents=True, exist_ok=True)
         Path(config["run_dir"], "metrics.json").write_text(json.dumps(summary, indent=1))
     out = {"rank": rank, "world_size": ctx.get_world_size(), "llm_partition": partition_stats(frozen),
+           "activation_checkpointing": bool(model.llm.is_activation_checkpointing),
            "llm_unchanged": all(torch.equal(a, p.ds_tensor) for a, p in zip(llm_start, frozen)),
            "generator_changed": any(not torch.equal(a, p.ds_tensor) for a, p in
                                     zip(gen_start, model.generator.parameters())),

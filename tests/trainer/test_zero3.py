@@ -73,9 +73,11 @@ def test_training_is_finite_falls_and_sees_each_sample_once_per_epoch(two_rank_r
         assert sorted(seen) == sorted(train_ids)
 
 
-def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
+def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, checkpointing):
     """Same seed, same samples: rank 0's and rank 1's k-th batches together are the k-th batch of a
-    plain single-process run (no DeepSpeed), which must give the same loss step after step."""
+    plain single-process run (no DeepSpeed), which must give the same loss step after step; also with
+    the LLM's activations recomputed in backward (the per-sample path must recompute identically)."""
     import torch
     from torch import nn
 
@@ -100,9 +102,12 @@ def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path):
     cfg = {"llm": {"name": "tiny-llama"}, "cf_dim": FACTORS, "actors": actors, "max_steps": steps, "seed": 3,
            "record_batches": steps, "report_dir": str(tmp_path / "report"), "total_steps": steps,
            "dump_llm": str(tmp_path / "llm.safetensors"),
-           "generator": gen, "optim": optim, "injection": {"dropout": 0.0}}
+           "generator": gen, "optim": optim, "injection": {"dropout": 0.0},
+           "engine": {"activation_checkpointing": checkpointing}}
     run(cfg, num_workers=2, storage_path=str(tmp_path / "runs"))
-    ranks = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text())["log"] for r in (0, 1)]
+    reports = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["activation_checkpointing"] is checkpointing for r in reports)
+    ranks = [r["log"] for r in reports]
 
     torch.manual_seed(3)                                       # the reference: one process, batch 8
     from safetensors.torch import load_file
