@@ -6,7 +6,8 @@ and keeps up to ``prefetch`` ready batches in a queue ahead of the trainer.
 
 A batch is a dict of numpy arrays: ``input_ids`` (B, T) right-padded, ``lengths`` (B,),
 ``user_emb`` / ``item_emb`` (B, d), ``labels`` (B,), ``weights`` (B,; 0 for a padding sample),
-``sample_ids``, ``users`` (B,), ``cold`` (B,).
+``sample_ids``, ``users`` (B,), ``cold`` (B,), and ``lookup_s``: the seconds the embedding lookups
+for this batch took (logged by the trainer as ``time/embedding_lookup_s``).
 
 Dashboard metrics: ``cora_prefetch_depth`` (gauge, ready batches queued), ``cora_samples_per_second``
 (gauge) and ``cora_samples_produced`` (counter), tagged with split and rank.
@@ -199,21 +200,22 @@ class InteractionShard:
     def _build(self, samples: list[dict]) -> dict:
         users = np.array([s["user"] for s in samples], dtype=np.int64)
         items = np.array([s["item"] for s in samples], dtype=np.int64)
+        t0 = time.perf_counter()              # the lookups are timed alone (the producer runs far ahead)
+        item_wait = self.embeddings.lookup_async("item", items)
         if self.sasrec_history:
             from cora.cf.models import pad_history
             user_emb = self.embeddings.user_vectors(pad_history([s["history"] for s in samples], self.sasrec_history))
-            item_wait = self.embeddings.lookup_async("item", items)
         else:
-            user_wait = self.embeddings.lookup_async("user", users)
-            item_wait = self.embeddings.lookup_async("item", items)
+            user_emb = self.embeddings.lookup("user", users)
+        item_emb = item_wait()
+        lookup_s = time.perf_counter() - t0
         prompts = [self.encoder.encode(s["history_titles"], s["title"]) for s in samples]
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         ids = np.full((len(prompts), lengths.max()), self.pad_id, dtype=np.int64)
         for row, p in enumerate(prompts):
             ids[row, :len(p)] = p
-        if not self.sasrec_history:
-            user_emb = user_wait()
-        return {"input_ids": ids, "lengths": lengths, "user_emb": user_emb, "item_emb": item_wait(),
+        return {"input_ids": ids, "lengths": lengths, "user_emb": user_emb, "item_emb": item_emb,
+                "lookup_s": np.float64(lookup_s),
                 "labels": np.array([s["label"] for s in samples], dtype=np.float32),
                 "weights": np.array([0.0 if s.get("_padding") else 1.0 for s in samples], dtype=np.float32),
                 "sample_ids": np.array([s["sample_id"] for s in samples], dtype=np.int64), "users": users,

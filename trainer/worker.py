@@ -80,7 +80,7 @@ class Board:
             scalars = {"train/loss": r["loss"], "train/lr": r["lr"], "perf/samples_per_s": samples / step_time,
                        "perf/tokens_per_s": tokens / step_time, "time/data_wait_s": r["data_wait"],
                        "time/forward_s": r["forward"], "time/backward_s": r["backward"],
-                       "time/optimizer_s": r["optimizer"]}
+                       "time/optimizer_s": r["optimizer"], "time/embedding_lookup_s": float(raw["lookup_s"])}
             if r["grad_norm"] is not None:
                 scalars["train/grad_norm"] = r["grad_norm"]
             for k, v in scalars.items():

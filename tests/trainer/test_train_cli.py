@@ -39,7 +39,9 @@ def test_cora_train_end_to_end(tmp_path, capsys):
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "valid/auc", "valid/uauc", "perf/samples_per_s",
-            "perf/tokens_per_s", "time/data_wait_s", "time/forward_s", "time/backward_s", "time/optimizer_s"} <= tags
+            "perf/tokens_per_s", "time/data_wait_s", "time/forward_s", "time/backward_s", "time/optimizer_s",
+            "time/embedding_lookup_s"} <= tags
+    assert all(0 < e.value < 5 for e in ea.Scalars("time/embedding_lookup_s"))
     assert len(ea.Scalars("train/loss")) == 8
     # `cora eval`: the exported adapter in one process scores the test split as the run did
     assert main(["eval", "--run", str(run), "--no-progress"]) == 0
