@@ -7,6 +7,13 @@
 #                                           (overrides go to configs/demo.yaml, e.g. run.epochs=1)
 #   ./launch.sh test [pytest options]       the test suite (./launch.sh test -m "not slow": fast tests only)
 #   ./launch.sh setup                       only create/refresh the virtualenv
+#
+# A multi-node cluster (token authentication on; the repository and .venv at the same path on every
+# node, e.g. a shared home; see the README and cluster/slurm.sbatch):
+#   ./launch.sh head [--port 6379] [--dashboard-host 127.0.0.1] [ray start options]   on the head node
+#   ./launch.sh worker --address HOST:PORT [ray start options]                       on every other node
+#   ./launch.sh submit CONFIG [key=value ...]   a `cora train` job (Ray job submission, run.address=auto)
+#   ./launch.sh stop                            stop Ray on this node
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -58,16 +65,87 @@ demo() {
     local cora="$VENV/bin/cora"
     echo "[demo] 1/3 synthetic interactions -> runs/demo/data" >&2
     "$cora" prepare --source synthetic --out runs/demo/data --users 300 --items 200 --interactions 6000 \
-        --factors 4 --samples-per-shard 500 > /dev/null
+        --factors 4 --rule additive --samples-per-shard 500 --overwrite > /dev/null
     echo "[demo] 2/3 MF (the CF model) -> runs/demo/cf" >&2
-    "$cora" train-cf --data runs/demo/data --model mf --out runs/demo/cf --overwrite > runs/demo/cf-metrics.json
+    "$cora" train-cf --data runs/demo/data --model mf --dim 16 --lr 3e-2 --out runs/demo/cf --overwrite \
+        > runs/demo/cf-metrics.json
     echo "[demo] 3/3 CoRA: 2 ZeRO-3 workers under Ray Train, LLM = tiny-llama (a randomly initialised tiny" \
          "Llama; llm.name=smollm2-135m uses the real SmolLM2-135M)" >&2
-    "$cora" train --config configs/demo.yaml "$@"
+    "$cora" train --config configs/demo.yaml run.overwrite=true "$@"
+    "$VENV/bin/python" - runs/demo <<'PY' >&2
+import json, sys
+root = sys.argv[1]
+run = json.load(open(f"{root}/run/metrics.json"))
+cf = json.load(open(f"{root}/cf-metrics.json"))
+base = run.get("no_injection_test") or {}
+print(f"[demo] test AUC: CoRA {run['test']['auc']:.3f} | the frozen LLM without injection "
+      f"{base.get('auc', float('nan')):.3f} | MF alone {cf['test']['auc']:.3f}")
+PY
 }
 
 usage() {
-    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+# Token authentication for every Ray process of the cluster, set before any `ray` command runs. The
+# token is RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token), which the
+# head creates when missing; worker nodes and submitting machines need the same token.
+cluster_auth() {
+    export RAY_AUTH_MODE=token
+    [[ -n "${RAY_AUTH_TOKEN:-}" ]] && return 0
+    local path="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+    if [[ ! -s "$path" ]]; then
+        if [[ "$1" != head ]]; then
+            echo "launch.sh $1: no Ray auth token at $path; copy it from the head node or set RAY_AUTH_TOKEN" >&2
+            exit 2
+        fi
+        mkdir -p "$(dirname "$path")"
+        (umask 077; "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(32))' > "$path")
+        echo "[launch] created the cluster's auth token in $path (copy it to the other nodes)" >&2
+    fi
+    export RAY_AUTH_TOKEN_PATH="$path"
+}
+
+head_node() {
+    local port=6379 dhost=127.0.0.1 dport=8265 rest=()
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --port) port="$2"; shift 2 ;;
+            --dashboard-host) dhost="$2"; shift 2 ;;
+            --dashboard-port) dport="$2"; shift 2 ;;
+            *) rest+=("$1"); shift ;;
+        esac
+    done
+    cluster_auth head
+    "$VENV/bin/ray" start --head --port "$port" --dashboard-host "$dhost" --dashboard-port "$dport" ${rest[@]+"${rest[@]}"}
+    echo "[launch] head is up. Other nodes: ./launch.sh worker --address $(hostname -I 2>/dev/null | awk '{print $1}'):$port" >&2
+    echo "[launch] dashboard: http://$dhost:$dport   jobs: ./launch.sh submit CONFIG [key=value ...]" >&2
+}
+
+worker_node() {
+    if [[ "${1:-}" != --address || -z "${2:-}" ]]; then
+        echo "usage: ./launch.sh worker --address HOST:PORT [ray start options]" >&2
+        exit 2
+    fi
+    local address="$2"
+    shift 2
+    cluster_auth worker
+    "$VENV/bin/ray" start --address "$address" "$@"
+}
+
+# `cora train` as a Ray job on the cluster (its driver runs on the head node, in this repository).
+# RAY_DASHBOARD_ADDRESS (default http://127.0.0.1:8265) is the head's dashboard.
+submit_job() {
+    if [[ $# -lt 1 || ! -f "$1" ]]; then
+        echo "usage: ./launch.sh submit CONFIG.yaml [key=value ...]  (got '${1:-}': not a file)" >&2
+        exit 2
+    fi
+    cluster_auth submit
+    local cmd env_json
+    cmd="cd $(printf '%q' "$ROOT") && exec $(printf '%q' "$VENV/bin/cora") train --config $(printf '%q ' "$@") run.address=auto"
+    env_json="$("$VENV/bin/python" -c 'import json, os; print(json.dumps({"env_vars": {k: os.environ[k] for k in ("CORA_S3_ENDPOINT", "AWS_DEFAULT_REGION") if k in os.environ}}))')"
+    "$VENV/bin/ray" job submit --address "${RAY_DASHBOARD_ADDRESS:-http://127.0.0.1:8265}" \
+        --runtime-env-json "$env_json" -- bash -c "$cmd"
 }
 
 cmd="${1:-}"
@@ -76,6 +154,10 @@ case "$cmd" in
     setup) setup ;;
     demo)  setup; demo "$@" ;;
     test)  setup; run_tests "$@" ;;
+    head)   setup; head_node "$@" ;;
+    worker) setup; worker_node "$@" ;;
+    submit) setup; submit_job "$@" ;;
+    stop)   "$VENV/bin/ray" stop ;;
     ""|-h|--help|help) usage ;;
     *) echo "launch.sh: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
 esac

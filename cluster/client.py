@@ -27,7 +27,7 @@ class BatchIterator:
             if cursor.epoch != epoch:
                 raise ValueError(f"cursor is for epoch {cursor.epoch}, not {epoch}")
             skip = cursor.delivered
-        self.consumed = skip // self.info["batch_size"]
+        self.consumed = self._first = skip // self.info["batch_size"]
         self.remaining = ray.get(actor.start_epoch.remote(epoch, skip))
         self.wait_seconds, self.waits = 0.0, []
         self.in_flight = max(1, in_flight)
@@ -64,6 +64,11 @@ class BatchIterator:
 
     def __len__(self) -> int:
         return self.remaining
+
+    @property
+    def exhausted(self) -> bool:
+        """Every batch of the epoch has been handed over."""
+        return self.consumed - self._first >= self.remaining
 
     def cursor(self) -> Cursor:
         i = self.info

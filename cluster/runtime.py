@@ -28,13 +28,19 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
     """Join ``address`` (a running cluster, or 'auto'), or start a local instance."""
     secure_env()
     if ray.is_initialized():
-        return ray.get_runtime_context().__dict__.get("_info", {}) or {}
+        return dict(_INFO)                  # what the first init of this process found (empty if not ours)
     if address:
         ctx = ray.init(address=address, namespace=namespace, log_to_driver=True)
     else:
         ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host,
                        namespace=namespace)
-    return {"dashboard_url": getattr(ctx, "dashboard_url", None), "address": ctx.address_info.get("address")}
+    url = getattr(ctx, "dashboard_url", None)
+    _INFO.update(dashboard_url=f"http://{url}" if url and "://" not in url else url,
+                 address=ctx.address_info.get("address"))
+    return dict(_INFO)
+
+
+_INFO: dict = {}
 
 
 def metrics_urls() -> list[str]:

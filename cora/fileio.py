@@ -62,16 +62,19 @@ def is_remote(uri: str | Path) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
-def open_fs(uri: str | Path, create_buckets: bool = False) -> tuple[pafs.FileSystem, str]:
+def open_fs(uri: str | Path, create_buckets: bool = False, fail_fast: bool = False) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path, ``file://``, ``s3://`` (honouring
     ``CORA_S3_ENDPOINT``), ``gs://`` or any other URI pyarrow knows. Buckets are never created
-    unless ``create_buckets``."""
+    unless ``create_buckets``; ``fail_fast`` (S3): short timeouts and no retries, for probes."""
     uri = str(uri)
     endpoint = os.environ.get("CORA_S3_ENDPOINT")
     if uri.startswith("s3://") and endpoint:
         ep = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        quick = {"connect_timeout": 5, "request_timeout": 10,
+                 "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1)} if fail_fast else {}
         fs = pafs.S3FileSystem(endpoint_override=ep.netloc, scheme=ep.scheme, allow_bucket_creation=create_buckets,
-                               region=os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1")))
+                               region=os.environ.get("AWS_DEFAULT_REGION", os.environ.get("AWS_REGION", "us-east-1")),
+                               **quick)
         return fs, uri[len("s3://"):].rstrip("/")
     if "://" not in uri:
         return pafs.LocalFileSystem(), str(Path(uri).absolute())

@@ -277,6 +277,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: no decoder layer list (.layers or .h) found")
 
 
+def check_targets(family: str, targets: list[str]) -> None:
+    """Raise ValueError unless every logical target names a module of this model family."""
+    paths = MODULE_PATHS[family]
+    unsupported = [t for t in targets if t not in paths]
+    if unsupported:
+        raise ValueError(f"{family} has no modules for targets {unsupported}; "
+                         f"available in {family}: {', '.join(paths)}")
+    chosen = {paths[t] for t in targets}
+    if family == "gpt2" and "attn.c_attn" in chosen and not {"q_proj", "k_proj", "v_proj"} <= set(targets):
+        raise ValueError("GPT-2 fuses q, k and v in one layer (attn.c_attn): target all of "
+                         "q_proj, k_proj, v_proj or none of them")
+
+
 class Injection:
     """Handle on the injected modules of one LLM: the variant, the layers, the trainable P (and A)."""
 
@@ -286,15 +299,9 @@ class Injection:
             raise ValueError("invalid injection config: " + "; ".join(problems))
         self.cfg = cfg
         family = model_family(model)
+        check_targets(family, cfg.targets)
         paths = MODULE_PATHS[family]
-        unsupported = [t for t in cfg.targets if t not in paths]
-        if unsupported:
-            raise ValueError(f"{family} has no modules for targets {unsupported}; "
-                             f"available in {family}: {', '.join(paths)}")
         chosen = {paths[t] for t in cfg.targets}
-        if family == "gpt2" and "attn.c_attn" in chosen and not {"q_proj", "k_proj", "v_proj"} <= set(cfg.targets):
-            raise ValueError("GPT-2 fuses q, k and v in one layer (attn.c_attn): target all of "
-                             "q_proj, k_proj, v_proj or none of them")
         self.variant = (PerSampleVariant(cfg.scale, cfg.per_layer) if cfg.adapter == "cora"
                         else SharedVariant(cfg.scale))
         self.layers = decoder_layers(model)

@@ -134,6 +134,20 @@ def build_preset(name: str, tokenizer, dtype=torch.float32, seed: int = 0,
     return model
 
 
+def llm_family(name: str) -> str:
+    """The model family of a preset, 'smollm2-135m' or a local model directory, checked without loading
+    any weights (a directory must hold config.json, safetensors weights and a tokenizer)."""
+    if name in PRESETS:
+        return PRESETS[name][0]
+    if name in REAL_PRESETS:
+        return "llama"
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"LLM {name!r} is neither a preset "
+                                f"({', '.join(sorted(PRESETS) + list(REAL_PRESETS))}) nor a directory")
+    return _check_model_dir(path)
+
+
 def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, object]:
     """(frozen model in eval mode, tokenizer) for an LLMConfig."""
     dtype = _DTYPES[cfg.dtype]
@@ -145,11 +159,8 @@ def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, object]:
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=dtype,
                                                      attn_implementation=cfg.attn_implementation)
     else:
+        llm_family(cfg.name)
         path = Path(cfg.name).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"LLM {cfg.name!r} is neither a preset "
-                                    f"({', '.join(sorted(PRESETS) + list(REAL_PRESETS))}) nor a directory")
-        _check_model_dir(path)
         tok = load_tokenizer(str(path))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                      attn_implementation=cfg.attn_implementation)

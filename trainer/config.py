@@ -60,11 +60,34 @@ class RunConfig:
     """Stop after this many steps in total (smoke tests)."""
     wait_for_resources: bool = False
     """Wait for CPUs/GPUs to become free (autoscaling clusters) instead of failing at once."""
+    overwrite: bool = False
+    """Replace the results and checkpoints of an earlier run in run_dir (else such a run_dir is refused)."""
+    resume: Literal["never", "auto"] = "never"
+    """auto: continue the run in run_dir from its newest committed checkpoint (a fresh start if none)."""
+    checkpoint_uri: str | None = None
+    """Where checkpoints go: a path, file://, s3:// (endpoint: CORA_S3_ENDPOINT) or gs://; None = RUN/checkpoints."""
+    checkpoint_every: int = 200
+    """Checkpoint every this many steps (0: only after each validation, which always checkpoints)."""
+    keep_last: int = 3
+    """Committed checkpoints kept besides the best one; older ones are deleted."""
+    max_failures: int = 3
+    """Worker-group failures Ray Train recovers from (restarting from the newest committed checkpoint)."""
+    sample_log: bool = False
+    """Append every step's sample ids and loss to RUN/samples/rank<r>.jsonl (an audit of exactly-once)."""
+    eval_baseline: bool = True
+    """Score the test split once before training, when P is still zero (the frozen LLM without
+    injection): the no-injection baseline, reported as no_injection_test."""
+    dashboard: bool = True
+    """Start the Ray dashboard (on 127.0.0.1) with the local Ray instance; its URL is printed."""
 
     def validate(self) -> list[str]:
         problems = [f"run.{k} must be >= 1, got {getattr(self, k)}" for k in ("epochs", "patience", "workers",
                                                                                  "cpus_per_worker")
                     if getattr(self, k) < 1]
+        problems += [f"run.{k} must be >= 0, got {getattr(self, k)}" for k in ("checkpoint_every", "keep_last",
+                                                                             "max_failures") if getattr(self, k) < 0]
+        if self.resume == "auto" and self.overwrite:
+            problems.append("run.resume=auto and run.overwrite=true contradict each other: pick one")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"run.max_steps must be >= 1 or null, got {self.max_steps}")
         return problems

@@ -31,6 +31,10 @@ class EngineConfig:
     """Samples per rank per forward/backward (the paper: batch 8)."""
     gradient_accumulation: int = 1
     """Micro-batches per optimiser step."""
+    global_batch_size: int | None = None
+    """Samples per optimiser step over all ranks; when set, gradient_accumulation is derived from it
+    (global / (micro_batch_size x run.workers), which must be a whole number) so a scaling study can
+    change run.workers and keep the batch. None: micro_batch_size x gradient_accumulation x workers."""
     bf16: bool = False
     """bf16 mixed precision (GPU); fp32 when false (the CPU path)."""
     gradient_clipping: float = 1.0
@@ -44,6 +48,11 @@ class EngineConfig:
     def validate(self) -> list[str]:
         problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("micro_batch_size", "gradient_accumulation")
                     if getattr(self, k) < 1]
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            problems.append(f"global_batch_size must be >= 1 or null, got {self.global_batch_size}")
+        if self.global_batch_size is not None and self.gradient_accumulation != 1:
+            problems.append(f"set global_batch_size or gradient_accumulation, not both (got {self.global_batch_size} "
+                            f"and {self.gradient_accumulation}): the accumulation is derived from the global batch")
         if self.gradient_clipping < 0:
             problems.append(f"gradient_clipping must be >= 0, got {self.gradient_clipping}")
         return problems

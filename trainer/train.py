@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from cora.config import ConfigError, load, to_dict
+from cora.fileio import is_remote
 
 from .config import TrainConfig
 
@@ -27,8 +28,8 @@ def _cf_info(cf_dir: str) -> tuple[int, str]:
     return dim, model
 
 
-def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> dict:
-    """EmbeddingServers and one InteractionShard per rank for train, valid and test."""
+def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, object]:
+    """(one InteractionShard per rank for train, valid and test; the EmbeddingClient of the servers)."""
     from cluster.embeddings import start_embedding_servers
     from cluster.interactions import start_interaction_shards
     from cora.llm import PRESETS, REAL_PRESETS           # presets all use the SmolLM2 tokenizer
@@ -40,7 +41,7 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> dict:
               "prefetch": cfg.data.prefetch, "sasrec_history": 25 if sasrec else 0,
               "tokenizer": "smollm2" if cfg.llm.name in PRESETS or cfg.llm.name in REAL_PRESETS else cfg.llm.name}
     return {split: start_interaction_shards(cfg.data.data_dir, split, cfg.run.workers, **common)
-            for split in ("train", "valid", "test")}
+            for split in ("train", "valid", "test")}, client
 
 
 def worker_config(cfg: TrainConfig, actors: dict, cf_dim: int) -> dict:
@@ -54,7 +55,11 @@ def worker_config(cfg: TrainConfig, actors: dict, cf_dim: int) -> dict:
             "epochs": cfg.run.epochs, "patience": cfg.run.patience, "max_steps": cfg.run.max_steps,
             "total_steps": max(1, steps // cfg.engine.gradient_accumulation), "run_dir": str(Path(cfg.run.run_dir).absolute()),
             "cpus_per_worker": cfg.run.cpus_per_worker, "actors": actors["train"],
-            "valid_actors": actors["valid"], "test_actors": actors["test"], "tensorboard": True, "progress": True}
+            "valid_actors": actors["valid"], "test_actors": actors["test"], "tensorboard": True, "progress": True,
+            "eval_baseline": cfg.run.eval_baseline,
+            "checkpoint": {"uri": checkpoint_uri(cfg), "every_steps": cfg.run.checkpoint_every,
+                           "keep_last": cfg.run.keep_last, "staging": str(Path(cfg.run.run_dir).absolute() / ".staging")},
+            "sample_log": str(Path(cfg.run.run_dir).absolute() / "samples") if cfg.run.sample_log else None}
 
 
 def check_resources(cfg: TrainConfig) -> None:
@@ -69,30 +74,159 @@ def check_resources(cfg: TrainConfig) -> None:
                            f"(an autoscaling cluster)")
 
 
+RUN_MARKERS = ("config.json", "metrics.json", "export", "checkpoints")
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Every check that can be made before Ray or a worker starts; all problems raised at once
+    (ConfigError). Also derives engine.gradient_accumulation from engine.global_batch_size."""
+    from cora.data.schema import DatasetError, read_manifest
+    from cora.injection import check_targets
+    from cora.llm import llm_family
+    problems = []
+    try:
+        family = llm_family(cfg.llm.name)
+        try:
+            check_targets(family, cfg.injection.targets)
+        except ValueError as e:
+            problems.append(f"injection.targets: {e}")
+    except (FileNotFoundError, ValueError) as e:
+        problems.append(f"llm.name: {e}")
+    try:
+        splits = read_manifest(cfg.data.data_dir)["counts"]["splits"]
+        empty = [s for s in ("train", "valid", "test") if splits.get(s, {}).get("rows", 0) < 1]
+        if empty:
+            have = ", ".join(f"{k}={v.get('rows', 0)}" for k, v in splits.items())
+            problems.append(f"data.data_dir: {cfg.data.data_dir} has no rows in split(s) {', '.join(empty)} "
+                            f"(it has {have}); "
+                            f"prepare it again with a --split rule that fills train, valid and test")
+    except DatasetError as e:
+        problems.append(f"data.data_dir: {e}")
+    if not is_remote(cfg.data.cf_dir):
+        missing = [f for f in ("cf.json", "user_embeddings.parquet", "item_embeddings.parquet")
+                   if not Path(cfg.data.cf_dir, f).is_file()]
+        if missing:
+            problems.append(f"data.cf_dir: {cfg.data.cf_dir} lacks {', '.join(missing)}; create it with "
+                            f"`cora train-cf --data {cfg.data.data_dir} --out {cfg.data.cf_dir}`")
+    e = cfg.engine
+    if e.global_batch_size is not None:
+        per_step = e.micro_batch_size * cfg.run.workers
+        if e.global_batch_size % per_step:
+            problems.append(f"engine.global_batch_size={e.global_batch_size} is not a multiple of "
+                            f"engine.micro_batch_size x run.workers = {e.micro_batch_size} x {cfg.run.workers} = "
+                            f"{per_step}; choose a global batch of {per_step * max(1, e.global_batch_size // per_step)} "
+                            f"or {per_step * (e.global_batch_size // per_step + 1)}, or change the micro-batch")
+        else:
+            e.gradient_accumulation, e.global_batch_size = e.global_batch_size // per_step, None
+    problems += check_run_dir(cfg)
+    if problems:
+        raise ConfigError(problems, source="cora train")
+
+
+def checkpoint_uri(cfg: TrainConfig) -> str:
+    return cfg.run.checkpoint_uri or str(Path(cfg.run.run_dir).absolute() / "checkpoints")
+
+
+# what must not change when a run is resumed (the trainable state and the data cursors depend on them)
+RESUME_KEYS = ("data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
+               "generator", "engine.micro_batch_size", "run.workers", "run.seed")
+
+
+def check_run_dir(cfg: TrainConfig) -> list[str]:
+    """The run directory and the checkpoint location: reachable, and holding an earlier run only when
+    asked to resume it (with a compatible config) or to overwrite it."""
+    from .checkpoint import check_storage, list_checkpoints
+    uri, run_dir = checkpoint_uri(cfg), Path(cfg.run.run_dir)
+    try:
+        check_storage(uri)
+        found = [m for m in RUN_MARKERS if m != "checkpoints" and (run_dir / m).exists()]
+        if list_checkpoints(uri):
+            found.append(f"checkpoints in {uri}")
+    except RuntimeError as e:
+        return [f"run.checkpoint_uri: {e}"]
+    if not found or cfg.run.overwrite:
+        return []
+    if cfg.run.resume != "auto":
+        return [f"run.run_dir: {run_dir} already holds a run ({', '.join(found)}); set run.resume=auto to "
+                f"continue it, choose a new run.run_dir, or set run.overwrite=true to replace it"]
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        return []
+    old, new = _flatten(json.loads(saved.read_text())), _flatten(to_dict(cfg))
+    changed = [k for k in sorted(set(old) | set(new)) if any(k == p or k.startswith(p + ".") for p in RESUME_KEYS)
+               and old.get(k) != new.get(k)]
+    return [f"run.resume=auto: {k} was {old.get(k)!r} in {saved}, now {new.get(k)!r}; a resumed run must keep it "
+            f"(or start a new run.run_dir)" for k in changed]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def clear_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    """run.overwrite: remove an earlier run's results and checkpoints (nothing else in the directory)."""
+    import shutil
+
+    from .checkpoint import clear
+    clear(checkpoint_uri(cfg))
+    for m in RUN_MARKERS + ("tensorboard", "ray", "test_predictions.parquet", "samples", ".staging"):
+        path = run_dir / m
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def train(cfg: TrainConfig) -> dict:
     from cluster import runtime
-
-    from .worker import run
-    from cora.fileio import is_remote
     t0 = time.time()
     for key in ("data_dir", "cf_dir"):       # the run's config.json must not depend on the cwd
         value = getattr(cfg.data, key)
         if not is_remote(value):
             setattr(cfg.data, key, str(Path(value).absolute()))
-    info = runtime.init(cfg.run.address, num_cpus=max(4, cfg.run.workers * cfg.run.cpus_per_worker + 2))
-    cf_dim, cf_model = _cf_info(cfg.data.cf_dir)
-    actors = start_data(cfg, cf_dim, cf_model)
-    check_resources(cfg)
+    preflight(cfg)
     run_dir = Path(cfg.run.run_dir).absolute()
+    if cfg.run.overwrite:
+        clear_run_dir(cfg, run_dir)
+    info = runtime.init(cfg.run.address, num_cpus=max(4, cfg.run.workers * cfg.run.cpus_per_worker + 2),
+                        dashboard=cfg.run.dashboard)
+    dashboard = info.get("dashboard_url") or "not started (run.dashboard=false, or a cluster without one)"
+    print(f"[train] Ray dashboard: {dashboard} (jobs, actors, logs, metrics)", file=sys.stderr)
+    cf_dim, cf_model = _cf_info(cfg.data.cf_dir)
+    actors, client = start_data(cfg, cf_dim, cf_model)
+    try:
+        return _train(cfg, actors, cf_dim, run_dir, dashboard, t0)
+    finally:                                           # the data actors belong to this run only
+        stop_data(actors, client)
+
+
+def stop_data(actors: dict, client) -> None:
+    """Kill this run's InteractionShard and EmbeddingServer actors (their CPUs go back to the cluster)."""
+    import ray
+    for handle in [a for split in actors.values() for a in split] + [a for v in client.servers.values() for a in v]:
+        ray.kill(handle)
+
+
+def _train(cfg: TrainConfig, actors: dict, cf_dim: int, run_dir: Path, dashboard: str, t0: float) -> dict:
+    from .worker import run
+    check_resources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    run(worker_config(cfg, actors, cf_dim), cfg.run.workers, str(run_dir / "ray"), name="train")
+    wcfg = worker_config(cfg, actors, cf_dim)
+    if wcfg["sample_log"]:
+        Path(wcfg["sample_log"]).mkdir(parents=True, exist_ok=True)
+    run(wcfg, cfg.run.workers, str(run_dir / "ray"), name="train", max_failures=cfg.run.max_failures)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["seconds"] = round(time.time() - t0, 1)
     metrics["llm"] = cfg.llm.name
     print(f"[train] run directory: {run_dir}\n[train] TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
-          f"\n[train] Ray dashboard: {info.get('dashboard_url') or 'not started (run.address or a dashboard-enabled cluster)'}",
-          file=sys.stderr)
+          f"\n[train] Ray dashboard: {dashboard}", file=sys.stderr)
     return metrics
 
 
@@ -106,11 +240,20 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
+    out, sys.stdout = sys.stdout, sys.stderr    # Ray prints forwarded worker/raylet logs to stdout: only the
+    try:                                         # JSON result goes there
+        return _main(args, out)
+    finally:
+        sys.stdout = out
+
+
+def _main(args, out) -> int:
     try:
         cfg = load(TrainConfig, args.config, args.overrides)
+        metrics = train(cfg)
     except ConfigError as e:
         print(f"cora train: {e}", file=sys.stderr)
         return 2
-    metrics = train(cfg)
-    print(json.dumps({k: metrics[k] for k in ("valid", "test", "best_epoch", "steps", "seconds", "llm")}, indent=1))
+    print(json.dumps({k: metrics[k] for k in ("valid", "test", "no_injection_test", "best_epoch", "steps", "seconds",
+                                           "llm")}, indent=1), file=out)
     return 0

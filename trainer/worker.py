@@ -40,7 +40,7 @@ def train_step(engine, raw: dict) -> dict:
     engine.step()
     t3 = time.perf_counter()
     norm = engine.get_global_grad_norm()
-    return {"loss": float(loss), "finite": bool(torch.isfinite(logits).all()), "forward": t1 - t0,
+    return {"loss": float(loss.detach()), "finite": bool(torch.isfinite(logits).all()), "forward": t1 - t0,
             "backward": t2 - t1, "optimizer": t3 - t2, "seconds": t3 - t0, "lr": float(engine.get_lr()[0]),
             "grad_norm": None if norm is None else float(norm)}
 
@@ -73,8 +73,7 @@ class Board:
     def step(self, n: int, r: dict, raw: dict) -> None:
         if not self.on:
             return
-        samples = float(raw["weights"].sum()) * self.world
-        tokens = float(raw["lengths"].sum()) * self.world
+        samples, tokens = r["samples"] * self.world, r["tokens"] * self.world
         step_time = r["seconds"] + r["data_wait"]
         if self.writer is not None:
             scalars = {"train/loss": r["loss"], "train/lr": r["lr"], "perf/samples_per_s": samples / step_time,
@@ -86,7 +85,8 @@ class Board:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, n)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{r['loss']:.4f}", valid_auc=f"{self.auc:.4f}", samples_s=f"{samples / step_time:.1f}")
+            self.bar.set_postfix(loss=f"{r['loss']:.4f}", valid_auc=f"{self.auc:.4f}",
+                                 samples_s=f"{samples / step_time:.1f}", refresh=False)   # redraw at mininterval
             self.bar.update(1)
 
     def evaluation(self, n: int, e: dict) -> None:
@@ -102,9 +102,22 @@ class Board:
             self.writer.close()
 
 
+def logs_to_stderr() -> None:
+    """Ray forwards a worker's stdout to the driver's stdout, where `cora train` prints its JSON result:
+    this worker process writes its logs (its own, DeepSpeed's) to stderr instead."""
+    import logging
+    import sys
+    sys.stdout = sys.stderr
+    from deepspeed.utils import logger
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+
+
 def setup(config: dict):
     from trainer.engine import select_accelerator
     select_accelerator(config.get("device", "cpu"))
+    logs_to_stderr()
     import deepspeed
     import ray.train
 
@@ -139,52 +152,136 @@ def setup(config: dict):
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train entry point. ``config['actors']``: one InteractionShard handle per rank."""
+    """Ray Train entry point. ``config['actors']``: one InteractionShard handle per rank. Also the
+    restart point after a failure: the newest committed checkpoint (if any) is restored first."""
     import ray.train
 
-    from cluster.client import BatchIterator
     from trainer.engine import partition_stats
     ctx, engine, model = setup(config)
     rank = ctx.get_world_rank()
     frozen = [p for p in model.llm.parameters() if not p.requires_grad]     # the LLM's own weights (not P)
     llm_start = [p.ds_tensor.detach().clone() for p in frozen]
     gen_start = [p.ds_tensor.detach().clone() for p in model.generator.parameters()]
-    log, state = [], {"best_auc": -1.0, "best": None, "stale": 0, "evals": []}
-    board = Board(config, rank)
-    for epoch in range(config.get("epochs", 1)):
-        it = BatchIterator(config["actors"][rank], epoch)
-        board.start_epoch(epoch, len(it))
-        for step, raw in enumerate(it):
-            record = train_step(engine, raw)
-            record.update(epoch=epoch, step=step, data_wait=it.waits[-1], sample_ids=raw["sample_ids"].tolist())
-            if len(log) < config.get("record_batches", 0):     # for comparisons with a 1-process run
-                record["batch"] = {k: v.tolist() for k, v in raw.items()}
-            log.append(record)
-            board.step(len(log), record, raw)
-            if config.get("max_steps") and len(log) >= config["max_steps"]:
-                break
-        stop = bool(config.get("valid_actors")) and validate(config, engine, model, rank, epoch, state)
-        if state["evals"]:
-            board.evaluation(len(log), state["evals"][-1])
-        if stop or (config.get("max_steps") and len(log) >= config["max_steps"]):
-            break                                                   # early stop, or the step budget
+    ckpt = None
+    if config.get("checkpoint"):
+        from trainer.checkpoint import Checkpointer
+        ckpt = Checkpointer(config, rank)
+    state, cursor = start_state(config, engine, model, rank, ckpt)
+    board, log = Board(config, rank), []
+    for epoch in range(state["epoch"], config.get("epochs", 1)):
+        if state["stopped"] or out_of_steps(config, state):
+            break
+        cut = train_epoch(config, engine, rank, epoch, state, cursor, ckpt, board, log)
+        cursor = None
+        end_epoch(config, engine, model, rank, epoch, state, ckpt, board, cut)
+    commits = ckpt.close() if ckpt is not None else []
     board.close()
+    import torch.distributed as dist
+    nodes: list = [None] * ctx.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0 and config.get("run_dir"):
-        summary = {"valid": state["best"]["valid"] if state["best"] else None,
-                   "test": state["best"]["test"] if state["best"] else None,
-                   "best_epoch": state["best"]["epoch"] if state["best"] else None,
-                   "evaluations": state["evals"], "steps": len(log)}
-        Path(config["run_dir"]).mkdir(parents=True, exist_ok=True)
-        Path(config["run_dir"], "metrics.json").write_text(json.dumps(summary, indent=1))
+        write_metrics(config, state, nodes)
     out = {"rank": rank, "world_size": ctx.get_world_size(), "llm_partition": partition_stats(frozen),
            "activation_checkpointing": bool(model.llm.is_activation_checkpointing),
            "llm_unchanged": all(torch.equal(a, p.ds_tensor) for a, p in zip(llm_start, frozen)),
            "generator_changed": any(not torch.equal(a, p.ds_tensor) for a, p in
                                     zip(gen_start, model.generator.parameters())),
-           "log": log}
+           "resumed_from": state.get("resumed_from"), "memory": peak_memory(), "log": log,
+           "checkpoints": {"commits": [vars(c) for c in commits],
+                           "save_seconds": ckpt.save_seconds if ckpt is not None else []}}
     if config.get("report_dir"):
         Path(config["report_dir"], f"rank{rank}.json").write_text(json.dumps(out))
-    ray.train.report({"loss": log[-1]["loss"] if log else math.nan, "steps": len(log)})
+    ray.train.report({"loss": log[-1]["loss"] if log else math.nan, "steps": state["step"]})
+
+
+def start_state(config: dict, engine, model, rank: int, ckpt) -> tuple[dict, dict | None]:
+    """(loop state, this rank's data cursor): restored from the newest committed checkpoint, or fresh
+    (then with the no-injection baseline scored, when asked)."""
+    state = {"step": 0, "epoch": 0, "stopped": False, "best_auc": -1.0, "best": None, "stale": 0, "evals": [],
+             "no_injection": None}
+    restored = ckpt.restore(engine, model) if ckpt is not None else None
+    if restored is not None:
+        state.update(restored["loop"], resumed_from=restored["name"])
+        return state, restored["cursors"][rank]
+    if config.get("eval_baseline") and config.get("test_actors"):
+        from trainer.evaluate import evaluate                 # P starts at zero: this is the frozen LLM alone
+        state["no_injection"] = evaluate(engine, config["test_actors"][rank])[0]
+    return state, None
+
+
+def out_of_steps(config: dict, state: dict) -> bool:
+    return bool(config.get("max_steps")) and state["step"] >= config["max_steps"]
+
+
+def train_epoch(config: dict, engine, rank: int, epoch: int, state: dict, cursor: dict | None, ckpt, board,
+                log: list) -> dict | None:
+    """Train on this rank's batches of ``epoch`` (from ``cursor`` when resuming mid-epoch); returns the
+    cursor where it stopped when the step budget cut the epoch short, else None."""
+    from cluster.client import BatchIterator
+    from cluster.plan import Cursor
+    it = BatchIterator(config["actors"][rank], epoch, cursor=Cursor.from_dict(cursor) if cursor else None)
+    state["epoch"] = epoch
+    board.start_epoch(epoch, len(it))
+    samples = open(Path(config["sample_log"], f"rank{rank}.jsonl"), "a") if config.get("sample_log") else None
+    for raw in it:
+        record = train_step(engine, raw)
+        state["step"] += 1
+        record.update(epoch=epoch, step=state["step"], data_wait=it.waits[-1], sample_ids=raw["sample_ids"].tolist(),
+                      samples=float(raw["weights"].sum()), tokens=int(raw["lengths"].sum()))
+        if len(log) < config.get("record_batches", 0):     # for comparisons with a 1-process run
+            record["batch"] = {k: v.tolist() for k, v in raw.items()}
+        log.append(record)
+        board.step(state["step"], record, raw)
+        if samples is not None:                            # an audit trail: which samples each step trained on
+            real = [i for i, w in zip(record["sample_ids"], raw["weights"]) if w > 0]     # not padding
+            samples.write(json.dumps({"step": state["step"], "epoch": epoch, "loss": record["loss"],
+                                      "sample_ids": real}) + "\n")
+            samples.flush()
+        if ckpt is not None and ckpt.due(state["step"]):
+            ckpt.save(engine, engine.module, state["step"], state, it.cursor().to_dict())
+        if out_of_steps(config, state) and not it.exhausted:
+            cut = it.cursor().to_dict()
+            break
+    else:
+        cut = None
+    if samples is not None:
+        samples.close()
+    return cut
+
+
+def end_epoch(config: dict, engine, model, rank: int, epoch: int, state: dict, ckpt, board,
+              cut: dict | None) -> None:
+    """Validate (model selection, early stopping), then checkpoint the position: the start of the next
+    epoch, or ``cut`` when the step budget ended this one early (a resume with more steps finishes it)."""
+    improved = False
+    if config.get("valid_actors"):
+        state["stopped"] = validate(config, engine, model, rank, epoch, state)
+        improved = state["stale"] == 0
+        board.evaluation(state["step"], state["evals"][-1])
+    state["epoch"] = epoch if cut else epoch + 1
+    if ckpt is not None:
+        ckpt.save(engine, model, state["step"], state, cut, best=improved,
+                  valid_auc=state["evals"][-1]["valid_auc"] if state["evals"] else None)
+
+
+def write_metrics(config: dict, state: dict, nodes: list[str]) -> None:
+    """RUN/metrics.json: the best validation and its test metrics, every evaluation, where ranks ran."""
+    best = state["best"]
+    summary = {"valid": best["valid"] if best else None, "test": best["test"] if best else None,
+               "best_epoch": best["epoch"] if best else None, "evaluations": state["evals"], "steps": state["step"],
+               "no_injection_test": state.get("no_injection"), "resumed_from": state.get("resumed_from"),
+               "worker_nodes": nodes}
+    Path(config["run_dir"]).mkdir(parents=True, exist_ok=True)
+    Path(config["run_dir"], "metrics.json").write_text(json.dumps(summary, indent=1))
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory and, on a GPU, peak allocated device memory (MiB)."""
+    import resource
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 def validate(config: dict, engine, model, rank: int, epoch: int, state: dict) -> bool:
@@ -209,14 +306,20 @@ def validate(config: dict, engine, model, rank: int, epoch: int, state: dict) ->
     return state["stale"] >= config.get("patience", 3)
 
 
-def run(config: dict, num_workers: int, storage_path: str, name: str = "cora"):
-    """Start the worker group (gloo on CPU, NCCL on GPU per ``config['device']``) and train."""
-    from ray.train import RunConfig, ScalingConfig
+def run(config: dict, num_workers: int, storage_path: str, name: str = "cora", max_failures: int = 0):
+    """Start the worker group (gloo on CPU, NCCL on GPU per ``config['device']``) and train; after a
+    failure Ray Train starts a new group (up to ``max_failures`` times), which resumes from the newest
+    committed checkpoint."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cora.fileio import storage_env
     gpu = config.get("device") == "cuda"
     trainer = TorchTrainer(train_loop, train_loop_config=config,
                            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                                         resources_per_worker={"CPU": config.get("cpus_per_worker", 1)}),
                            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-                           run_config=RunConfig(storage_path=storage_path, name=name))
+                           run_config=RunConfig(storage_path=storage_path, name=name,
+                                                failure_config=FailureConfig(max_failures=max_failures),
+                                                worker_runtime_env={"env_vars": storage_env()}))
     return trainer.fit()

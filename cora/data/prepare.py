@@ -29,8 +29,10 @@ SOURCES = ("movielens", "collm", "parquet", "csv", "synthetic")
 
 @dataclass
 class SyntheticSpec:
-    """Planted-factor interactions: label = 1[u.v / sqrt(factors) + noise * eps > 0]; each user
-    arrives at a random time (skewed early) and interacts uniformly from then on."""
+    """Planted-factor interactions: label = 1[s(u, v) + noise * eps > 0], with s = u.v / sqrt(factors)
+    (rule 'dot') or (u.w_u + v.w_v) / sqrt(2 factors) (rule 'additive': user and item propensities
+    along fixed directions); each user arrives at a random time (skewed early) and interacts uniformly
+    from then on."""
 
     users: int = 1000
     """Number of users."""
@@ -42,6 +44,8 @@ class SyntheticSpec:
     """Size of the planted latent factors."""
     noise: float = 0.3
     """Label noise (std of the Gaussian added to the score)."""
+    rule: str = "dot"
+    """How labels depend on the factors: 'dot' (the MF view) or 'additive' (propensities)."""
     days: int = 365
     """Time span of the timestamps (from 2024-01-01 UTC)."""
     seed: int = 0
@@ -52,6 +56,8 @@ def synthetic(spec: SyntheticSpec, acc: Accounting) -> sources.RawData:
     from ..synthetic import WORDS
     if min(spec.users, spec.items, spec.interactions, spec.factors, spec.days) < 1:
         raise DatasetError(f"synthetic sizes must be >= 1, got {asdict(spec)}")
+    if spec.rule not in ("dot", "additive"):
+        raise DatasetError(f"--rule {spec.rule!r} is not a synthetic rule; use dot or additive")
     if spec.interactions > spec.users * spec.items:
         raise DatasetError(f"--interactions {spec.interactions} exceeds users x items = "
                            f"{spec.users * spec.items} distinct pairs")
@@ -60,7 +66,12 @@ def synthetic(spec: SyntheticSpec, acc: Accounting) -> sources.RawData:
     vf = rng.standard_normal((spec.items, spec.factors))
     pairs = rng.choice(spec.users * spec.items, spec.interactions, replace=False)
     user, item = pairs // spec.items, pairs % spec.items
-    score = (uf[user] * vf[item]).sum(1) / np.sqrt(spec.factors) + spec.noise * rng.standard_normal(len(pairs))
+    if spec.rule == "dot":
+        score = (uf[user] * vf[item]).sum(1) / np.sqrt(spec.factors)
+    else:                      # the directions come from their own stream: the other draws stay as for 'dot'
+        wu, wv = np.random.default_rng(spec.seed + 1).standard_normal((2, spec.factors))
+        score = (uf[user] @ wu + vf[item] @ wv) / np.sqrt(2 * spec.factors)
+    score = score + spec.noise * rng.standard_normal(len(pairs))
     # each user arrives at some time and is active from then on, so late users are cold in valid/test
     span = spec.days * 86400
     arrival = (rng.random(spec.users) ** 2 * 0.9 * span).astype(np.int64)

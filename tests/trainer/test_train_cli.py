@@ -5,7 +5,9 @@ import json
 
 import pytest
 
+from cluster import runtime
 from cora.cli import main
+from tests.conftest import TEST_CPUS
 
 
 def test_bad_config_reports_every_problem_before_starting_anything(tmp_path, capsys):
@@ -19,6 +21,33 @@ def test_bad_config_reports_every_problem_before_starting_anything(tmp_path, cap
         assert text in err
 
 
+def test_bad_inputs_are_all_reported_before_ray_or_a_worker_starts(tmp_path, capsys):
+    data, model, run = tmp_path / "data", tmp_path / "model", tmp_path / "run"
+    assert main(["prepare", "--source", "synthetic", "--out", str(data), "--users", "30", "--items", "20",
+                 "--interactions", "300", "--no-progress"]) == 0
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))     # no weights, no tokenizer
+    run.mkdir()
+    (run / "config.json").write_text("{}")                                      # an earlier run lives here
+    capsys.readouterr()
+    assert main(["train", "--config", "configs/demo.yaml", f"data.data_dir={data}", f"data.cf_dir={tmp_path / 'nocf'}",
+                 f"run.run_dir={run}", f"llm.name={model}", "engine.micro_batch_size=3",
+                 "engine.global_batch_size=8"]) == 2
+    err = capsys.readouterr().err
+    assert "4 problems" in err, err
+    for text in (f"no *.safetensors weights in {model}", f"no tokenizer (tokenizer.json, tokenizer.model or vocab.json) "
+                 f"in {model}", f"{tmp_path / 'nocf'} lacks cf.json, user_embeddings.parquet, item_embeddings.parquet",
+                 "engine.global_batch_size=8 is not a multiple of engine.micro_batch_size x run.workers = 3 x 2 = 6",
+                 "choose a global batch of 6 or 12", f"{run} already holds a run (config.json)", "run.overwrite=true"):
+        assert text in err, text
+    # a target module the model family lacks, and data that was never prepared
+    assert main(["train", "--config", "configs/demo.yaml", f"data.data_dir={tmp_path / 'nodata'}",
+                 f"run.run_dir={tmp_path / 'run2'}", "llm.name=tiny-gpt2", "injection.targets=[q_proj]"]) == 2
+    err = capsys.readouterr().err
+    assert "GPT-2 fuses q, k and v" in err and "is not a prepared data directory (no dataset.json)" in err
+    assert not (tmp_path / "run2").exists() and sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
 @pytest.mark.slow
 def test_cora_train_end_to_end(tmp_path, capsys):
     data, cf, run = tmp_path / "data", tmp_path / "cf", tmp_path / "run"
@@ -27,11 +56,12 @@ def test_cora_train_end_to_end(tmp_path, capsys):
     assert main(["train-cf", "--data", str(data), "--model", "mf", "--out", str(cf), "--dim", "16",
                  "--epochs", "3", "--no-progress"]) == 0
     capsys.readouterr()
+    runtime.init(num_cpus=TEST_CPUS)          # one Ray instance for the whole test session
     assert main(["train", "--config", "configs/demo.yaml", f"data.data_dir={data}", f"data.cf_dir={cf}",
                  f"run.run_dir={run}", "run.epochs=1", "run.max_steps=8"]) == 0
-    out = capsys.readouterr().out                 # Ray forwards the workers' logs to stdout as well
-    printed = json.loads(out[out.rindex("\n{\n") + 1:] if "\n{\n" in out else out)
+    printed = json.loads(capsys.readouterr().out)      # stdout holds only the result (logs go to stderr)
     assert printed["steps"] == 8 and 0.0 <= printed["test"]["auc"] <= 1.0
+    assert 0.0 <= printed["no_injection_test"]["auc"] <= 1.0 and printed["no_injection_test"]["n"] == printed["test"]["n"]
     assert json.loads((run / "metrics.json").read_text())["test"] == printed["test"]
     assert (run / "export" / "adapter.safetensors").is_file() and (run / "test_predictions.parquet").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

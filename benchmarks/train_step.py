@@ -1,0 +1,126 @@
+"""The CoRA training step under DeepSpeed ZeRO-3 and Ray Train: throughput, step-time breakdown, memory.
+
+    python benchmarks/train_step.py --json
+    python benchmarks/train_step.py --json --device cuda --bf16 --llm /models/llama-2-7b --workers 1,8 \
+        --peak-tflops 989        (a GPU machine: 4 x params x tokens/s over the peak gives the MFU)
+
+For each worker count (default 1 and 2, run one after the other on the same data): a synthetic prepared
+dataset (``cora prepare --source synthetic``) and random 64-d CF tables feed one InteractionShard actor
+per rank; the Ray Train worker group trains the frozen LLM + CoRA generator for ``--steps`` steps of
+micro-batch ``--batch`` per rank. The first ``--warmup`` steps are dropped, then per rank the median of
+each phase (data wait, forward, backward, optimiser step) is taken, and
+
+  samples/s = workers x batch / median step time,   tokens/s = the same with the real prompt tokens
+  MFU       = 4 x LLM params x tokens/s / (workers x peak FLOP/s)    (the base is frozen: forward 2N
+              per token, backward through the activations 2N, no weight gradients)
+
+Peak memory is the resident set of each worker process (CPU) or ``torch.cuda.max_memory_allocated``.
+On a 2-core machine the ranks and the data actors share the cores, so 2 workers are slower per sample
+than 1: the figure measures the overhead of partitioning, not a speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PHASES = ("data_wait", "forward", "backward", "optimizer")
+
+
+def prepare(tmp: Path, dim: int) -> tuple[Path, Path]:
+    """A synthetic dataset and random CF tables of ``dim`` columns for its users and items."""
+    import pyarrow.parquet as pq
+
+    from cora.cf.store import embedding_table
+    from cora.cli import main
+    data, cf = tmp / "data", tmp / "cf"
+    assert main(["prepare", "--source", "synthetic", "--out", str(data), "--users", "200", "--items", "100",
+                 "--interactions", "4000", "--samples-per-shard", "250", "--no-progress"]) == 0
+    cf.mkdir()
+    rng = np.random.default_rng(0)
+    for key in ("user", "item"):
+        rows = pq.read_table(data / f"{key}s.parquet").num_rows
+        pq.write_table(embedding_table(key, rng.standard_normal((rows, dim))), cf / f"{key}_embeddings.parquet")
+    return data, cf
+
+
+def run_workers(workers: int, data: Path, cf: Path, tmp: Path, args) -> dict:
+    from cluster.embeddings import start_embedding_servers
+    from cluster.interactions import start_interaction_shards
+    from trainer.worker import run
+    client = start_embedding_servers(str(cf), shards=1, dim=args.dim, num_cpus=0.1)
+    actors = start_interaction_shards(str(data), "train", workers, embeddings=client, batch_size=args.batch,
+                                      seed=0, num_cpus=0.1, max_length=args.max_length)
+    report = tmp / f"report-{workers}"
+    report.mkdir()
+    cfg = {"llm": {"name": args.llm, "dtype": "bfloat16" if args.bf16 else "float32"}, "cf_dim": args.dim,
+           "actors": actors, "epochs": 100, "max_steps": args.steps, "total_steps": args.steps,
+           "report_dir": str(report), "device": args.device, "cpus_per_worker": args.cpus_per_worker,
+           "engine": {"micro_batch_size": args.batch, "bf16": args.bf16,
+                      "activation_checkpointing": args.activation_checkpointing}}
+    t = time.time()
+    run(cfg, num_workers=workers, storage_path=str(tmp / f"ray-{workers}"), name=f"bench-{workers}")
+    ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(workers)]
+    return summarise(ranks, workers, args) | {"wall_s": round(time.time() - t, 1)}
+
+
+def summarise(ranks: list[dict], workers: int, args) -> dict:
+    steps = [r["log"][args.warmup:] for r in ranks]
+    if not all(steps):
+        raise SystemExit(f"--steps {args.steps} leaves nothing after --warmup {args.warmup}")
+    phase = {k: statistics.median(statistics.median(s[k] for s in log) for log in steps) for k in PHASES}
+    step_s = statistics.median(max(s["seconds"] + s["data_wait"] for s in group) for group in zip(*steps))
+    tokens = statistics.mean(sum(s["tokens"] for s in group) for group in zip(*steps))
+    params = ranks[0]["llm_partition"]["total"]
+    out = {"workers": workers, "llm": args.llm, "llm_params": params, "batch_per_rank": args.batch,
+           "steps_measured": len(steps[0]), "step_s": round(step_s, 4),
+           "samples_per_s": round(workers * args.batch / step_s, 2), "tokens_per_s": round(tokens / step_s, 1),
+           "breakdown_s": {k: round(v, 4) for k, v in phase.items()},
+           "data_wait_share": round(phase["data_wait"] / step_s, 4),
+           "llm_share_per_rank": [round(r["llm_partition"]["share"], 4) for r in ranks],
+           "peak_memory_mib": [r["memory"] for r in ranks]}
+    if args.peak_tflops:
+        out["mfu"] = round(4 * params * tokens / step_s / (workers * args.peak_tflops * 1e12), 4)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--llm", default="tiny-llama", help="preset name, smollm2-135m, or a local model directory")
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts, run one after the other")
+    ap.add_argument("--batch", type=int, default=8, help="micro-batch per rank")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the figures")
+    ap.add_argument("--dim", type=int, default=64, help="CF embedding size")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 LLM and engine (GPU)")
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--cpus-per-worker", type=int, default=1)
+    ap.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device in TFLOP/s, for the MFU")
+    args = ap.parse_args()
+    from cluster import runtime
+    counts = [int(w) for w in args.workers.split(",")]
+    runtime.init(num_cpus=max(4, max(counts) * args.cpus_per_worker + 2))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data, cf = prepare(Path(tmp), args.dim)
+        for w in counts:
+            results.append(run_workers(w, data, cf, Path(tmp), args))
+            print(f"[train_step] {w} worker(s): {results[-1]['samples_per_s']} samples/s", file=sys.stderr)
+    out = {"device": args.device, "results": results}
+    print(json.dumps(out, indent=1) if args.json else "\n".join(json.dumps(r) for r in results))
+
+
+if __name__ == "__main__":
+    main()
