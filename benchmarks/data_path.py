@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--trainer-threads", type=int, default=1, help="torch threads of the trainer; 0 = 1 and 2")
     args = ap.parse_args()
     from cluster import runtime
-    from cora.cli import main as cora_main
+    from trainer.cli import main as cora_main
     runtime.init(num_cpus=4)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

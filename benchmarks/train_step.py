@@ -41,7 +41,7 @@ def prepare(tmp: Path, dim: int) -> tuple[Path, Path]:
     import pyarrow.parquet as pq
 
     from cora.cf.store import embedding_table
-    from cora.cli import main
+    from trainer.cli import main
     data, cf = tmp / "data", tmp / "cf"
     assert main(["prepare", "--source", "synthetic", "--out", str(data), "--users", "200", "--items", "100",
                  "--interactions", "4000", "--samples-per-shard", "250", "--no-progress"]) == 0
@@ -54,23 +54,28 @@ def prepare(tmp: Path, dim: int) -> tuple[Path, Path]:
 
 
 def run_workers(workers: int, data: Path, cf: Path, tmp: Path, args) -> dict:
+    t = time.time()
+    ranks = train_ranks(workers, data, cf, tmp, args, f"bench-{workers}")
+    return summarise(ranks, workers, args) | {"wall_s": round(time.time() - t, 1)}
+
+
+def train_ranks(workers: int, data: Path, cf: Path, tmp: Path, args, name: str, extra: dict | None = None) -> list[dict]:
+    """Train ``args.steps`` steps with ``workers`` ranks; each rank's report (trainer.worker.train_loop)."""
     from cluster.embeddings import start_embedding_servers
     from cluster.interactions import start_interaction_shards
     from trainer.worker import run
     client = start_embedding_servers(str(cf), shards=1, dim=args.dim, num_cpus=0.1)
     actors = start_interaction_shards(str(data), "train", workers, embeddings=client, batch_size=args.batch,
                                       seed=0, num_cpus=0.1, max_length=args.max_length)
-    report = tmp / f"report-{workers}"
+    report = tmp / f"report-{name}"
     report.mkdir()
     cfg = {"llm": {"name": args.llm, "dtype": "bfloat16" if args.bf16 else "float32"}, "cf_dim": args.dim,
            "actors": actors, "epochs": 100, "max_steps": args.steps, "total_steps": args.steps,
            "report_dir": str(report), "device": args.device, "cpus_per_worker": args.cpus_per_worker,
            "engine": {"micro_batch_size": args.batch, "bf16": args.bf16,
-                      "activation_checkpointing": args.activation_checkpointing}}
-    t = time.time()
-    run(cfg, num_workers=workers, storage_path=str(tmp / f"ray-{workers}"), name=f"bench-{workers}")
-    ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(workers)]
-    return summarise(ranks, workers, args) | {"wall_s": round(time.time() - t, 1)}
+                      "activation_checkpointing": args.activation_checkpointing}, **(extra or {})}
+    run(cfg, num_workers=workers, storage_path=str(tmp / f"ray-{name}"), name=name)
+    return [json.loads((report / f"rank{r}.json").read_text()) for r in range(workers)]
 
 
 def summarise(ranks: list[dict], workers: int, args) -> dict:

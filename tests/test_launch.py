@@ -42,7 +42,7 @@ def launch(*args, env, timeout=600):
 
 
 def test_two_node_cluster_runs_a_submitted_training(tmp_path):
-    from cora.cli import main
+    from trainer.cli import main
     assert main(["prepare", "--source", "synthetic", "--out", str(tmp_path / "data"), "--users", "60", "--items",
                  "40", "--interactions", "600", "--samples-per-shard", "50", "--no-progress"]) == 0
     assert main(["train-cf", "--data", str(tmp_path / "data"), "--model", "mf", "--out", str(tmp_path / "cf"),

@@ -187,6 +187,7 @@ def train_loop(config: dict) -> None:
            "generator_changed": any(not torch.equal(a, p.ds_tensor) for a, p in
                                     zip(gen_start, model.generator.parameters())),
            "resumed_from": state.get("resumed_from"), "memory": peak_memory(), "log": log,
+           "trainable_bytes": sum(p.ds_numel * 4 for p in model.parameters() if p.requires_grad),   # fp32
            "checkpoints": {"commits": [vars(c) for c in commits],
                            "save_seconds": ckpt.save_seconds if ckpt is not None else []}}
     if config.get("report_dir"):
@@ -237,7 +238,8 @@ def train_epoch(config: dict, engine, rank: int, epoch: int, state: dict, cursor
             samples.write(json.dumps({"step": state["step"], "epoch": epoch, "loss": record["loss"],
                                       "sample_ids": real}) + "\n")
             samples.flush()
-        if ckpt is not None and ckpt.due(state["step"]):
+        last = it.exhausted or out_of_steps(config, state)      # then end_epoch saves this step (after validating)
+        if ckpt is not None and ckpt.due(state["step"]) and not last:
             ckpt.save(engine, engine.module, state["step"], state, it.cursor().to_dict())
         if out_of_steps(config, state) and not it.exhausted:
             cut = it.cursor().to_dict()

@@ -7,7 +7,7 @@ import ray
 from cluster import runtime
 from tests.conftest import TEST_CPUS
 from cora.cf.store import embedding_table
-from cora.cli import main
+from trainer.cli import main
 
 
 @pytest.fixture(scope="session")

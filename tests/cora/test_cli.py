@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from cora.cli import main
+from trainer.cli import main
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cora.cf.train import load_cf
-from cora.cli import main
+from trainer.cli import main
 
 # planted 4-d factors, 20k interactions; sasrec with a small dimension to keep the test short
 MODELS = {"mf": ("--dim", "64"), "lightgcn": ("--dim", "64"), "sasrec": ("--dim", "64", "--batch-size", "512", "--lr", "3e-3", "--epochs", "10")}

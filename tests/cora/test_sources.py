@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from cora.cli import main
+from trainer.cli import main
 
 
 def prepare(out, *args):

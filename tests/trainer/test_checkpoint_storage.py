@@ -194,7 +194,8 @@ def test_uploads_retry_through_a_storage_outage_and_lose_nothing(s3_server, tmp_
     assert len(up.commits) == 1
     proxy.start()                                                     # ... and comes back
     up.close()
-    assert [c.name for c in up.commits] == ["step-000000001", "step-000000002"] and up.commits[1].retries > 0
+    assert [c.name for c in up.commits] == ["step-000000001", "step-000000002"]
+    assert up.commits[1].request_to_commit_s >= 3.0          # committed after the outage (retried by the SDK or us)
     assert not (staging / "step-000000002").exists()
     name, _, files = ck.latest_committed(uri)
     assert name == "step-000000002" and torch.equal(ck.parse(files)[0]["generator.w"], parts(2)[0]["generator.w"])
@@ -209,3 +210,18 @@ def test_a_staged_checkpoint_left_by_a_crash_is_committed_by_the_next_attempt(tm
     assert [p.name for p in up.resubmit(staging)] == ["step-000000007"]
     up.close()
     assert ck.latest_committed(uri)[0] == "step-000000007"
+
+
+def test_storage_errors_are_retried_with_growing_back_off(tmp_path):
+    up = ck.Uploader(str(tmp_path / "ckpt"), keep_last=1, backoff=(0.05, 0.1))
+    calls = []
+
+    def flaky():
+        calls.append(time.perf_counter())
+        if len(calls) < 4:
+            raise OSError("connection refused")
+
+    assert up._retry("uploading x", flaky) == 3
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.1 and gaps[2] < 1.0     # doubled, then capped
+    up.close()

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from cluster import runtime
-from cora.cli import main
+from trainer.cli import main
 from tests.conftest import TEST_CPUS
 from cora.fileio import open_fs
 from trainer.checkpoint import list_checkpoints, read_manifest, CheckpointError

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from cluster import runtime
-from cora.cli import main
+from trainer.cli import main
 from tests.conftest import TEST_CPUS
 
 

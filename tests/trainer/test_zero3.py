@@ -11,7 +11,7 @@ from tests.conftest import TEST_CPUS
 from cluster.embeddings import start_embedding_servers
 from cluster.interactions import start_interaction_shards
 from cora.cf.store import embedding_table
-from cora.cli import main
+from trainer.cli import main
 
 pytestmark = pytest.mark.slow
 USERS, ITEMS, FACTORS = 60, 40, 2

@@ -1,9 +1,11 @@
-"""The ``cora`` command line.
+"""The ``cora`` command line (DESIGN.md section 7). It lives in ``trainer/`` because ``train`` and
+``eval`` start Ray and DeepSpeed, which ``cora/`` (the method, one process) never imports.
 
-    cora demo [--llm tiny-llama] [--epochs 30] ...   single-process CoRA vs. a no-CF LoRA baseline
-
-More sub-commands (prepare, train-cf, train, eval, scale; DESIGN.md section 7) arrive with the data,
-cluster and trainer work.
+    cora prepare  --source ... --out DATA_DIR          the data (cora/data/prepare.py)
+    cora train-cf --data DATA_DIR --out CF_DIR         the CF model (cora/cf/cli.py)
+    cora train    --config CONFIG.yaml [key=value ...] CoRA with ZeRO-3 workers on Ray (trainer/train.py)
+    cora eval     --run RUN [--split test]             one process, no DeepSpeed (trainer/eval.py)
+    cora demo     [--llm tiny-llama] ...               single-process CoRA vs. a no-CF LoRA baseline
 """
 
 from __future__ import annotations
@@ -84,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--gen-hidden", type=int, default=64, help="Q-Former hidden size (paper: 512)")
     d.add_argument("--gen-layers", type=int, default=2, help="Q-Former layers (paper: 8)")
     d.add_argument("--seed", type=int, default=0)
-    from .data.prepare import add_parser as add_prepare
+    from cora.data.prepare import add_parser as add_prepare
     add_prepare(sub)
-    from .cf.cli import add_parser as add_train_cf
+    from cora.cf.cli import add_parser as add_train_cf
     add_train_cf(sub)
     from trainer.train import add_parser as add_train
     add_train(sub)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     add_eval(sub)
     args = ap.parse_args(argv)
     if args.command != "demo":
-        from .data.schema import DatasetError
+        from cora.data.schema import DatasetError
         try:
             return args.func(args)
         except DatasetError as e:
