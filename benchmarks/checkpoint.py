@@ -5,7 +5,7 @@
 
 Both legs train the same model on the same data with 2 ZeRO-3 ranks (the set-up of
 benchmarks/train_step.py); one checkpoints every ``--every`` steps to ``--uri`` (default: a local
-directory), the other never. Throughput = samples / (the loop's time: step times, data waits and the
+directory), the other never; ``--repeats`` pairs run interleaved and the throughputs are averaged. Throughput = samples / (the loop's time: step times, data waits and the
 time each save held the loop). Also: the time from each save request to its commit by the background
 uploader, and the bytes committed per checkpoint against the trainable state's size (generator + P in
 fp32; a checkpoint also holds AdamW's two moments, the RNG states and JSON).
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--uri", help="checkpoint location (default: a temporary local directory)")
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--repeats", type=int, default=2, help="pairs of legs (without, with), interleaved")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--llm", default="tiny-llama")
     ap.add_argument("--batch", type=int, default=8)
@@ -47,29 +48,38 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--generator", choices=["demo", "paper"], default="paper",
+                    help="the generator (and so the checkpoint) size: demo (~0.1M) or the paper's (~25M)")
     args = ap.parse_args()
     args.activation_checkpointing, args.cpus_per_worker, args.peak_tflops = False, 1, None
+    out_stream, sys.stdout = sys.stdout, sys.stderr     # Ray prints forwarded logs to stdout: only the JSON goes there
     from cluster import runtime
     runtime.init(num_cpus=4)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data, cf = prepare(tmp, args.dim)
-        plain = train_ranks(2, data, cf, tmp, args, "none")
-        uri = args.uri or str(tmp / "ckpt")
-        ckpt = {"checkpoint": {"uri": uri, "every_steps": args.every, "keep_last": 3, "staging": str(tmp / "staging")}}
-        saved = train_ranks(2, data, cf, tmp, args, "every", ckpt)
-    base, with_ckpt = (throughput(r[0], args.batch, 2, args.warmup) for r in (plain, saved))
+        legs: dict[str, list] = {"none": [], "every": []}
+        for rep in range(args.repeats):            # none, every, none, every, ...: drift hits both alike
+            legs["none"].append(train_ranks(2, data, cf, tmp, args, f"none-{rep}"))
+            uri = args.uri or str(tmp / f"ckpt-{rep}")
+            ckpt = {"checkpoint": {"uri": uri if not args.uri else f"{uri.rstrip('/')}/{rep}", "every_steps": args.every,
+                                   "keep_last": 3, "staging": str(tmp / f"staging-{rep}")}}
+            legs["every"].append(train_ranks(2, data, cf, tmp, args, f"every-{rep}", ckpt))
+    rates = {k: [throughput(r[0], args.batch, 2, args.warmup) for r in v] for k, v in legs.items()}
+    base, with_ckpt = statistics.mean(rates["none"]), statistics.mean(rates["every"])
+    saved = legs["every"][-1]
     commits = saved[0]["checkpoints"]["commits"]
     trainable = saved[0]["trainable_bytes"]
     out = {"workers": 2, "steps": args.steps, "every": args.every, "uri": args.uri or "local directory",
            "samples_per_s_without": round(base, 2), "samples_per_s_with": round(with_ckpt, 2),
            "throughput_ratio": round(with_ckpt / base, 4),
+           "samples_per_s_each_leg": {k: [round(x, 2) for x in v] for k, v in rates.items()},
            "save_held_loop_s_median": round(statistics.median(saved[0]["checkpoints"]["save_seconds"]), 4),
            "request_to_commit_s_median": round(statistics.median(c["request_to_commit_s"] for c in commits), 4),
            "request_to_commit_s_max": round(max(c["request_to_commit_s"] for c in commits), 4),
            "checkpoints_committed": len(commits), "bytes_per_checkpoint": commits[-1]["bytes"],
            "trainable_state_bytes": trainable, "bytes_ratio": round(commits[-1]["bytes"] / trainable, 3)}
-    print(json.dumps(out, indent=1) if args.json else out)
+    print(json.dumps(out, indent=1) if args.json else out, file=out_stream)
 
 
 if __name__ == "__main__":

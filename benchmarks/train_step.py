@@ -22,6 +22,7 @@ than 1: the figure measures the overhead of partitioning, not a speed-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -34,6 +35,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
+# the demo's small generator, and the paper's (Q-Former hidden 512, 8 layers, 8 heads: ~25M parameters)
+GENERATORS = {"demo": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
+              "paper": {}}
 
 
 def prepare(tmp: Path, dim: int) -> tuple[Path, Path]:
@@ -43,8 +47,9 @@ def prepare(tmp: Path, dim: int) -> tuple[Path, Path]:
     from cora.cf.store import embedding_table
     from trainer.cli import main
     data, cf = tmp / "data", tmp / "cf"
-    assert main(["prepare", "--source", "synthetic", "--out", str(data), "--users", "200", "--items", "100",
-                 "--interactions", "4000", "--samples-per-shard", "250", "--no-progress"]) == 0
+    with contextlib.redirect_stdout(sys.stderr):         # stdout carries only the benchmark's JSON
+        assert main(["prepare", "--source", "synthetic", "--out", str(data), "--users", "200", "--items", "100",
+                     "--interactions", "4000", "--samples-per-shard", "250", "--no-progress"]) == 0
     cf.mkdir()
     rng = np.random.default_rng(0)
     for key in ("user", "item"):
@@ -72,9 +77,12 @@ def train_ranks(workers: int, data: Path, cf: Path, tmp: Path, args, name: str, 
     cfg = {"llm": {"name": args.llm, "dtype": "bfloat16" if args.bf16 else "float32"}, "cf_dim": args.dim,
            "actors": actors, "epochs": 100, "max_steps": args.steps, "total_steps": args.steps,
            "report_dir": str(report), "device": args.device, "cpus_per_worker": args.cpus_per_worker,
+           "generator": GENERATORS[args.generator],
            "engine": {"micro_batch_size": args.batch, "bf16": args.bf16,
                       "activation_checkpointing": args.activation_checkpointing}, **(extra or {})}
     run(cfg, num_workers=workers, storage_path=str(tmp / f"ray-{name}"), name=name)
+    from trainer.train import stop_data
+    stop_data({"train": actors}, client)           # each leg starts from the same set of processes
     return [json.loads((report / f"rank{r}.json").read_text()) for r in range(workers)]
 
 
@@ -86,7 +94,8 @@ def summarise(ranks: list[dict], workers: int, args) -> dict:
     step_s = statistics.median(max(s["seconds"] + s["data_wait"] for s in group) for group in zip(*steps))
     tokens = statistics.mean(sum(s["tokens"] for s in group) for group in zip(*steps))
     params = ranks[0]["llm_partition"]["total"]
-    out = {"workers": workers, "llm": args.llm, "llm_params": params, "batch_per_rank": args.batch,
+    out = {"workers": workers, "llm": args.llm, "llm_params": params, "generator": args.generator,
+           "trainable_params": ranks[0]["trainable_bytes"] // 4, "batch_per_rank": args.batch,
            "steps_measured": len(steps[0]), "step_s": round(step_s, 4),
            "samples_per_s": round(workers * args.batch / step_s, 2), "tokens_per_s": round(tokens / step_s, 1),
            "breakdown_s": {k: round(v, 4) for k, v in phase.items()},
@@ -107,6 +116,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the figures")
     ap.add_argument("--dim", type=int, default=64, help="CF embedding size")
+    ap.add_argument("--generator", choices=sorted(GENERATORS), default="demo",
+                    help="demo: hidden 64, 2 layers; paper: the paper's Q-Former (hidden 512, 8 layers)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 LLM and engine (GPU)")
@@ -114,6 +125,7 @@ def main() -> None:
     ap.add_argument("--cpus-per-worker", type=int, default=1)
     ap.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device in TFLOP/s, for the MFU")
     args = ap.parse_args()
+    out_stream, sys.stdout = sys.stdout, sys.stderr     # Ray prints forwarded logs to stdout: only the JSON goes there
     from cluster import runtime
     counts = [int(w) for w in args.workers.split(",")]
     runtime.init(num_cpus=max(4, max(counts) * args.cpus_per_worker + 2))
@@ -124,7 +136,7 @@ def main() -> None:
             results.append(run_workers(w, data, cf, Path(tmp), args))
             print(f"[train_step] {w} worker(s): {results[-1]['samples_per_s']} samples/s", file=sys.stderr)
     out = {"device": args.device, "results": results}
-    print(json.dumps(out, indent=1) if args.json else "\n".join(json.dumps(r) for r in results))
+    print(json.dumps(out, indent=1) if args.json else "\n".join(json.dumps(r) for r in results), file=out_stream)
 
 
 if __name__ == "__main__":
