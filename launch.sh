@@ -141,11 +141,29 @@ submit_job() {
         exit 2
     fi
     cluster_auth submit
-    local cmd env_json
+    local cmd env_json out status tries=0
+    local address="${RAY_DASHBOARD_ADDRESS:-http://127.0.0.1:8265}" id="cora-$(date +%Y%m%d-%H%M%S)-$RANDOM"
     cmd="cd $(printf '%q' "$ROOT") && exec $(printf '%q' "$VENV/bin/cora") train --config $(printf '%q ' "$@") run.address=auto"
     env_json="$("$VENV/bin/python" -c 'import json, os; print(json.dumps({"env_vars": {k: os.environ[k] for k in ("CORA_S3_ENDPOINT", "AWS_DEFAULT_REGION") if k in os.environ}}))')"
-    "$VENV/bin/ray" job submit --address "${RAY_DASHBOARD_ADDRESS:-http://127.0.0.1:8265}" \
-        --runtime-env-json "$env_json" -- bash -c "$cmd"
+    # a head that has just started may not have its job agent yet: retry that case for up to a minute
+    until out="$("$VENV/bin/ray" job submit --address "$address" --submission-id "$id" --no-wait \
+                 --runtime-env-json "$env_json" -- bash -c "$cmd" 2>&1)"; do
+        if [[ "$out" == *"No available agent"* && $tries -lt 30 ]]; then
+            tries=$((tries + 1))
+            sleep 2
+            continue
+        fi
+        echo "$out" >&2
+        echo "launch.sh submit: the job could not be submitted to $address (is ./launch.sh head running there?)" >&2
+        exit 1
+    done
+    echo "[launch] submitted job $id to $address; following its logs (Ctrl-C stops following, not the job;" \
+         "ray job stop --address $address $id stops it)" >&2
+    "$VENV/bin/ray" job logs --address "$address" --follow "$id" || true
+    status="$("$VENV/bin/python" -c 'import sys; from ray.job_submission import JobSubmissionClient as C
+print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)' "$address" "$id")"
+    echo "[launch] job $id: $status" >&2
+    [[ "$status" == SUCCEEDED ]]
 }
 
 cmd="${1:-}"

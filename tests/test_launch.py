@@ -63,7 +63,7 @@ def test_two_node_cluster_runs_a_submitted_training(tmp_path):
                      f"data.cf_dir={tmp_path / 'cf'}", f"run.run_dir={run}", "run.epochs=1", "run.max_steps=6",
                      "run.eval_baseline=false", env=env)
         assert job.returncode == 0, (job.stdout + job.stderr)[-5000:]
-        assert "succeeded" in job.stdout + job.stderr
+        assert "SUCCEEDED" in job.stderr
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["steps"] == 6 and 0.0 <= metrics["test"]["auc"] <= 1.0
         assert len(set(metrics["worker_nodes"])) == 2                  # one rank on each node

@@ -1,10 +1,13 @@
 """The per-worker training function run by Ray Train's TorchTrainer (one process per rank).
 
-Life cycle: ``setup`` (accelerator, process group, partitioned LLM, CoRA model, engine) -> per epoch:
-train (batches from this rank's InteractionShard actor, forward/backward/step, weighted loss) ->
-``validate`` (AUC/UAUC over all ranks; on a better valid AUC: test metrics and the exported adapter;
-early stop after ``patience`` evaluations without improvement) -> ``metrics.json`` in the run
-directory. Checkpoints, TensorBoard and the CLI build on these (next steps).
+Life cycle: ``setup`` (accelerator, process group, partitioned LLM, CoRA model, engine) ->
+``start_state`` (restore the newest committed checkpoint, or score the no-injection baseline) -> per
+epoch: ``train_epoch`` (batches from this rank's InteractionShard actor from its cursor,
+forward/backward/step, a checkpoint every ``checkpoint.every_steps``) -> ``end_epoch`` (``validate``:
+AUC/UAUC over all ranks, on a better valid AUC test metrics and the exported adapter, early stop
+after ``patience`` evaluations without improvement; then a checkpoint) -> ``write_metrics``
+(RUN/metrics.json). ``Board`` is rank 0's TensorBoard and progress bar. After a failure Ray Train
+calls ``train_loop`` again in a new worker group, which resumes from the newest committed checkpoint.
 """
 
 from __future__ import annotations
@@ -155,6 +158,7 @@ def train_loop(config: dict) -> None:
     """Ray Train entry point. ``config['actors']``: one InteractionShard handle per rank. Also the
     restart point after a failure: the newest committed checkpoint (if any) is restored first."""
     import ray.train
+    import torch.distributed as dist
 
     from trainer.engine import partition_stats
     ctx, engine, model = setup(config)
@@ -176,7 +180,6 @@ def train_loop(config: dict) -> None:
         end_epoch(config, engine, model, rank, epoch, state, ckpt, board, cut)
     commits = ckpt.close() if ckpt is not None else []
     board.close()
-    import torch.distributed as dist
     nodes: list = [None] * ctx.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0 and config.get("run_dir"):
