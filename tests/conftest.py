@@ -14,7 +14,7 @@ import pytest
 TEST_CPUS = 32
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -24,7 +24,7 @@ def _free_port() -> int:
 def s3_server():
     """A real S3-compatible server (moto in server mode) on 127.0.0.1, with the storage environment
     (CORA_S3_ENDPOINT, AWS credentials) pointing at it. Yields (endpoint, process)."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

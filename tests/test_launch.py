@@ -4,7 +4,6 @@ processes with token authentication), and a short `cora train` submitted to it a
 import json
 import os
 import secrets
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -12,14 +11,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_cluster(temp_dir: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cora.fileio import open_fs
+from tests.conftest import free_port
 from trainer import checkpoint as ck
 
 
@@ -126,12 +127,6 @@ def test_storage_that_cannot_be_reached_fails_fast_with_the_uri(tmp_path):
         assert time.time() - t < 30
     finally:
         os.environ.pop("CORA_S3_ENDPOINT") if saved is None else os.environ.update(CORA_S3_ENDPOINT=saved)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Outage:
