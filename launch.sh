@@ -141,18 +141,19 @@ submit_job() {
         exit 2
     fi
     cluster_auth submit
-    local cmd env_json out status tries=0
+    local cmd env_json out status deadline=$((SECONDS + 90))
     local address="${RAY_DASHBOARD_ADDRESS:-http://127.0.0.1:8265}" id="cora-$(date +%Y%m%d-%H%M%S)-$RANDOM"
     cmd="cd $(printf '%q' "$ROOT") && exec $(printf '%q' "$VENV/bin/cora") train --config $(printf '%q ' "$@") run.address=auto"
     env_json="$("$VENV/bin/python" -c 'import json, os; print(json.dumps({"env_vars": {k: os.environ[k] for k in ("CORA_S3_ENDPOINT", "AWS_DEFAULT_REGION") if k in os.environ}}))')"
-    # a head that has just started may not have its job agent yet: retry that case for up to a minute
+    # a head that has just started may not have its job agent yet: retry that case for 90 s
     until out="$("$VENV/bin/ray" job submit --address "$address" --submission-id "$id" --no-wait \
                  --runtime-env-json "$env_json" -- bash -c "$cmd" 2>&1)"; do
-        if [[ "$out" == *"No available agent"* && $tries -lt 30 ]]; then
-            tries=$((tries + 1))
+        if [[ "$out" == *"No available agent"* && $SECONDS -lt $deadline ]]; then
             sleep 2
             continue
         fi
+        [[ "$out" == *"No available agent"* ]] && echo "launch.sh submit: the head's job agent never came up;" \
+            "see dashboard_agent.log in the head's Ray logs (a port conflict: --dashboard-agent-listen-port)" >&2
         echo "$out" >&2
         echo "launch.sh submit: the job could not be submitted to $address (is ./launch.sh head running there?)" >&2
         exit 1

@@ -48,10 +48,14 @@ def test_two_node_cluster_runs_a_submitted_training(tmp_path):
     env.pop("RAY_ADDRESS", None)
     try:
         # the head keeps 2 CPUs (the data actors and one worker), the second node 1: the two ranks must spread
+        # each node's dashboard agent needs its own HTTP port: the default (52365) may be taken by the test
+        # session's own Ray, and two nodes on one machine would take it twice
         head = launch("head", "--port", str(port), "--dashboard-port", str(dash), "--num-cpus", "2",
-                      "--temp-dir", temp_dir, "--disable-usage-stats", env=env)
+                      "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", temp_dir,
+                      "--disable-usage-stats", env=env)
         assert head.returncode == 0, head.stderr[-3000:]
-        worker = launch("worker", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--disable-usage-stats", env=env)
+        worker = launch("worker", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--disable-usage-stats",
+                        "--dashboard-agent-listen-port", str(free_port()), env=env)
         assert worker.returncode == 0, worker.stderr[-3000:]
         run = tmp_path / "run"
         job = launch("submit", "configs/demo.yaml", f"data.data_dir={tmp_path / 'data'}",
