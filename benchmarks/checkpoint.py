@@ -61,9 +61,9 @@ def main() -> None:
         legs: dict[str, list] = {"none": [], "every": []}
         for rep in range(args.repeats):            # none, every, none, every, ...: drift hits both alike
             legs["none"].append(train_ranks(2, data, cf, tmp, args, f"none-{rep}"))
-            uri = args.uri or str(tmp / f"ckpt-{rep}")
-            ckpt = {"checkpoint": {"uri": uri if not args.uri else f"{uri.rstrip('/')}/{rep}", "every_steps": args.every,
-                                   "keep_last": 3, "staging": str(tmp / f"staging-{rep}")}}
+            uri = f"{args.uri.rstrip('/')}/{rep}" if args.uri else str(tmp / f"ckpt-{rep}")
+            ckpt = {"checkpoint": {"uri": uri, "every_steps": args.every, "keep_last": 3,
+                                   "staging": str(tmp / f"staging-{rep}")}}
             legs["every"].append(train_ranks(2, data, cf, tmp, args, f"every-{rep}", ckpt))
     rates = {k: [throughput(r[0], args.batch, 2, args.warmup) for r in v] for k, v in legs.items()}
     base, with_ckpt = statistics.mean(rates["none"]), statistics.mean(rates["every"])

@@ -37,7 +37,7 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 
-from cora.fileio import is_remote, open_fs, sha256
+from cora.fileio import is_remote, open_fs
 
 MANIFEST = "manifest.json"
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
@@ -280,8 +280,7 @@ class Uploader:
         meta = json.loads((staged / STAGED).read_text())
         name = staged.name
         fs, root = open_fs(self.uri)
-        files = meta.get("files") or {f: {"size": (staged / f).stat().st_size, "sha256": sha256(staged / f)}
-                                      for f in FILES}
+        files = meta["files"]             # sizes and sha256s, taken by stage() as it wrote the bytes
         retries = self._retry(f"creating {self.uri}/{name}", lambda: fs.create_dir(f"{root}/{name}"))
         for f in FILES:
             retries += self._retry(f"uploading {self.uri}/{name}/{f}",

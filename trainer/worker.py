@@ -241,10 +241,11 @@ def train_epoch(config: dict, engine, rank: int, epoch: int, state: dict, cursor
             samples.write(json.dumps({"step": state["step"], "epoch": epoch, "loss": record["loss"],
                                       "sample_ids": real}) + "\n")
             samples.flush()
-        last = it.exhausted or out_of_steps(config, state)      # then end_epoch saves this step (after validating)
-        if ckpt is not None and ckpt.due(state["step"]) and not last:
+        budget_spent = out_of_steps(config, state)
+        # the epoch's last step is saved by end_epoch, after validating
+        if ckpt is not None and ckpt.due(state["step"]) and not (it.exhausted or budget_spent):
             ckpt.save(engine, engine.module, state["step"], state, it.cursor().to_dict())
-        if out_of_steps(config, state) and not it.exhausted:
+        if budget_spent and not it.exhausted:
             cut = it.cursor().to_dict()
             break
     else:
