@@ -4,8 +4,10 @@
 #
 #   ./launch.sh demo [key=value ...]        the whole pipeline on synthetic data: prepare -> MF ->
 #                                           CoRA with 2 DeepSpeed ZeRO-3 workers on local Ray
-#                                           (overrides go to configs/demo.yaml, e.g. run.epochs=1)
-#   ./launch.sh test [pytest options]       the test suite (./launch.sh test -m "not slow": fast tests only)
+#                                           (overrides go to configs/demo.yaml, e.g. run.epochs=1;
+#                                           outputs in CORA_DEMO_DIR, default runs/demo)
+#   ./launch.sh test [pytest options]       the test suite, in a fresh HOME and CORA_CACHE
+#                                           (./launch.sh test -m "not slow": fast tests only)
 #   ./launch.sh setup                       only create/refresh the virtualenv
 #
 # A multi-node cluster (token authentication on; the repository and .venv at the same path on every
@@ -49,9 +51,29 @@ setup() {
     echo "[launch] environment ready." >&2
 }
 
+# The test suite runs with fresh per-run state, so nothing left on this machine (a tokenizer cached
+# under ~/.cache, a Ray token in ~/.ray, a shell's RAY_ADDRESS) can hide a missing install step: HOME,
+# CORA_CACHE and XDG_CACHE_HOME point into a temporary folder, removed afterwards
+# (CORA_KEEP_TEST_STATE=1 keeps it for a post-mortem). Only pip's download cache stays where it was.
+isolated_state() {
+    local state
+    state="$(mktemp -d "${TMPDIR:-/tmp}/cora-test.XXXXXX")"
+    mkdir -p "$state/home" "$state/cache"
+    export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/pip}"
+    export HOME="$state/home" CORA_CACHE="$state/cache" XDG_CACHE_HOME="$state/home/.cache"
+    unset RAY_ADDRESS RAY_AUTH_TOKEN RAY_AUTH_TOKEN_PATH
+    if [[ "${CORA_KEEP_TEST_STATE:-0}" == 1 ]]; then
+        echo "[launch] test state kept in $state" >&2
+    else
+        trap "rm -rf '$state'" EXIT
+    fi
+    echo "[launch] tests run with a fresh HOME and CORA_CACHE under $state" >&2
+}
+
 run_tests() {
     cd "$ROOT"
     local rc=0
+    isolated_state
     "$VENV/bin/python" -m pytest "$@" || rc=$?
     if [[ $rc -eq 5 ]]; then
         echo "[launch] pytest collected no tests: treating that as a failure" >&2
@@ -60,19 +82,22 @@ run_tests() {
     return $rc
 }
 
+# The demo's outputs go to CORA_DEMO_DIR (default runs/demo in the repository); a rerun replaces them.
 demo() {
     cd "$ROOT"
-    local cora="$VENV/bin/cora"
-    echo "[demo] 1/3 synthetic interactions -> runs/demo/data" >&2
-    "$cora" prepare --source synthetic --out runs/demo/data --users 300 --items 200 --interactions 6000 \
+    local cora="$VENV/bin/cora" out="${CORA_DEMO_DIR:-runs/demo}"
+    mkdir -p "$out"
+    echo "[demo] 1/3 synthetic interactions -> $out/data" >&2
+    "$cora" prepare --source synthetic --out "$out/data" --users 300 --items 200 --interactions 6000 \
         --factors 4 --rule additive --samples-per-shard 500 --overwrite > /dev/null
-    echo "[demo] 2/3 MF (the CF model) -> runs/demo/cf" >&2
-    "$cora" train-cf --data runs/demo/data --model mf --dim 16 --lr 3e-2 --out runs/demo/cf --overwrite \
-        > runs/demo/cf-metrics.json
+    echo "[demo] 2/3 MF (the CF model) -> $out/cf" >&2
+    "$cora" train-cf --data "$out/data" --model mf --dim 16 --lr 3e-2 --out "$out/cf" --overwrite \
+        > "$out/cf-metrics.json"
     echo "[demo] 3/3 CoRA: 2 ZeRO-3 workers under Ray Train, LLM = tiny-llama (a randomly initialised tiny" \
          "Llama; llm.name=smollm2-135m uses the real SmolLM2-135M)" >&2
-    "$cora" train --config configs/demo.yaml run.overwrite=true "$@"
-    "$VENV/bin/python" - runs/demo <<'PY' >&2
+    "$cora" train --config configs/demo.yaml "data.data_dir=$out/data" "data.cf_dir=$out/cf" "run.run_dir=$out/run" \
+        run.overwrite=true "$@"
+    "$VENV/bin/python" - "$out" <<'PY' >&2
 import json, sys
 root = sys.argv[1]
 run = json.load(open(f"{root}/run/metrics.json"))
@@ -84,7 +109,7 @@ PY
 }
 
 usage() {
-    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 # Token authentication for every Ray process of the cluster, set before any `ray` command runs. The

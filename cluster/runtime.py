@@ -25,14 +25,15 @@ def secure_env() -> None:
 
 def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False,
          dashboard_host: str = "127.0.0.1", namespace: str = "cora") -> dict:
-    """Join ``address`` (a running cluster, or 'auto'), or start a local instance."""
+    """Join ``address`` (a running cluster, or 'auto'), or start a new local instance (``address``
+    None: never a cluster found through RAY_ADDRESS or a ``ray start`` left on this machine)."""
     secure_env()
     if ray.is_initialized():
         return dict(_INFO)                  # what the first init of this process found (empty if not ours)
     if address:
         ctx = ray.init(address=address, namespace=namespace, log_to_driver=True)
     else:
-        ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host,
+        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host,
                        namespace=namespace)
     url = getattr(ctx, "dashboard_url", None)
     _INFO.update(dashboard_url=f"http://{url}" if url and "://" not in url else url,

@@ -18,14 +18,12 @@ from .llm import LLMConfig, load_llm, resolve_answer_token
 from .scoring import CoRAModel
 
 
-def load_exported(export_dir: str | Path, llm_state: dict | None = None) -> tuple[CoRAModel, object]:
-    """(CoRAModel in eval mode, tokenizer). ``llm_state`` overrides the LLM's weights (tests of
-    randomly initialised presets, whose weights depend on how they were built)."""
+def load_exported(export_dir: str | Path) -> tuple[CoRAModel, object]:
+    """(CoRAModel in eval mode, tokenizer). The frozen LLM is loaded as configured (presets are built
+    from their seed, so they have the weights the run trained with)."""
     export_dir = Path(export_dir)
     cfg = json.loads((export_dir / "config.json").read_text())
     llm, tok = load_llm(LLMConfig(**cfg["llm"]))
-    if llm_state is not None:
-        llm.load_state_dict(llm_state, strict=False)
     model = CoRAModel(llm, resolve_answer_token(tok), cfg["cf_dim"], cfg["cf_dim"],
                       InjectionConfig(**cfg.get("injection", {})), GeneratorConfig(**cfg.get("generator", {})))
     state = load_file(str(export_dir / "adapter.safetensors"))

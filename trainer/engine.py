@@ -110,17 +110,6 @@ def gathered_answer_row(llm, token_id: int):
     return w, b
 
 
-def save_gathered(module, path: str, write: bool) -> None:
-    """Gather a partitioned module's parameters (a collective: every rank calls it) and, where
-    ``write``, save them as safetensors. For small models (tests, export); never for a 7B LLM."""
-    import deepspeed
-    from safetensors.torch import save_file
-    params = dict(module.named_parameters())
-    with deepspeed.zero.GatheredParameters(list(params.values())):
-        if write:
-            save_file({n: p.detach().clone().contiguous() for n, p in params.items()}, path)
-
-
 def partition_stats(params) -> dict:
     """Elements this rank holds of ZeRO-3 partitioned parameters, measured from DeepSpeed's partitions
     (``ds_tensor``: this rank's slice; ``ds_numel``: the full size)."""

@@ -248,12 +248,18 @@ def main(args) -> int:
 
 
 def _main(args, out) -> int:
+    from ray.train import TrainingFailedError
     try:
         cfg = load(TrainConfig, args.config, args.overrides)
         metrics = train(cfg)
     except ConfigError as e:
         print(f"cora train: {e}", file=sys.stderr)
         return 2
+    except TrainingFailedError as e:
+        print(f"cora train: error: the worker group failed (run.max_failures={cfg.run.max_failures} restarts "
+              f"allowed): {e}\ncora train: the committed checkpoints stay in {checkpoint_uri(cfg)}; continue the "
+              f"run with the same command and run.resume=auto", file=sys.stderr)
+        return 1
     print(json.dumps({k: metrics[k] for k in ("valid", "test", "no_injection_test", "best_epoch", "steps", "seconds",
                                            "llm")}, indent=1), file=out)
     return 0

@@ -5,6 +5,9 @@
       user_embeddings.parquet   user int32, embedding fixed_size_list<float32>[d]  (all num_users)
       item_embeddings.parquet   item int32, embedding fixed_size_list<float32>[d]  (all num_items)
       model.safetensors         the model's state dict (safetensors only, never pickle)
+      test_predictions.parquet  the best model's test logits, one row per test.parquet row, same order:
+                                sample_id int64, user int32, item int32, label int8, score float32
+                                (runs written before this file existed lack it; nothing requires it)
       cf.json                   model name, config, sizes, the dataset identity, sha256 of the files
 
 The run is written into a temporary sibling directory and renamed into place, so a reader never
@@ -26,7 +29,10 @@ from cora.fileio import sha256, write_atomically  # noqa: F401 - re-exported
 
 CF_FORMAT = "cora-cf"
 CF_FORMAT_VERSION = 1
-FILES = ("metrics.json", "user_embeddings.parquet", "item_embeddings.parquet", "model.safetensors", "cf.json")
+FILES = ("metrics.json", "user_embeddings.parquet", "item_embeddings.parquet", "model.safetensors",
+         "test_predictions.parquet", "cf.json")
+PREDICTIONS = pa.schema([("sample_id", pa.int64()), ("user", pa.int32()), ("item", pa.int32()),
+                         ("label", pa.int8()), ("score", pa.float32())])
 
 
 def dataset_identity(data_dir: str | Path, manifest: dict) -> dict:
@@ -43,6 +49,19 @@ def embedding_table(key: str, vectors: np.ndarray) -> pa.Table:
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))    # (n * d,)
     emb = pa.FixedSizeListArray.from_arrays(flat, d)                                # (n,) of [d]
     return pa.table({key: pa.array(np.arange(n, dtype=np.int32)), "embedding": emb})
+
+
+def predictions_table(sample_ids: np.ndarray, users: np.ndarray, items: np.ndarray, labels: np.ndarray,
+                      scores: np.ndarray) -> pa.Table:
+    """(N,) aligned columns -> a PREDICTIONS table; ``scores`` are logits (float32 holds the float32
+    model output exactly)."""
+    columns = {"sample_id": np.asarray(sample_ids, dtype=np.int64), "user": np.asarray(users, dtype=np.int32),
+               "item": np.asarray(items, dtype=np.int32), "label": np.asarray(labels, dtype=np.int8),
+               "score": np.asarray(scores, dtype=np.float32)}
+    lengths = {name: len(col) for name, col in columns.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"prediction columns are not aligned: lengths {lengths}; pass one value per test row")
+    return pa.table(columns, schema=PREDICTIONS)
 
 
 def read_embeddings(path: str | Path) -> np.ndarray:

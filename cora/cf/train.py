@@ -3,7 +3,9 @@
     loss = BCE-with-logits(score(u, i), label) on the train split, Adam (L2 weight decay),
     shuffled mini-batches (seeded torch.Generator), valid AUC after every epoch, early stopping
     after ``patience`` epochs without improvement; the best epoch's state is kept and evaluated on
-    valid and test (test also on its warm and cold subsets; cold = cold_user | cold_item).
+    valid and test (test also on its warm and cold subsets; cold = cold_user | cold_item). The
+    best state's test logits are kept and written to CF_DIR/test_predictions.parquet, so that the
+    reported test metrics can be recomputed from the file.
 
 Life cycle: ``setup`` (model, optimiser) -> ``train_epoch`` -> ``evaluate_split`` -> ``fit_cf`` (the
 loop, in memory; the benchmark uses it directly) -> ``train_cf`` (read DATA_DIR, fit, write CF_DIR
@@ -110,6 +112,8 @@ class FitResult:
     """valid/test metrics, best_epoch, epochs_run, the per-epoch log, timings."""
     epochs: list[dict] = field(default_factory=list)
     """Per epoch: loss, valid_auc, valid_uauc, train_seconds, eval_seconds."""
+    test_scores: np.ndarray | None = None
+    """(N_test,) float64 logits of the best model on the test split: what metrics["test"] is computed from."""
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -179,15 +183,19 @@ def predict(model: CFModel, split: Split, batch_size: int) -> np.ndarray:
     return torch.cat(out).double().numpy() if out else np.zeros(0)
 
 
-def evaluate_split(model: CFModel, split: Split, batch_size: int, subsets: bool = False) -> dict:
-    """cora.metrics.evaluate on a split: auc, uauc, n, ...; with ``subsets`` also warm / cold
-    (cold only when the split has cold rows)."""
-    scores = predict(model, split, batch_size)
+def evaluate_scores(split: Split, scores: np.ndarray, subsets: bool = False) -> dict:
+    """cora.metrics.evaluate of (N,) ``scores`` on a split: auc, uauc, n, ...; with ``subsets`` also
+    warm / cold (cold only when the split has cold rows)."""
     cold = split.cold.numpy() if subsets else None
     out = evaluate(split.labels.numpy(), scores, split.users.numpy(), cold=cold)
     if subsets and out["cold"]["n"] == 0:
         del out["cold"]
     return out
+
+
+def evaluate_split(model: CFModel, split: Split, batch_size: int, subsets: bool = False) -> dict:
+    """``evaluate_scores`` of the model's predictions on a split."""
+    return evaluate_scores(split, predict(model, split, batch_size), subsets)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -231,7 +239,8 @@ def fit_cf(data: CFData, cfg: CFConfig, progress: bool = True) -> FitResult:
             best_state, best_epoch, log = _loop(model, opt, data, cfg, progress)
         model.load_state_dict(best_state)
         valid = evaluate_split(model, data.valid, cfg.eval_batch_size)
-        test = evaluate_split(model, data.test, cfg.eval_batch_size, subsets=True)
+        test_scores = predict(model, data.test, cfg.eval_batch_size)         # (N_test,)
+        test = evaluate_scores(data.test, test_scores, subsets=True)
     finally:
         torch.set_num_threads(threads)
     epochs_run = len(log)
@@ -242,7 +251,7 @@ def fit_cf(data: CFData, cfg: CFConfig, progress: bool = True) -> FitResult:
                "train_seconds_per_epoch": float(np.mean([e["train_seconds"] for e in log])),
                "n_train": len(data.train), "n_valid": len(data.valid), "n_test": len(data.test),
                "num_users": data.num_users, "num_items": data.num_items, "dim": cfg.dim, "epochs": log}
-    return FitResult(model, metrics, log)
+    return FitResult(model, metrics, log, test_scores)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -280,11 +289,28 @@ def user_table(model: CFModel, data: CFData, batch_size: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- save / load
+def read_test_sample_ids(data_dir: Path, n_rows: int) -> np.ndarray:
+    """(N_test,) int64 sample_id column of DATA_DIR/test.parquet, in file order."""
+    path = data_dir / "test.parquet"
+    if "sample_id" not in pq.read_schema(path).names:
+        raise DatasetError(f"{path} lacks column 'sample_id'; expected the INTERACTIONS schema: prepare the "
+                           f"data again")
+    ids = pq.read_table(path, columns=["sample_id"]).column("sample_id")
+    if ids.null_count or len(ids) != n_rows:
+        raise DatasetError(f"{path}: sample_id has {len(ids)} values ({ids.null_count} null) for {n_rows} "
+                           f"rows; every row needs one: prepare the data again")
+    return ids.to_numpy().astype(np.int64)
+
+
 def _write_run(tmp: Path, result: FitResult, users: torch.Tensor, cfg: CFConfig, data: CFData,
-               identity: dict) -> None:
+               identity: dict, sample_ids: np.ndarray) -> None:
     """Every file of CF_DIR into ``tmp``; cf.json last, with the sha256 of the others."""
     model = result.model
     (tmp / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
+    test = data.test
+    pq.write_table(store.predictions_table(sample_ids, test.users.numpy(), test.items.numpy(),
+                                           test.labels.numpy(), result.test_scores),
+                   tmp / "test_predictions.parquet")
     items = model.item_vectors().detach()
     pq.write_table(store.embedding_table("user", users.float().numpy()), tmp / "user_embeddings.parquet")
     pq.write_table(store.embedding_table("item", items.float().numpy()), tmp / "item_embeddings.parquet")
@@ -312,11 +338,12 @@ def train_cf(data_dir: str | Path, out_dir: str | Path, cfg: CFConfig | None = N
     out_dir = Path(out_dir)
     data, manifest = load_data(data_dir, cfg.max_history if cfg.model == "sasrec" else None)
     identity = store.dataset_identity(data_dir, manifest)
+    sample_ids = read_test_sample_ids(Path(data_dir), len(data.test))
     store.check_out_dir(out_dir, asdict(cfg), identity, overwrite)     # fail before training
     result = fit_cf(data, cfg, progress=progress)
     users = user_table(result.model, data, cfg.eval_batch_size)
     store.check_out_dir(out_dir, asdict(cfg), identity, overwrite)     # nothing appeared meanwhile
-    store.write_atomically(out_dir, lambda tmp: _write_run(tmp, result, users, cfg, data, identity))
+    store.write_atomically(out_dir, lambda tmp: _write_run(tmp, result, users, cfg, data, identity, sample_ids))
     return result.metrics
 
 

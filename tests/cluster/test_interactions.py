@@ -59,7 +59,9 @@ def test_two_ranks_see_every_sample_exactly_once(served, data_dir):
     train = pq.read_table(data_dir / "train.parquet").to_pandas().set_index("sample_id")
     np.testing.assert_array_equal(b["item_emb"], items[train.loc[b["sample_ids"], "item"].to_numpy()])
     np.testing.assert_array_equal(b["labels"], train.loc[b["sample_ids"], "label"].to_numpy())
-    assert all(it.wait_seconds >= 0 for it in its)
+    for it, batches in zip(its, per_rank):                          # one measured wait per batch handed over
+        assert len(it.waits) == len(batches) and all(w > 0 for w in it.waits)
+        assert it.wait_seconds == pytest.approx(sum(it.waits))
     assert all(0 < b["lookup_s"] < 5 for b in per_rank[0])          # the batch's lookup time, measured
     again, _ = _run(actors, epoch=1)
     assert _ids(again[0]) != _ids(per_rank[0])                       # a new shuffle per epoch

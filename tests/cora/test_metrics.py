@@ -1,5 +1,6 @@
 """Tests for cora.metrics against sklearn references."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -99,8 +100,9 @@ def test_uauc_ties_across_users_do_not_merge():
 
 def test_uauc_result_is_frozen():
     res = uauc([0, 0], [0, 1], [0.1, 0.2])
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'uauc'"):
         res.uauc = 0.0  # type: ignore[misc]
+    assert res.uauc == 1.0
 
 
 def test_uauc_no_user_with_both_classes_raises():

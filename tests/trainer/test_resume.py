@@ -87,7 +87,7 @@ class Killer:
             time.sleep(0.05)
 
 
-def test_killed_then_resumed_from_s3_equals_an_uninterrupted_run(inputs, tmp_path, s3_server):
+def test_killed_then_resumed_from_s3_equals_an_uninterrupted_run(inputs, tmp_path, s3_server, capsys):
     fs, _ = open_fs("s3://ckpts", create_buckets=True)
     fs.create_dir("ckpts")
     budget = "run.max_steps=24"
@@ -95,8 +95,12 @@ def test_killed_then_resumed_from_s3_equals_an_uninterrupted_run(inputs, tmp_pat
     assert main(args(inputs, ref, budget)) == 0
     run, uri = tmp_path / "run", "s3://ckpts/run"
     killer = Killer(uri, after_step=8)
-    with pytest.raises(Exception):                 # max_failures=0: the killed run fails ...
-        main(args(inputs, run, budget, f"run.checkpoint_uri={uri}", "run.max_failures=0"))
+    capsys.readouterr()
+    # max_failures=0: the killed run fails ...
+    assert main(args(inputs, run, budget, f"run.checkpoint_uri={uri}", "run.max_failures=0")) == 1
+    err = capsys.readouterr().err
+    assert "the worker group failed (run.max_failures=0" in err and f"checkpoints stay in {uri}" in err
+    assert "run.resume=auto" in err
     assert killer.killed_at is not None
     interrupted = steps(run)
     assert max(interrupted) < 24                   # ... mid-epoch (an epoch has 100 steps), before its budget

@@ -1,6 +1,9 @@
 """2-rank DeepSpeed ZeRO-3 under Ray Train on the CPU (gloo), fed by InteractionShard actors."""
 
+import functools
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -28,6 +31,20 @@ def planted_tables(data, out):
     pq.write_table(embedding_table("item", vf[items]), out / "item_embeddings.parquet")
 
 
+def hash_partitions(out_dir: str, stage: str, rank: int, model) -> None:
+    """A worker probe: the sha256 of this rank's ZeRO-3 partitions (``ds_tensor``) of the frozen LLM and of
+    the generator, written to OUT_DIR/rank{rank}-{stage}.json (the worker keeps no copy of its own)."""
+    def digest(params) -> str:
+        h = hashlib.sha256()
+        for p in params:
+            h.update(p.ds_tensor.detach().contiguous().numpy().tobytes())
+        return h.hexdigest()
+    frozen = [p for p in model.llm.parameters() if not p.requires_grad]
+    out = {"llm": digest(frozen), "generator": digest(model.generator.parameters()),
+           "llm_elements_held": sum(p.ds_tensor.numel() for p in frozen)}
+    Path(out_dir, f"rank{rank}-{stage}.json").write_text(json.dumps(out))
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     from trainer.worker import run
@@ -41,9 +58,10 @@ def two_rank_run(tmp_path_factory):
     actors = {split: start_interaction_shards(str(tmp / "data"), split, 2, embeddings=client, batch_size=8, seed=0,
                                               num_cpus=0.1, max_length=256) for split in ("train", "valid", "test")}
     (tmp / "report").mkdir()
+    (tmp / "hashes").mkdir()
     cfg = {"llm": {"name": "tiny-llama"}, "cf_dim": FACTORS, "actors": actors["train"], "epochs": 2,
            "valid_actors": actors["valid"], "test_actors": actors["test"], "run_dir": str(tmp / "run"),
-           "dump_llm": str(tmp / "llm.safetensors"),
+           "probe": functools.partial(hash_partitions, str(tmp / "hashes")),
            "report_dir": str(tmp / "report"), "total_steps": 100,
            "generator": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
            "optim": {"warmup_steps": 0, "lr_peak": 1e-2, "lr_end": 1e-3}}
@@ -54,12 +72,16 @@ def two_rank_run(tmp_path_factory):
 
 
 def test_each_rank_holds_half_of_the_llm_and_it_never_changes(two_rank_run):
-    ranks = two_rank_run[0]
-    for r in ranks:
+    ranks, _, tmp, _ = two_rank_run
+    hashes = {(r, s): json.loads((tmp / "hashes" / f"rank{r}-{s}.json").read_text()) for r in (0, 1)
+              for s in ("setup", "end")}
+    for rank, r in enumerate(ranks):
         part = r["llm_partition"]
         assert part["total"] > 3_000_000 and abs(part["share"] - 0.5) < 0.01     # from ds_tensor sizes
-        assert r["llm_unchanged"] is True                                          # bit-identical
-        assert r["generator_changed"] is True
+        assert hashes[rank, "setup"]["llm_elements_held"] == part["held"]
+        assert hashes[rank, "end"]["llm"] == hashes[rank, "setup"]["llm"]             # bit-identical
+        assert hashes[rank, "end"]["generator"] != hashes[rank, "setup"]["generator"]  # trained
+    assert hashes[0, "setup"]["llm"] != hashes[1, "setup"]["llm"]                   # two different halves
 
 
 def test_training_is_finite_falls_and_sees_each_sample_once_per_epoch(two_rank_run):
@@ -101,7 +123,6 @@ def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, c
     optim = {"warmup_steps": 2, "lr_peak": 1e-2, "lr_start": 1e-3, "lr_end": 1e-3}
     cfg = {"llm": {"name": "tiny-llama"}, "cf_dim": FACTORS, "actors": actors, "max_steps": steps, "seed": 3,
            "record_batches": steps, "report_dir": str(tmp_path / "report"), "total_steps": steps,
-           "dump_llm": str(tmp_path / "llm.safetensors"),
            "generator": gen, "optim": optim, "injection": {"dropout": 0.0},
            "engine": {"activation_checkpointing": checkpointing}}
     run(cfg, num_workers=2, storage_path=str(tmp_path / "runs"))
@@ -110,9 +131,7 @@ def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, c
     ranks = [r["log"] for r in reports]
 
     torch.manual_seed(3)                                       # the reference: one process, batch 8
-    from safetensors.torch import load_file
-    llm, tok = load_llm(LLMConfig(name="tiny-llama"))
-    llm.load_state_dict(load_file(str(tmp_path / "llm.safetensors")), strict=False)  # zero.Init's weights
+    llm, tok = load_llm(LLMConfig(name="tiny-llama"))          # the preset as any process builds it
     model = CoRAModel(llm, resolve_answer_token(tok), FACTORS, FACTORS, InjectionConfig(dropout=0.0),
                       GeneratorConfig(**gen)).train()
     opt, sched = build_optimizer(model.trainable_parameters(), OptimConfig(**optim), steps)
@@ -133,7 +152,6 @@ def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, c
 
 def test_validation_metrics_and_the_export_scores_like_the_distributed_model(two_rank_run):
     import torch
-    from safetensors.torch import load_file
 
     from cluster.client import BatchIterator
     from cora.export import load_exported
@@ -147,7 +165,7 @@ def test_validation_metrics_and_the_export_scores_like_the_distributed_model(two
     preds = pq.read_table(tmp / "run" / "test_predictions.parquet").to_pandas().set_index("sample_ids")
     assert len(preds) == test_rows
     # the exported adapter, in one process without DeepSpeed, scores the test samples the same way
-    model, _ = load_exported(tmp / "run" / "export", llm_state=load_file(str(tmp / "llm.safetensors")))
+    model, _ = load_exported(tmp / "run" / "export")
     got = {}
     with torch.no_grad():
         for r in (0, 1):
