@@ -62,8 +62,7 @@ def main() -> None:
         for rep in range(args.repeats):            # none, every, none, every, ...: drift hits both alike
             legs["none"].append(train_ranks(2, data, cf, tmp, args, f"none-{rep}"))
             uri = f"{args.uri.rstrip('/')}/{rep}" if args.uri else str(tmp / f"ckpt-{rep}")
-            ckpt = {"checkpoint": {"uri": uri, "every_steps": args.every, "keep_last": 3,
-                                   "staging": str(tmp / f"staging-{rep}")}}
+            ckpt = {"uri": uri, "every": args.every, "staging": str(tmp / f"staging-{rep}")}
             legs["every"].append(train_ranks(2, data, cf, tmp, args, f"every-{rep}", ckpt))
     rates = {k: [throughput(r[0], args.batch, 2, args.warmup) for r in v] for k, v in legs.items()}
     base, with_ckpt = statistics.mean(rates["none"]), statistics.mean(rates["every"])

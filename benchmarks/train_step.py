@@ -64,23 +64,32 @@ def run_workers(workers: int, data: Path, cf: Path, tmp: Path, args) -> dict:
     return summarise(ranks, workers, args) | {"wall_s": round(time.time() - t, 1)}
 
 
-def train_ranks(workers: int, data: Path, cf: Path, tmp: Path, args, name: str, extra: dict | None = None) -> list[dict]:
-    """Train ``args.steps`` steps with ``workers`` ranks; each rank's report (trainer.worker.train_loop)."""
+def train_ranks(workers: int, data: Path, cf: Path, tmp: Path, args, name: str, checkpoint: dict | None = None) -> list[dict]:
+    """Train ``args.steps`` steps with ``workers`` ranks; each rank's report (trainer.hooks.Report).
+    ``checkpoint``: {"uri", "every", "staging"} to checkpoint every that many steps."""
     from cluster.embeddings import start_embedding_servers
     from cluster.interactions import start_interaction_shards
+    from cora.config import from_dict
+    from trainer.config import TrainConfig
+    from trainer.hooks import Report
+    from trainer.recipe import Handover
     from trainer.worker import run
     client = start_embedding_servers(str(cf), shards=1, dim=args.dim, num_cpus=0.1)
     actors = start_interaction_shards(str(data), "train", workers, embeddings=client, batch_size=args.batch,
                                       seed=0, num_cpus=0.1, max_length=args.max_length)
     report = tmp / f"report-{name}"
     report.mkdir()
-    cfg = {"llm": {"name": args.llm, "dtype": "bfloat16" if args.bf16 else "float32"}, "cf_dim": args.dim,
-           "actors": actors, "epochs": 100, "max_steps": args.steps, "total_steps": args.steps,
-           "report_dir": str(report), "device": args.device, "cpus_per_worker": args.cpus_per_worker,
-           "generator": GENERATORS[args.generator],
-           "engine": {"micro_batch_size": args.batch, "bf16": args.bf16,
-                      "activation_checkpointing": args.activation_checkpointing}, **(extra or {})}
-    run(cfg, num_workers=workers, storage_path=str(tmp / f"ray-{name}"), name=name)
+    checkpoint = checkpoint or {}
+    cfg = from_dict(TrainConfig, {
+        "llm": {"name": args.llm, "dtype": "bfloat16" if args.bf16 else "float32"},
+        "generator": GENERATORS[args.generator],
+        "engine": {"micro_batch_size": args.batch, "bf16": args.bf16,
+                   "activation_checkpointing": args.activation_checkpointing},
+        "run": {"workers": workers, "epochs": 100, "max_steps": args.steps, "device": args.device,
+                "cpus_per_worker": args.cpus_per_worker, "checkpoint_every": checkpoint.get("every", 0)}})
+    handover = Handover(train=actors, cf_dim=args.dim, total_steps=args.steps, hooks=[Report(report)],
+                        checkpoint_uri=checkpoint.get("uri"), staging_dir=checkpoint.get("staging"))
+    run(cfg, handover, storage_path=str(tmp / f"ray-{name}"), name=name)
     from trainer.train import stop_data
     stop_data({"train": actors}, client)           # each leg starts from the same set of processes
     return [json.loads((report / f"rank{r}.json").read_text()) for r in range(workers)]

@@ -28,6 +28,7 @@ import webdataset as wds
 from ray.util.metrics import Counter, Gauge
 
 from cora.data.schema import read_manifest
+from cora.prompts import pad_prompts
 
 from . import plan
 
@@ -209,11 +210,8 @@ class InteractionShard:
             user_emb = self.embeddings.lookup("user", users)
         item_emb = item_wait()
         lookup_s = time.perf_counter() - t0
-        prompts = [self.encoder.encode(s["history_titles"], s["title"]) for s in samples]
-        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-        ids = np.full((len(prompts), lengths.max()), self.pad_id, dtype=np.int64)
-        for row, p in enumerate(prompts):
-            ids[row, :len(p)] = p
+        ids, lengths = pad_prompts([self.encoder.encode(s["history_titles"], s["title"]) for s in samples],
+                                   self.pad_id)
         return {"input_ids": ids, "lengths": lengths, "user_emb": user_emb, "item_emb": item_emb,
                 "lookup_s": np.float64(lookup_s),
                 "labels": np.array([s["label"] for s in samples], dtype=np.float32),

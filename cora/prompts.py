@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 TEMPLATES_FILE = Path(__file__).with_name("prompt_templates.json")
 
 
@@ -73,3 +75,16 @@ class PromptEncoder:
                 return ids
         raise ValueError(f"the prompt without any history is {len(ids)} tokens, over max_length="
                          f"{self.max_length} (target title {target[:60]!r}); raise max_length")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token id lists: ((B, T) int64 ids, (B,) int64 lengths), T = the longest prompt."""
+    if len(prompts) == 0:
+        raise ValueError("empty batch: no prompts given")
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    if int(lengths.min()) == 0:
+        raise ValueError(f"prompt {int(lengths.argmin())} of the batch is empty (0 tokens)")
+    ids = np.full((len(prompts), int(lengths.max())), pad_id, dtype=np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, : len(p)] = p
+    return ids, lengths

@@ -15,12 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cora.generator import CollaborativeWeightsGenerator, GeneratorConfig
 from cora.injection import Injection, InjectionConfig
+from cora.prompts import pad_prompts
+
+
+FIELDS = ("input_ids", "lengths", "user_emb", "item_emb", "labels", "weights")
 
 
 @dataclass
@@ -31,25 +36,36 @@ class Batch:
     lengths: torch.Tensor     # (B,) long, real tokens per row
     user_emb: torch.Tensor    # (B, du)
     item_emb: torch.Tensor    # (B, di)
-    labels: torch.Tensor | None = None  # (B,) float in {0, 1}
+    labels: torch.Tensor | None = None   # (B,) float in {0, 1}
+    weights: torch.Tensor | None = None  # (B,) float: 0 for a padding sample (the epoch plan's), else 1
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(*(move(getattr(self, f)) for f in ("input_ids", "lengths", "user_emb", "item_emb", "labels")))
+        return Batch(*(move(getattr(self, f)) for f in FIELDS))
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "Batch":
+        """A Batch from a dict of numpy arrays (an InteractionShard actor's batch; extra keys ignored)."""
+        return cls(*(None if arrays.get(f) is None else torch.from_numpy(np.asarray(arrays[f])) for f in FIELDS))
 
 
-def collate(prompts: Sequence[Sequence[int]], user_emb, item_emb, labels=None, pad_id: int = 0) -> Batch:
+def collate(prompts: Sequence[Sequence[int]], user_emb, item_emb, labels=None, pad_id: int = 0,
+            weights=None) -> Batch:
     """Right-pad token id lists into a Batch."""
-    if len(prompts) == 0:
-        raise ValueError("empty batch: no prompts given")
-    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    if int(lengths.min()) == 0:
-        raise ValueError(f"prompt {int(lengths.argmin())} of the batch is empty (0 tokens)")
-    ids = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-    as_t = lambda x: None if x is None else torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
-    return Batch(ids, lengths, as_t(user_emb), as_t(item_emb), as_t(labels))
+    ids, lengths = pad_prompts(prompts, pad_id)
+    as_t = lambda x: None if x is None else torch.as_tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
+    return Batch(torch.from_numpy(ids), torch.from_numpy(lengths), as_t(user_emb), as_t(item_emb), as_t(labels),
+                 as_t(weights))
+
+
+def bce_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean BCE-with-logits over the batch; with ``weights``, over the weighted samples only (the epoch
+    plan's weight-0 padding samples count for nothing)."""
+    per = F.binary_cross_entropy_with_logits(logits, labels.to(logits.device), reduction="none")
+    if weights is None:
+        return per.mean()
+    w = weights.to(per.device)
+    return (per * w).sum() / w.sum().clamp(min=1.0)
 
 
 def answer_row(llm: nn.Module, token_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -108,8 +124,8 @@ class CoRAModel(nn.Module):
         return logit.float()
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(BCE-with-logits loss, logits)."""
+        """(BCE-with-logits loss over the batch's weighted samples, logits)."""
         if batch.labels is None:
             raise ValueError("batch has no labels; loss() needs them")
         logits = self(batch)
-        return F.binary_cross_entropy_with_logits(logits, batch.labels.to(logits.device)), logits
+        return bce_loss(logits, batch.labels, batch.weights), logits

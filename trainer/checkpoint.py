@@ -452,14 +452,14 @@ def load_into(engine, model, files: dict[str, bytes], rank: int) -> dict:
 
 class Checkpointer:
     """The worker group's checkpointing: ``due``/``save`` during training, ``restore`` at start, ``close``
-    at the end. ``config['checkpoint']``: uri, every_steps, keep_last, staging (a local directory)."""
+    at the end. A checkpoint every ``every`` steps (0: only when the loop asks), staged in the local
+    directory ``staging``; ``config`` (the run's config) goes into each state.json."""
 
-    def __init__(self, config: dict, rank: int):
-        c = config["checkpoint"]
-        self.uri, self.every, self.rank, self.config = c["uri"], c.get("every_steps", 0), rank, config
-        self.staging = Path(c["staging"])
-        self.uploader = Uploader(self.uri, c.get("keep_last", 3), tuple(c.get("backoff", (0.5, 30.0)))) \
-            if rank == 0 else None
+    def __init__(self, uri: str, every: int, keep_last: int, staging: str | Path, config: dict, rank: int,
+                 backoff: tuple[float, float] = (0.5, 30.0)):
+        self.uri, self.every, self.rank, self.config = uri, every, rank, config
+        self.staging = Path(staging)
+        self.uploader = Uploader(self.uri, keep_last, backoff) if rank == 0 else None
         self.save_seconds: list[float] = []      # time the training loop was held by each save
 
     def due(self, step: int) -> bool:
@@ -470,9 +470,7 @@ class Checkpointer:
         t, now = time.perf_counter(), time.time()
         parts = capture(engine, model, loop_state, cursor)        # the only part the training loop waits for
         if parts is not None:
-            keys = ("llm", "injection", "generator", "optim", "engine", "cf_dim", "seed", "epochs")
-            config = {k: self.config.get(k) for k in keys}
-            self.uploader.submit(lambda: stage(self.staging, step, parts, best, valid_auc, config, now))
+            self.uploader.submit(lambda: stage(self.staging, step, parts, best, valid_auc, self.config, now))
         self.save_seconds.append(time.perf_counter() - t)
 
     def restore(self, engine, model) -> dict | None:

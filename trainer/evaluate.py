@@ -21,13 +21,13 @@ from cora.metrics import evaluate as metrics
 def predict(engine, actor, epoch: int = 0) -> dict[str, np.ndarray]:
     from cluster.client import BatchIterator
 
-    from .worker import to_batch
+    from cora.scoring import Batch
     keep: dict[str, list] = {k: [] for k in ("sample_ids", "users", "labels", "cold", "scores")}
     engine.eval()
     with torch.no_grad():
         for raw in BatchIterator(actor, epoch):
             real = raw["weights"] > 0
-            scores = engine(to_batch(raw)).float().numpy()
+            scores = engine(Batch.from_arrays(raw)).float().numpy()
             for k in ("sample_ids", "users", "labels", "cold"):
                 keep[k].append(raw[k][real])
             keep["scores"].append(scores[real])

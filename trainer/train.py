@@ -44,22 +44,18 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
             for split in ("train", "valid", "test")}, client
 
 
-def worker_config(cfg: TrainConfig, actors: dict, cf_dim: int) -> dict:
+def handover(cfg: TrainConfig, actors: dict, cf_dim: int):
+    """What the workers get besides the config: the actors, the CF width, the schedule's length, where to write."""
     from cluster import plan
     from cora.data.schema import read_manifest
+
+    from .recipe import Handover
     rows = read_manifest(cfg.data.data_dir)["counts"]["splits"]["train"]["rows"]
     steps = plan.steps_per_epoch(rows, cfg.run.workers, cfg.engine.micro_batch_size) * cfg.run.epochs
-    d = to_dict(cfg)
-    return {"llm": d["llm"], "injection": d["injection"], "generator": d["generator"], "optim": d["optim"],
-            "engine": d["engine"], "cf_dim": cf_dim, "device": cfg.run.device, "seed": cfg.run.seed,
-            "epochs": cfg.run.epochs, "patience": cfg.run.patience, "max_steps": cfg.run.max_steps,
-            "total_steps": max(1, steps // cfg.engine.gradient_accumulation), "run_dir": str(Path(cfg.run.run_dir).absolute()),
-            "cpus_per_worker": cfg.run.cpus_per_worker, "actors": actors["train"],
-            "valid_actors": actors["valid"], "test_actors": actors["test"], "tensorboard": True, "progress": True,
-            "eval_baseline": cfg.run.eval_baseline,
-            "checkpoint": {"uri": checkpoint_uri(cfg), "every_steps": cfg.run.checkpoint_every,
-                           "keep_last": cfg.run.keep_last, "staging": str(Path(cfg.run.run_dir).absolute() / ".staging")},
-            "sample_log": str(Path(cfg.run.run_dir).absolute() / "samples") if cfg.run.sample_log else None}
+    run_dir = Path(cfg.run.run_dir).absolute()
+    return Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], cf_dim=cf_dim,
+                    total_steps=max(1, steps // cfg.engine.gradient_accumulation), run_dir=str(run_dir),
+                    checkpoint_uri=checkpoint_uri(cfg), staging_dir=str(run_dir / ".staging"))
 
 
 def check_resources(cfg: TrainConfig) -> None:
@@ -218,10 +214,9 @@ def _train(cfg: TrainConfig, actors: dict, cf_dim: int, run_dir: Path, dashboard
     check_resources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    wcfg = worker_config(cfg, actors, cf_dim)
-    if wcfg["sample_log"]:
-        Path(wcfg["sample_log"]).mkdir(parents=True, exist_ok=True)
-    run(wcfg, cfg.run.workers, str(run_dir / "ray"), name="train", max_failures=cfg.run.max_failures)
+    if cfg.run.sample_log:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    run(cfg, handover(cfg, actors, cf_dim), str(run_dir / "ray"), name="train", max_failures=cfg.run.max_failures)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["seconds"] = round(time.time() - t0, 1)
     metrics["llm"] = cfg.llm.name

@@ -255,3 +255,38 @@ def test_cpu_adapter_dropout_is_an_unbiased_independent_dropout():
     assert torch.equal(x.grad, kept)                                    # gradient flows only where kept
     same, one = adapter_dropout(x, 0.05, training=False)
     assert same is x and one == 1.0
+
+
+def test_the_loss_ignores_weight_zero_padding_samples(tokenizer, yes_id):
+    """The epoch plan pads a short rank's last batch with weight-0 copies: the loss of the padded batch
+    equals the plain mean BCE of its real samples, whatever the padding's label."""
+    torch.manual_seed(0)
+    model = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(dropout=0.0), SMALL_GEN).eval()
+    randomise_p(model)
+    real = _batch(tokenizer, n=3)
+    ids = torch.cat([real.input_ids, real.input_ids[:1]])
+    padded = collate([row[:n].tolist() for row, n in zip(ids, torch.cat([real.lengths, real.lengths[:1]]))],
+                     torch.cat([real.user_emb, real.user_emb[:1]]), torch.cat([real.item_emb, real.item_emb[:1]]),
+                     torch.cat([real.labels, 1 - real.labels[:1]]), tokenizer.pad_token_id,
+                     weights=[1.0, 1.0, 1.0, 0.0])
+    with torch.no_grad():
+        want = nn.functional.binary_cross_entropy_with_logits(model(real), real.labels)
+        got, logits = model.loss(padded)
+        unweighted, _ = model.loss(collate([row[:n].tolist() for row, n in zip(padded.input_ids, padded.lengths)],
+                                           padded.user_emb, padded.item_emb, padded.labels, tokenizer.pad_token_id))
+    assert logits.shape == (4,)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(unweighted, want, atol=1e-3)
+
+
+def test_a_batch_from_an_actors_arrays_keeps_every_field(tokenizer):
+    import numpy as np
+
+    from cora.scoring import Batch
+    b = _batch(tokenizer)
+    arrays = {"input_ids": b.input_ids.numpy(), "lengths": b.lengths.numpy(), "user_emb": b.user_emb.numpy(),
+              "item_emb": b.item_emb.numpy(), "labels": b.labels.numpy(), "weights": np.ones(3, np.float32),
+              "sample_ids": np.arange(3)}
+    got = Batch.from_arrays(arrays)
+    for f in ("input_ids", "lengths", "user_emb", "item_emb", "labels"):
+        assert torch.equal(getattr(got, f), getattr(b, f)), f
+    assert torch.equal(got.weights, torch.ones(3)) and b.weights is None

@@ -57,6 +57,15 @@ def final(run) -> dict[int, dict]:
     return out
 
 
+def ours(proc: psutil.Process) -> bool:
+    """A process of this test session's Ray instance (whose raylet is a child of this process), not of
+    another session running on the same machine."""
+    try:
+        return any(parent.pid == os.getpid() for parent in proc.parents())
+    except psutil.NoSuchProcess:
+        return False
+
+
 class Killer:
     """Kills one Ray Train worker process (SIGKILL) once a checkpoint at or after ``after_step`` is committed."""
 
@@ -79,7 +88,7 @@ class Killer:
                 pass
             if committed and max(committed) >= self.after:
                 workers = [p for p in psutil.process_iter(["cmdline"])
-                           if any("RayTrainWorker" in c for c in (p.info["cmdline"] or []))]
+                           if any("RayTrainWorker" in c for c in (p.info["cmdline"] or [])) and ours(p)]
                 if workers:
                     os.kill(workers[-1].pid, signal.SIGKILL)
                     self.killed_at = max(committed)

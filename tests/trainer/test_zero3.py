@@ -1,6 +1,5 @@
 """2-rank DeepSpeed ZeRO-3 under Ray Train on the CPU (gloo), fed by InteractionShard actors."""
 
-import functools
 import hashlib
 import json
 from pathlib import Path
@@ -14,7 +13,11 @@ from tests.conftest import TEST_CPUS
 from cluster.embeddings import start_embedding_servers
 from cluster.interactions import start_interaction_shards
 from cora.cf.store import embedding_table
+from cora.config import from_dict
 from trainer.cli import main
+from trainer.config import TrainConfig
+from trainer.hooks import Hooks, Report
+from trainer.recipe import Handover
 
 pytestmark = pytest.mark.slow
 USERS, ITEMS, FACTORS = 60, 40, 2
@@ -31,18 +34,29 @@ def planted_tables(data, out):
     pq.write_table(embedding_table("item", vf[items]), out / "item_embeddings.parquet")
 
 
-def hash_partitions(out_dir: str, stage: str, rank: int, model) -> None:
-    """A worker probe: the sha256 of this rank's ZeRO-3 partitions (``ds_tensor``) of the frozen LLM and of
-    the generator, written to OUT_DIR/rank{rank}-{stage}.json (the worker keeps no copy of its own)."""
-    def digest(params) -> str:
-        h = hashlib.sha256()
-        for p in params:
-            h.update(p.ds_tensor.detach().contiguous().numpy().tobytes())
-        return h.hexdigest()
-    frozen = [p for p in model.llm.parameters() if not p.requires_grad]
-    out = {"llm": digest(frozen), "generator": digest(model.generator.parameters()),
-           "llm_elements_held": sum(p.ds_tensor.numel() for p in frozen)}
-    Path(out_dir, f"rank{rank}-{stage}.json").write_text(json.dumps(out))
+class HashPartitions(Hooks):
+    """The sha256 of each rank's ZeRO-3 partitions (``ds_tensor``) of the frozen LLM and of the generator,
+    after set-up and at the end, written to OUT/rank<r>-<stage>.json (the worker keeps no copy of its own)."""
+
+    def __init__(self, out_dir):
+        self.out_dir = str(out_dir)
+
+    def after_setup(self, recipe) -> None:
+        self.write("setup", recipe)
+
+    def at_end(self, recipe) -> None:
+        self.write("end", recipe)
+
+    def write(self, stage: str, recipe) -> None:
+        def digest(params) -> str:
+            h = hashlib.sha256()
+            for p in params:
+                h.update(p.ds_tensor.detach().contiguous().numpy().tobytes())
+            return h.hexdigest()
+        frozen = [p for p in recipe.model.llm.parameters() if not p.requires_grad]
+        out = {"llm": digest(frozen), "generator": digest(recipe.model.generator.parameters()),
+               "llm_elements_held": sum(p.ds_tensor.numel() for p in frozen)}
+        Path(self.out_dir, f"rank{recipe.rank}-{stage}.json").write_text(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +73,14 @@ def two_rank_run(tmp_path_factory):
                                               num_cpus=0.1, max_length=256) for split in ("train", "valid", "test")}
     (tmp / "report").mkdir()
     (tmp / "hashes").mkdir()
-    cfg = {"llm": {"name": "tiny-llama"}, "cf_dim": FACTORS, "actors": actors["train"], "epochs": 2,
-           "valid_actors": actors["valid"], "test_actors": actors["test"], "run_dir": str(tmp / "run"),
-           "probe": functools.partial(hash_partitions, str(tmp / "hashes")),
-           "report_dir": str(tmp / "report"), "total_steps": 100,
-           "generator": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
-           "optim": {"warmup_steps": 0, "lr_peak": 1e-2, "lr_end": 1e-3}}
-    run(cfg, num_workers=2, storage_path=str(tmp / "runs"))
+    cfg = from_dict(TrainConfig, {
+        "llm": {"name": "tiny-llama"}, "run": {"epochs": 2, "workers": 2, "eval_baseline": False},
+        "generator": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
+        "optim": {"warmup_steps": 0, "lr_peak": 1e-2, "lr_end": 1e-3}})
+    handover = Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], cf_dim=FACTORS,
+                        total_steps=100, run_dir=str(tmp / "run"),
+                        hooks=[Report(tmp / "report"), HashPartitions(tmp / "hashes")])
+    run(cfg, handover, storage_path=str(tmp / "runs"))
     ranks = [json.loads((tmp / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
     train_ids = pq.read_table(tmp / "data" / "train.parquet").column("sample_id").to_pylist()
     return ranks, train_ids, tmp, actors
@@ -121,11 +136,13 @@ def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, c
     steps = 5
     gen = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "dropout": 0.0}
     optim = {"warmup_steps": 2, "lr_peak": 1e-2, "lr_start": 1e-3, "lr_end": 1e-3}
-    cfg = {"llm": {"name": "tiny-llama"}, "cf_dim": FACTORS, "actors": actors, "max_steps": steps, "seed": 3,
-           "record_batches": steps, "report_dir": str(tmp_path / "report"), "total_steps": steps,
-           "generator": gen, "optim": optim, "injection": {"dropout": 0.0},
-           "engine": {"activation_checkpointing": checkpointing}}
-    run(cfg, num_workers=2, storage_path=str(tmp_path / "runs"))
+    cfg = from_dict(TrainConfig, {
+        "llm": {"name": "tiny-llama"}, "run": {"max_steps": steps, "seed": 3, "workers": 2},
+        "generator": gen, "optim": optim, "injection": {"dropout": 0.0},
+        "engine": {"activation_checkpointing": checkpointing}})
+    handover = Handover(train=actors, cf_dim=FACTORS, total_steps=steps,
+                        hooks=[Report(tmp_path / "report", record_batches=steps)])
+    run(cfg, handover, storage_path=str(tmp_path / "runs"))
     reports = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["activation_checkpointing"] is checkpointing for r in reports)
     ranks = [r["log"] for r in reports]
@@ -155,7 +172,7 @@ def test_validation_metrics_and_the_export_scores_like_the_distributed_model(two
 
     from cluster.client import BatchIterator
     from cora.export import load_exported
-    from trainer.worker import to_batch
+    from cora.scoring import Batch
     _, _, tmp, actors = two_rank_run
     m = json.loads((tmp / "run" / "metrics.json").read_text())
     assert [e["epoch"] for e in m["evaluations"]] == [0, 1]
@@ -170,7 +187,7 @@ def test_validation_metrics_and_the_export_scores_like_the_distributed_model(two
     with torch.no_grad():
         for r in (0, 1):
             for raw in BatchIterator(actors["test"][r], epoch=0):
-                for sid, score, w in zip(raw["sample_ids"], model(to_batch(raw)).numpy(), raw["weights"]):
+                for sid, score, w in zip(raw["sample_ids"], model(Batch.from_arrays(raw)).numpy(), raw["weights"]):
                     if w > 0:
                         got[int(sid)] = float(score)
     assert sorted(got) == sorted(preds.index)

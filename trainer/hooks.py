@@ -1,0 +1,56 @@
+"""Hooks: where tests and benchmarks look into a running worker, installed through the driver's
+``Handover`` (production runs install none). ``Report`` writes what a benchmark or a test reads back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class Hooks:
+    """No-op base: override what you need. ``recipe`` is the worker's ``trainer.recipe.Recipe``."""
+
+    def after_setup(self, recipe) -> None:
+        """The model and engine exist; nothing has been trained or restored yet."""
+
+    def after_step(self, recipe, record: dict, batch: dict) -> None:
+        """One training step is done: its record (loss, phase times, sample ids...) and the raw batch."""
+
+    def at_end(self, recipe) -> None:
+        """Training is over (checkpoints committed, metrics written)."""
+
+
+class Report(Hooks):
+    """``OUT/rank<r>.json`` per rank: every step's record (the first ``record_batches`` with their raw
+    batch), this rank's LLM partition, peak memory, the trainable size and checkpoint timings."""
+
+    def __init__(self, out_dir: str | Path, record_batches: int = 0):
+        self.out_dir, self.record_batches, self.log = str(out_dir), record_batches, []
+
+    def after_step(self, recipe, record: dict, batch: dict) -> None:
+        if len(self.log) < self.record_batches:          # for comparisons with a 1-process run
+            record = dict(record, batch={k: v.tolist() for k, v in batch.items()})
+        self.log.append(record)
+
+    def at_end(self, recipe) -> None:
+        from trainer.engine import partition_stats
+        model, ckpt = recipe.model, recipe.ckpt
+        out = {"rank": recipe.rank, "world_size": recipe.world, "log": self.log,
+               "llm_partition": partition_stats(p for p in model.llm.parameters() if not p.requires_grad),
+               "activation_checkpointing": bool(model.llm.is_activation_checkpointing),
+               "resumed_from": recipe.state.resumed_from, "memory": peak_memory(),
+               "trainable_bytes": sum(p.ds_numel * 4 for p in model.parameters() if p.requires_grad),   # fp32
+               "checkpoints": {"commits": [vars(c) for c in recipe.commits],
+                               "save_seconds": ckpt.save_seconds if ckpt is not None else []}}
+        Path(self.out_dir, f"rank{recipe.rank}.json").write_text(json.dumps(out))
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory and, on a GPU, peak allocated device memory (MiB)."""
+    import resource
+
+    import torch
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out

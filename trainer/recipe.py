@@ -1,0 +1,266 @@
+"""The training recipe every Ray Train worker runs, as a visible life cycle:
+
+    recipe = Recipe(cfg, handover)      # the validated TrainConfig + what the driver hands over
+    recipe.setup()                      # accelerator, process group, partitioned LLM, CoRA model, engine
+    cursor = recipe.restore()           # the newest committed checkpoint, or a fresh start (+ baseline)
+    for each epoch:
+        cut = recipe.train_epoch(...)   # this rank's batches from its cursor; a checkpoint every N steps
+        recipe.end_epoch(...)           # evaluate (valid; on improvement test + export), then save
+    recipe.cleanup()                    # uploads committed, metrics.json, TensorBoard closed
+
+``Recipe.fit`` runs exactly that. After a failure Ray Train calls the worker entry point again in a
+new worker group, whose ``restore`` continues from the newest committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from cora.config import to_dict
+
+from .config import TrainConfig
+
+
+@dataclass
+class Handover:
+    """What the driver hands every worker besides the TrainConfig (actor handles, derived sizes)."""
+
+    train: list
+    """One InteractionShard actor per rank for the train split."""
+    valid: list = field(default_factory=list)
+    """Per rank, for validation (empty: no validation, no early stopping)."""
+    test: list = field(default_factory=list)
+    """Per rank, for the test split (empty: no test metrics, no baseline)."""
+    cf_dim: int = 0
+    """Width of the CF user and item embeddings."""
+    total_steps: int = 1
+    """Optimiser steps of the whole run: the length of the LR schedule."""
+    run_dir: str | None = None
+    """Absolute run directory (metrics.json, TensorBoard, export/); None writes none of them."""
+    checkpoint_uri: str | None = None
+    """Where checkpoints are committed; None: no checkpoints."""
+    staging_dir: str | None = None
+    """Local directory where rank 0 stages a checkpoint before upload (default RUN/.staging)."""
+    hooks: list = field(default_factory=list)
+    """trainer.hooks.Hooks installed by tests and benchmarks (none in production)."""
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint (as JSON) and restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    stopped: bool = False
+    best_auc: float = -1.0
+    best: dict | None = None
+    """{"epoch", "valid", "test"} of the best validation so far."""
+    stale: int = 0
+    """Evaluations since the last improvement (early stopping after run.patience)."""
+    evals: list = field(default_factory=list)
+    no_injection: dict | None = None
+    """Test metrics of the frozen LLM before training (P = 0)."""
+    resumed_from: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, **extra) -> "LoopState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in {**d, **extra}.items() if k in known})
+
+
+class Recipe:
+    def __init__(self, cfg: TrainConfig, handover: Handover):
+        self.cfg, self.h = cfg, handover
+        self.state = LoopState()
+        self.ckpt = None
+        self.commits: list = []
+        self.last_loss = float("nan")
+
+    # ------------------------------------------------------------------ set-up and restore
+    def setup(self) -> None:
+        """Accelerator, process group, the LLM partitioned across the ranks, the CoRA model, the engine."""
+        from .board import Board, logs_to_stderr
+        from .engine import select_accelerator
+        select_accelerator(self.cfg.run.device)
+        logs_to_stderr()
+        import warnings
+
+        import deepspeed
+        import ray.train
+        # DeepSpeed 0.19.8 calls torch.distributed's deprecated collective names on every step
+        warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*is deprecated",
+                                category=FutureWarning)
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(self.cfg.run.cpus_per_worker)       # the CPUs Ray reserved for this worker
+        deepspeed.init_distributed(dist_backend="nccl" if self.cfg.run.device == "cuda" else "gloo")
+        torch.manual_seed(self.cfg.run.seed)
+        self.model, self.engine = self._build()
+        if self.h.checkpoint_uri:
+            from .checkpoint import Checkpointer
+            run = self.cfg.run
+            staging = self.h.staging_dir or str(Path(self.h.run_dir or ".", ".staging"))
+            self.ckpt = Checkpointer(self.h.checkpoint_uri, run.checkpoint_every, run.keep_last, staging,
+                                     dict(to_dict(self.cfg), cf_dim=self.h.cf_dim), self.rank)
+        self.board = Board(self.h.run_dir, self.rank)
+        for hook in self.h.hooks:
+            hook.after_setup(self)
+
+    def _build(self):
+        from cora.llm import resolve_answer_token
+        from cora.scoring import CoRAModel
+
+        from . import engine as eng
+        cfg = self.cfg
+        ds = eng.ds_config(cfg.engine, self.world)
+        llm, tok = eng.build_partitioned_llm(cfg.llm, ds)
+        if cfg.engine.activation_checkpointing:     # recompute the LLM's activations in backward (non-reentrant)
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        yes = resolve_answer_token(tok)
+        model = CoRAModel(llm, yes, self.h.cf_dim, self.h.cf_dim, cfg.injection, cfg.generator,
+                          answer_weight=eng.gathered_answer_row(llm, yes))
+        engine, _, _ = eng.initialize(model, ds, cfg.optim, self.h.total_steps)
+        return model, engine
+
+    def restore(self) -> dict | None:
+        """Load the newest committed checkpoint and return this rank's data cursor; or start fresh (then
+        score the test split once with P = 0, the no-injection baseline, when asked) and return None."""
+        restored = self.ckpt.restore(self.engine, self.model) if self.ckpt is not None else None
+        if restored is not None:
+            self.state = LoopState.from_dict(restored["loop"], resumed_from=restored["name"])
+            return restored["cursors"][self.rank]
+        if self.cfg.run.eval_baseline and self.h.test:
+            from .evaluate import evaluate
+            self.state.no_injection = evaluate(self.engine, self.h.test[self.rank])[0]
+        return None
+
+    # ------------------------------------------------------------------ training
+    def out_of_steps(self) -> bool:
+        return bool(self.cfg.run.max_steps) and self.state.step >= self.cfg.run.max_steps
+
+    def train_epoch(self, epoch: int, cursor: dict | None) -> dict | None:
+        """Train on this rank's batches of ``epoch`` (from ``cursor`` when resuming mid-epoch); returns the
+        cursor where it stopped when the step budget cut the epoch short, else None."""
+        from cluster.client import BatchIterator
+        from cluster.plan import Cursor
+        it = BatchIterator(self.h.train[self.rank], epoch, cursor=Cursor.from_dict(cursor) if cursor else None)
+        self.state.epoch = epoch
+        self.board.start_epoch(epoch, len(it))
+        with self._sample_log() as audit:
+            for raw in it:
+                self._step(raw, epoch, it.waits[-1], audit)
+                budget_spent = self.out_of_steps()
+                # the epoch's last step is saved by end_epoch, after evaluating
+                if self.ckpt is not None and self.ckpt.due(self.state.step) and not (it.exhausted or budget_spent):
+                    self.save(it.cursor().to_dict())
+                if budget_spent and not it.exhausted:
+                    return it.cursor().to_dict()
+        return None
+
+    def _step(self, raw: dict, epoch: int, wait: float, audit) -> None:
+        from .worker import train_step
+        record = train_step(self.engine, raw)
+        self.state.step += 1
+        self.last_loss = record["loss"]
+        record.update(epoch=epoch, step=self.state.step, data_wait=wait, sample_ids=raw["sample_ids"].tolist(),
+                      samples=float(raw["weights"].sum()), tokens=int(raw["lengths"].sum()),
+                      lookup_s=float(raw["lookup_s"]))
+        self.board.step(self.state.step, record)
+        if audit is not None:                  # which samples each step trained on (not the padding)
+            real = [i for i, w in zip(record["sample_ids"], raw["weights"]) if w > 0]
+            audit.write(json.dumps({"step": self.state.step, "epoch": epoch, "loss": record["loss"],
+                                    "sample_ids": real}) + "\n")
+            audit.flush()
+        for hook in self.h.hooks:
+            hook.after_step(self, record, raw)
+
+    def _sample_log(self):
+        if not (self.cfg.run.sample_log and self.h.run_dir):
+            return contextlib.nullcontext()
+        return open(Path(self.h.run_dir, "samples", f"rank{self.rank}.jsonl"), "a")
+
+    # ------------------------------------------------------------------ evaluate and save
+    def end_epoch(self, epoch: int, cut: dict | None) -> None:
+        """Evaluate, then checkpoint the position: the start of the next epoch, or ``cut`` when the step
+        budget ended this one early (a resume with more steps finishes it)."""
+        improved = self.evaluate(epoch) if self.h.valid else False
+        self.state.epoch = epoch if cut else epoch + 1
+        if self.ckpt is not None:
+            evals = self.state.evals
+            self.save(cut, best=improved, valid_auc=evals[-1]["valid_auc"] if evals else None)
+
+    def evaluate(self, epoch: int) -> bool:
+        """Validation AUC over all ranks; on a better one also test and export the adapter. Returns whether
+        it improved; after run.patience evaluations without improvement the loop stops."""
+        from .evaluate import evaluate
+        s = self.state
+        valid, _ = evaluate(self.engine, self.h.valid[self.rank])
+        s.evals.append({"epoch": epoch, "valid_auc": valid["auc"], "valid_uauc": valid["uauc"]})
+        self.board.evaluation(s.step, s.evals[-1])
+        if valid["auc"] <= s.best_auc:
+            s.stale += 1
+            s.stopped = s.stale >= self.cfg.run.patience
+            return False
+        s.best_auc, s.stale = valid["auc"], 0
+        test, preds = evaluate(self.engine, self.h.test[self.rank]) if self.h.test else (None, None)
+        s.best = {"epoch": epoch, "valid": valid, "test": test}
+        self._export(preds)
+        return True
+
+    def _export(self, preds: dict | None) -> None:
+        """RUN/export (the adapter, for one-process use) and RUN/test_predictions.parquet."""
+        from .evaluate import export_trainable, trainable_state
+        weights = trainable_state(self.model)                     # collective: every rank gathers
+        if self.rank != 0 or not self.h.run_dir:
+            return
+        model_config = {k: to_dict(getattr(self.cfg, k)) for k in ("llm", "injection", "generator")}
+        export_trainable(weights, Path(self.h.run_dir, "export"), dict(model_config, cf_dim=self.h.cf_dim))
+        if preds is not None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            pq.write_table(pa.table(preds), Path(self.h.run_dir, "test_predictions.parquet"))
+
+    def save(self, cursor: dict | None, best: bool = False, valid_auc: float | None = None) -> None:
+        """A checkpoint of this moment (a collective; the upload goes on in the background)."""
+        self.ckpt.save(self.engine, self.model, self.state.step, asdict(self.state), cursor, best=best,
+                       valid_auc=valid_auc)
+
+    # ------------------------------------------------------------------ the end
+    def cleanup(self) -> None:
+        """Wait for the uploads to commit, close TensorBoard, write RUN/metrics.json (rank 0)."""
+        import ray
+        import torch.distributed as dist
+        self.commits = self.ckpt.close() if self.ckpt is not None else []
+        self.board.close()
+        nodes: list = [None] * self.world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        if self.rank == 0 and self.h.run_dir:
+            self._write_metrics(nodes)
+        for hook in self.h.hooks:
+            hook.at_end(self)
+
+    def _write_metrics(self, nodes: list[str]) -> None:
+        """RUN/metrics.json: the best validation and its test metrics, every evaluation, where ranks ran."""
+        s = self.state
+        summary = {"valid": s.best["valid"] if s.best else None, "test": s.best["test"] if s.best else None,
+                   "best_epoch": s.best["epoch"] if s.best else None, "evaluations": s.evals, "steps": s.step,
+                   "no_injection_test": s.no_injection, "resumed_from": s.resumed_from, "worker_nodes": nodes}
+        Path(self.h.run_dir).mkdir(parents=True, exist_ok=True)
+        Path(self.h.run_dir, "metrics.json").write_text(json.dumps(summary, indent=1))
+
+    def fit(self) -> LoopState:
+        self.setup()
+        cursor = self.restore()
+        for epoch in range(self.state.epoch, self.cfg.run.epochs):
+            if self.state.stopped or self.out_of_steps():
+                break
+            cut = self.train_epoch(epoch, cursor)
+            cursor = None
+            self.end_epoch(epoch, cut)
+        self.cleanup()
+        return self.state
