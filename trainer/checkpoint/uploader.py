@@ -1,0 +1,174 @@
+"""The background uploader: rank 0 hands captured checkpoints to a stager thread (writes them to a
+local staging directory, hashing as it writes) and a committer thread (copies them to the checkpoint
+URI with retries and back-off, writes the manifest last, deletes the staged copy, prunes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.fs as pafs
+
+from cora.fileio import open_fs
+
+from .storage import FILES, MANIFEST, STAGED, _log, checkpoint_name, prune
+
+
+@dataclass
+class Commit:
+    name: str
+    bytes: int
+    request_to_commit_s: float
+    retries: int
+
+
+class Uploader:
+    """Two threads: the stager writes captured checkpoints to the local staging directory (so memory
+    holds at most what the disk has not absorbed yet), the committer uploads staged checkpoints to
+    ``uri`` one after another, retrying storage errors with exponential back-off (``backoff`` = first,
+    max delay in seconds), and deletes a staged copy only after its manifest is written. During a
+    storage outage staged copies accumulate on disk and are committed in order when it ends."""
+
+    def __init__(self, uri: str, keep_last: int, backoff: tuple[float, float] = (0.5, 30.0)):
+        self.uri, self.keep_last, self.backoff = uri, keep_last, backoff
+        self.commits: list[Commit] = []
+        self.error: BaseException | None = None
+        self._to_stage: queue.Queue = queue.Queue()
+        self._to_commit: queue.Queue = queue.Queue()
+        self._threads = [threading.Thread(target=self._loop, args=(self._to_stage, self._stage), daemon=True,
+                                          name="checkpoint-stager"),
+                         threading.Thread(target=self._loop, args=(self._to_commit, self._commit), daemon=True,
+                                          name="checkpoint-committer")]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, staged: Path | Callable[[], Path]) -> None:
+        """Queue a staged checkpoint directory, or a function that stages one (run on the stager)."""
+        self._to_stage.put(staged)
+
+    def resubmit(self, staging: Path) -> list[Path]:
+        """Queue the complete staged checkpoints a crashed attempt left behind (oldest first)."""
+        found = sorted(p for p in staging.glob("step-*") if (p / STAGED).is_file()) if staging.is_dir() else []
+        for p in found:
+            _log(f"uploading {p.name}, staged by an earlier attempt and never committed")
+            self.submit(p)
+        return found
+
+    def flush(self) -> None:
+        """Wait until everything submitted is committed (or a thread failed: re-raised here)."""
+        self._to_stage.join()
+        self._to_commit.join()
+        if self.error is not None:
+            raise RuntimeError(f"checkpoint upload to {self.uri} failed") from self.error
+
+    def close(self) -> None:
+        self.flush()
+        for q, t in zip((self._to_stage, self._to_commit), self._threads):
+            q.put(None)
+            t.join()
+
+    def _stage(self, item: Path | Callable[[], Path]) -> None:
+        self._to_commit.put(item() if callable(item) else item)
+
+    def _loop(self, q: queue.Queue, work: Callable) -> None:
+        try:        # Linux: lowest CPU priority for this thread, so serialising, hashing and copying
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)   # use idle cycles first
+        except (AttributeError, OSError):
+            pass
+        while True:
+            item = q.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    work(item)
+            except BaseException as e:  # noqa: BLE001  (kept for flush(); the staged copy stays)
+                self.error = e
+            finally:
+                q.task_done()
+
+    def _retry(self, what: str, fn: Callable[[], object]) -> int:
+        delay, tries = self.backoff[0], 0
+        while True:
+            try:
+                fn()
+                return tries
+            except OSError as e:          # pyarrow's storage errors (connection refused, timeouts, 5xx)
+                tries += 1
+                _log(f"{what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                     f"retry {tries} in {delay:.1f}s, the staged copy is kept")
+                time.sleep(delay)
+                delay = min(delay * 2, self.backoff[1])
+
+    def _commit(self, staged: Path) -> None:
+        meta = json.loads((staged / STAGED).read_text())
+        name = staged.name
+        fs, root = open_fs(self.uri)
+        files = meta["files"]             # sizes and sha256s, taken by stage() as it wrote the bytes
+        retries = self._retry(f"creating {self.uri}/{name}", lambda: fs.create_dir(f"{root}/{name}"))
+        for f in FILES:
+            retries += self._retry(f"uploading {self.uri}/{name}/{f}",
+                                   lambda f=f: _upload(fs, staged / f, f"{root}/{name}/{f}"))
+        manifest = {"name": name, "step": meta["step"], "best": meta["best"], "valid_auc": meta.get("valid_auc"),
+                    "world_size": meta["world_size"], "files": files, "committed_at": time.time()}
+        body = json.dumps(manifest, indent=1).encode()
+        retries += self._retry(f"committing {self.uri}/{name}", lambda: _write(fs, f"{root}/{name}/{MANIFEST}", body))
+        self.commits.append(Commit(name, sum(v["size"] for v in files.values()) + len(body),
+                                   time.time() - meta["requested_at"], retries))
+        shutil.rmtree(staged)
+        try:
+            prune(self.uri, self.keep_last)
+        except OSError as e:              # pruning is retried at the next commit
+            _log(f"pruning {self.uri} failed ({e}); will try again after the next checkpoint")
+
+
+def _write(fs, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def _upload(fs, local: Path, path: str) -> None:
+    """Copy a staged file to storage; a local destination on the same filesystem gets a hard link
+    (the staged copy is deleted after the commit, so linking saves a full copy)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            Path(path).unlink(missing_ok=True)
+            os.link(local, path)
+            return
+        except OSError:                   # another filesystem: copy
+            pass
+    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def stage(staging: Path, step: int, parts: tuple[dict, dict, dict, dict], best: bool, valid_auc: float | None,
+          config: dict, requested_at: float | None = None) -> Path:
+    """Write a captured checkpoint into ``staging/step-N`` (rank 0), hashing each file's bytes as they
+    are written; STAGED, written last, marks it complete and records the sizes and sha256s."""
+    from safetensors.torch import save
+    trainable, opt, rng, state = parts
+    out = staging / checkpoint_name(step)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    blobs = {"trainable.safetensors": lambda: save(trainable), "optimizer.safetensors": lambda: save(opt),
+             "rng.safetensors": lambda: save(rng),
+             "state.json": lambda: json.dumps(dict(state, config=config), default=float).encode()}
+    files = {}
+    for name, make in blobs.items():
+        data = make()
+        (out / name).write_bytes(data)
+        files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        del data
+    (out / STAGED).write_text(json.dumps({"step": step, "best": best, "valid_auc": valid_auc,
+                                          "world_size": state["world_size"], "files": files,
+                                          "requested_at": requested_at or time.time()}))
+    return out

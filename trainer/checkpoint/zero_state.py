@@ -1,0 +1,117 @@
+"""The trainable state inside a ZeRO-3 worker group: ``capture`` gathers the flat fp32 partitions of the
+generator and P (master weights and AdamW's moments) to rank 0 with the RNG states and data cursors;
+``load_into`` puts a verified checkpoint back into every rank's engine."""
+
+from __future__ import annotations
+
+import json
+
+from .storage import CheckpointError, parse
+
+OPT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _trainable(model) -> list:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _adam_steps(engine) -> list[float]:
+    """AdamW's step count of each flat fp32 partition (DeepSpeed ZeRO-3 keeps the optimiser state per
+    partition group, not per parameter)."""
+    zero = engine.optimizer
+    return [float(zero.optimizer.state[g]["step"]) for g in zero.fp32_partitioned_groups_flat]
+
+
+def _gather_partitions(zero, key: str | None, rank: int, world: int) -> list | None:
+    """Every rank's fp32 partition of each flat parameter group (key None: the master weights, else
+    that AdamW state), gathered on rank 0 only (one collective per group); None on other ranks."""
+    import torch
+    import torch.distributed as dist
+    out = []
+    for flat in zero.fp32_partitioned_groups_flat:
+        local = (flat if key is None else zero.optimizer.state[flat][key]).detach().contiguous()
+        parts = [torch.empty_like(local) for _ in range(world)] if rank == 0 else None
+        dist.gather(local, parts, dst=0)
+        out.append(parts)
+    return out if rank == 0 else None
+
+
+def _assemble(zero, p, gathered: list):
+    """A full parameter from the ranks' partitions: each rank holds the same-sized slice of every
+    parameter at the same offset of its flat group (ZeRO-3 pads the last slice)."""
+    import torch
+    group, offset, n = zero.grad_position[zero.get_param_id(p)]
+    return torch.cat([part[offset:offset + n] for part in gathered[group]])[:p.ds_numel].view(p.ds_shape)
+
+
+def capture(engine, model, loop_state: dict, cursor: dict | None) -> tuple[dict, dict, dict, dict] | None:
+    """(trainable, optimizer, rng, state) of this moment on rank 0, None on the others (a collective:
+    every rank must call it at the same step). Full tensors are assembled from flat partitions
+    gathered to rank 0: 3 gathers per parameter group, not 3 all-gathers per parameter."""
+    import torch
+    import torch.distributed as dist
+    zero, rank, world = engine.optimizer, dist.get_rank(), dist.get_world_size()
+    gathered = {k: _gather_partitions(zero, k, rank, world) for k in (None, *OPT_KEYS)}
+    mine = {"rng": torch.get_rng_state().tolist(), "cursor": cursor,
+            "cuda_rng": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
+    ranks: list = [None] * world
+    dist.all_gather_object(ranks, mine)     # in memory between our own ranks; never read from storage
+    if rank != 0:
+        return None
+    trainable, opt = {}, {}
+    for n, p in _trainable(model):
+        trainable[n] = _assemble(zero, p, gathered[None])
+        for k in OPT_KEYS:
+            opt[f"{n}::{k}"] = _assemble(zero, p, gathered[k])
+    rng = {f"rank{r}": torch.tensor(m["rng"], dtype=torch.uint8) for r, m in enumerate(ranks)}
+    rng.update({f"rank{r}.cuda": torch.tensor(m["cuda_rng"], dtype=torch.uint8)
+                for r, m in enumerate(ranks) if m["cuda_rng"] is not None})
+    state = {"loop": json.loads(json.dumps(loop_state, default=float)),      # a snapshot: training goes on
+             "cursors": [m["cursor"] for m in ranks], "world_size": world,
+             "adam_steps": _adam_steps(engine), "scheduler": engine.lr_scheduler.state_dict(),
+             "global_steps": engine.global_steps, "global_samples": engine.global_samples,
+             "micro_steps": engine.micro_steps}
+    return trainable, opt, rng, state
+
+
+def load_into(engine, model, files: dict[str, bytes], rank: int) -> dict:
+    """Put a verified checkpoint's state into the engine (every rank); returns its state.json."""
+    import deepspeed
+    import torch
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    trainable, opt, rng, state = parse(files)
+    params = _trainable(model)
+    want = {n: tuple(p.ds_shape) for n, p in params}
+    have = {n: tuple(t.shape) for n, t in trainable.items()}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))[:4]
+        raise CheckpointError(f"the checkpoint holds other trainable tensors than this model (e.g. {diff}): "
+                              f"it was saved with a different generator, injection or LLM config")
+    if state["world_size"] != engine.world_size:
+        raise CheckpointError(f"the checkpoint was saved by {state['world_size']} workers and this run has "
+                              f"{engine.world_size}: the data cursors are per rank; resume with "
+                              f"run.workers={state['world_size']}")
+    zero = engine.optimizer
+    for g in zero.fp32_partitioned_groups_flat:   # AdamW creates its state at the first step: create it now
+        if not zero.optimizer.state[g]:
+            zero.optimizer.state[g] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(g),
+                                       "exp_avg_sq": torch.zeros_like(g)}
+    for n, p in params:
+        safe_set_full_fp32_param(p, trainable[n])
+        for k in OPT_KEYS:
+            safe_set_full_optimizer_state(p, opt[f"{n}::{k}"], k)
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                p.data.copy_(trainable[n])
+    for g, s in zip(zero.fp32_partitioned_groups_flat, state["adam_steps"]):
+        st = zero.optimizer.state[g]["step"]
+        zero.optimizer.state[g]["step"] = torch.tensor(s, dtype=st.dtype) if torch.is_tensor(st) else s
+    engine.lr_scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(zero.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    engine.global_steps, engine.global_samples = state["global_steps"], state["global_samples"]
+    engine.micro_steps = state["micro_steps"]
+    torch.set_rng_state(rng[f"rank{rank}"])
+    if f"rank{rank}.cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng[f"rank{rank}.cuda"])
+    return state
