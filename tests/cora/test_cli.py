@@ -14,6 +14,5 @@ def test_demo_prints_cora_above_the_no_cf_baseline(capsys):
 
 
 def test_demo_rejects_bad_sizes(capsys):
-    with pytest.raises(SystemExit):
-        main(["demo", "--samples", "0"])
-    assert "--samples must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["demo", "--samples", "0", "--epochs", "-1"]) == 2
+    assert "cora demo: error: --samples must be >= 1, got 0; --epochs must be >= 1, got -1" in capsys.readouterr().err
