@@ -57,12 +57,20 @@ class EngineConfig:
             problems.append(f"gradient_clipping must be >= 0, got {self.gradient_clipping}")
         return problems
 
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimiser step: gradient_accumulation, or global_batch_size / (micro-batch x
+        world size) when a global batch is set (``cora train``'s preflight checks that it divides)."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation
+        return max(1, self.global_batch_size // (self.micro_batch_size * world_size))
+
 
 def ds_config(cfg: EngineConfig, world_size: int) -> dict:
+    accumulation = cfg.accumulation(world_size)
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation,
-        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation * world_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": cfg.micro_batch_size * accumulation * world_size,
         "gradient_clipping": cfg.gradient_clipping,
         "bf16": {"enabled": cfg.bf16},
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": cfg.persistence_threshold,

@@ -54,7 +54,7 @@ def handover(cfg: TrainConfig, actors: dict, cf_dim: int):
     steps = plan.steps_per_epoch(rows, cfg.run.workers, cfg.engine.micro_batch_size) * cfg.run.epochs
     run_dir = Path(cfg.run.run_dir).absolute()
     return Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], cf_dim=cf_dim,
-                    total_steps=max(1, steps // cfg.engine.gradient_accumulation), run_dir=str(run_dir),
+                    total_steps=max(1, steps // cfg.engine.accumulation(cfg.run.workers)), run_dir=str(run_dir),
                     checkpoint_uri=checkpoint_uri(cfg), staging_dir=str(run_dir / ".staging"))
 
 
@@ -75,7 +75,7 @@ RUN_MARKERS = ("config.json", "metrics.json", "export", "checkpoints")
 
 def preflight(cfg: TrainConfig) -> None:
     """Every check that can be made before Ray or a worker starts; all problems raised at once
-    (ConfigError). Also derives engine.gradient_accumulation from engine.global_batch_size."""
+    (ConfigError). The config is not changed."""
     from cora.data.schema import DatasetError, read_manifest
     from cora.injection import check_targets
     from cora.llm import llm_family
@@ -112,8 +112,6 @@ def preflight(cfg: TrainConfig) -> None:
                             f"engine.micro_batch_size x run.workers = {e.micro_batch_size} x {cfg.run.workers} = "
                             f"{per_step}; choose a global batch of {per_step * max(1, e.global_batch_size // per_step)} "
                             f"or {per_step * (e.global_batch_size // per_step + 1)}, or change the micro-batch")
-        else:
-            e.gradient_accumulation, e.global_batch_size = e.global_batch_size // per_step, None
     problems += check_run_dir(cfg)
     if problems:
         raise ConfigError(problems, source="cora train")

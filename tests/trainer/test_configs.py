@@ -32,3 +32,15 @@ def test_presets_layer_over_the_reproduction_config(preset):
     want = load(TrainConfig, preset, LOCAL_ONLY)
     assert cfg.engine.bf16 == want.engine.bf16 and cfg.llm.dtype == want.llm.dtype
     assert cfg.run.workers == 8                                # the base config's value survives
+
+
+def test_the_global_batch_sets_the_accumulation_and_leaves_the_config_as_written():
+    from trainer.engine import EngineConfig, ds_config
+    e = EngineConfig(micro_batch_size=2, global_batch_size=16)
+    ds = ds_config(e, 4)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 16
+    assert e.gradient_accumulation == 1 and e.global_batch_size == 16          # nothing written back
+    ds = ds_config(e, 8)                                                      # more workers, the same batch
+    assert ds["gradient_accumulation_steps"] == 1 and ds["train_batch_size"] == 16
+    ds = ds_config(EngineConfig(micro_batch_size=2, gradient_accumulation=3), 2)
+    assert ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 12
