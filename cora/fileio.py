@@ -1,5 +1,10 @@
-"""File helpers shared by the stages: checksums, atomic directory replacement, and opening local or
-object-storage locations through ``pyarrow.fs``.
+"""File helpers shared by the stages: checksums and manifest entries, atomic directory replacement,
+and opening local or object-storage locations through ``pyarrow.fs``.
+
+Every manifest this project writes (a data directory's dataset.json, a CF run's cf.json, a
+checkpoint's manifest.json) lists its files in one format, ``"files": {name: {"size": bytes, "sha256":
+hex}}`` with ``"files_version": 1`` beside it (``file_entry``); ``entry_problem`` checks a file against
+an entry of this format or of the older ones (data: ``{"bytes", "sha256"}``; CF: the bare sha256).
 
 Object storage: ``s3://bucket/path`` (``gs://``, ``hdfs://`` and ``file://`` work the same way).
 An S3-compatible server other than AWS is selected with ``CORA_S3_ENDPOINT`` (e.g.
@@ -25,6 +30,9 @@ STORAGE_ENV = ("CORA_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
+FILES_VERSION = 1
+
+
 def sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
@@ -32,6 +40,33 @@ def sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_entry(source: str | Path | bytes) -> dict:
+    """The manifest entry of a file (a path) or of its bytes: {"size", "sha256"}."""
+    if isinstance(source, bytes):
+        return {"size": len(source), "sha256": hashlib.sha256(source).hexdigest()}
+    return {"size": Path(source).stat().st_size, "sha256": sha256(source)}
+
+
+def entry_problem(entry: dict | str, size: int, digest: Callable[[], str]) -> str | None:
+    """Why a file of ``size`` bytes, whose sha256 ``digest()`` computes (only when the size matches), does
+    not match its manifest ``entry``; None when it does. Reads every entry format ever written."""
+    want_size, want_sha = (None, entry) if isinstance(entry, str) else (entry.get("size", entry.get("bytes")),
+                                                                         entry["sha256"])
+    if want_size is not None and size != want_size:
+        return f"has {size} bytes where the manifest says {want_size} (truncated or replaced)"
+    if digest() != want_sha:
+        return "does not match the sha256 in the manifest (changed or corrupted)"
+    return None
+
+
+def file_problem(path: str | Path, entry: dict | str) -> str | None:
+    """``entry_problem`` of a local file, or "is missing"."""
+    path = Path(path)
+    if not path.is_file():
+        return "is missing"
+    return entry_problem(entry, path.stat().st_size, lambda: sha256(path))
 
 
 def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:

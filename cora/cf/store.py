@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cora.data.schema import DatasetError
-from cora.fileio import sha256, write_atomically  # noqa: F401 - re-exported
+from cora.fileio import file_problem, sha256, write_atomically  # noqa: F401 - re-exported
 
 CF_FORMAT = "cora-cf"
 CF_FORMAT_VERSION = 1
@@ -121,7 +121,7 @@ def verify_file(cf_dir: Path, meta: dict, name: str) -> Path:
     if not path.is_file():
         raise DatasetError(f"{path} is missing; the CF run is incomplete: train it again")
     expected = meta.get("files", {}).get(name)
-    if expected is not None and sha256(path) != expected:
-        raise DatasetError(f"{path} does not match the sha256 recorded in cf.json (file changed or "
-                           f"corrupted); train the CF model again")
+    problem = None if expected is None else file_problem(path, expected)
+    if problem:
+        raise DatasetError(f"{path} {problem} (cf.json); train the CF model again")
     return path

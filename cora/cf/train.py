@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from cora.cf import store
+from cora.fileio import FILES_VERSION, file_entry
 from cora.cf.data import CFData, Split, load_data
 from cora.cf.models import HISTORY_PAD, MODEL_NAMES, CFBatch, CFModel, build_model
 from cora.config import ConfigError, from_dict
@@ -320,7 +321,8 @@ def _write_run(tmp: Path, result: FitResult, users: torch.Tensor, cfg: CFConfig,
     meta = {"format": store.CF_FORMAT, "format_version": store.CF_FORMAT_VERSION, "model": cfg.model,
             "config": asdict(cfg), "dim": cfg.dim, "num_users": data.num_users, "num_items": data.num_items,
             "history_pad": HISTORY_PAD, "max_history": cfg.max_history, "dataset": identity,
-            "files": {name: store.sha256(tmp / name) for name in store.FILES if name != "cf.json"}}
+            "files_version": FILES_VERSION,
+            "files": {name: file_entry(tmp / name) for name in store.FILES if name != "cf.json"}}
     (tmp / "cf.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

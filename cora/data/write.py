@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
-from ..fileio import sha256, write_atomically
+from ..fileio import FILES_VERSION, file_entry, file_problem, write_atomically
 from .protocol import Prepared
 from .schema import INTERACTIONS, ITEMS, SPLITS, USERS, DatasetError, read_manifest
 
@@ -84,8 +84,7 @@ def write_dataset(prep: Prepared, out: Path, manifest: dict, *, samples_per_shar
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         result.update(manifest, num_users=len(prep.users), num_items=len(prep.items),
                       split_boundaries=prep.boundaries, shards=shards,
-                      files={str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-                             for p in files})
+                      files_version=FILES_VERSION, files={str(p.relative_to(tmp)): file_entry(p) for p in files})
         result["counts"]["splits"] = split_counts(prep.frame)
         (tmp / "dataset.json").write_text(json.dumps(result, indent=1))   # last: marks it complete
 
@@ -98,10 +97,7 @@ def verify(data_dir: str | Path) -> dict:
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     for rel, want in manifest["files"].items():
-        p = data_dir / rel
-        if not p.is_file():
-            raise DatasetError(f"{p} is listed in dataset.json but missing; prepare the data again")
-        if p.stat().st_size != want["bytes"] or sha256(p) != want["sha256"]:
-            raise DatasetError(f"{p} does not match its checksum in dataset.json (changed or truncated); "
-                               f"prepare the data again")
+        problem = file_problem(data_dir / rel, want)
+        if problem:
+            raise DatasetError(f"{data_dir / rel} {problem} (dataset.json); prepare the data again")
     return manifest

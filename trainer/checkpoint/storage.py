@@ -15,7 +15,7 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 
-from cora.fileio import is_remote, open_fs
+from cora.fileio import entry_problem, is_remote, open_fs
 
 MANIFEST = "manifest.json"
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
@@ -70,11 +70,9 @@ def read_checkpoint(uri: str, name: str) -> tuple[dict, dict[str, bytes]]:
             data = _read(fs, f"{root}/{name}/{fname}")
         except FileNotFoundError:
             raise CheckpointError(f"{uri}/{name}/{fname} is missing") from None
-        if len(data) != meta["size"]:
-            raise CheckpointError(f"{uri}/{name}/{fname} has {len(data)} bytes, the manifest says {meta['size']} "
-                                  f"(truncated or replaced)")
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise CheckpointError(f"{uri}/{name}/{fname} does not match the sha256 in the manifest")
+        problem = entry_problem(meta, len(data), lambda: hashlib.sha256(data).hexdigest())
+        if problem:
+            raise CheckpointError(f"{uri}/{name}/{fname} {problem}")
         files[fname] = data
     return manifest, files
 

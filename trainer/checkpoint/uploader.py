@@ -4,7 +4,6 @@ URI with retries and back-off, writes the manifest last, deletes the staged copy
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -17,7 +16,7 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 
-from cora.fileio import open_fs
+from cora.fileio import FILES_VERSION, file_entry, open_fs
 
 from .storage import FILES, MANIFEST, STAGED, _log, checkpoint_name, prune
 
@@ -118,7 +117,8 @@ class Uploader:
             retries += self._retry(f"uploading {self.uri}/{name}/{f}",
                                    lambda f=f: _upload(fs, staged / f, f"{root}/{name}/{f}"))
         manifest = {"name": name, "step": meta["step"], "best": meta["best"], "valid_auc": meta.get("valid_auc"),
-                    "world_size": meta["world_size"], "files": files, "committed_at": time.time()}
+                    "world_size": meta["world_size"], "files_version": FILES_VERSION, "files": files,
+                    "committed_at": time.time()}
         body = json.dumps(manifest, indent=1).encode()
         retries += self._retry(f"committing {self.uri}/{name}", lambda: _write(fs, f"{root}/{name}/{MANIFEST}", body))
         self.commits.append(Commit(name, sum(v["size"] for v in files.values()) + len(body),
@@ -166,7 +166,7 @@ def stage(staging: Path, step: int, parts: tuple[dict, dict, dict, dict], best: 
     for name, make in blobs.items():
         data = make()
         (out / name).write_bytes(data)
-        files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        files[name] = file_entry(data)
         del data
     (out / STAGED).write_text(json.dumps({"step": step, "best": best, "valid_auc": valid_auc,
                                           "world_size": state["world_size"], "files": files,
