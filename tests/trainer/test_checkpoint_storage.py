@@ -115,7 +115,7 @@ def test_prune_keeps_the_last_k_and_the_best(tmp_path):
     uri = str(tmp_path / "ckpt")
     commit(uri, tmp_path / "staging", [1, 2, 3, 4, 5, 6], keep_last=2, best=(2,))
     assert ck.list_checkpoints(uri) == ["step-000000002", "step-000000005", "step-000000006"]
-    assert ck.read_manifest(uri, "step-000000002")["best"] is True
+    assert ck.read_commit(uri, "step-000000002")["best"] is True
 
 
 def test_storage_that_cannot_be_reached_fails_fast_with_the_uri(tmp_path):

@@ -15,7 +15,7 @@ from cluster import runtime
 from trainer.cli import main
 from tests.conftest import TEST_CPUS
 from cora.fileio import open_fs
-from trainer.checkpoint import list_checkpoints, read_manifest, CheckpointError
+from trainer.checkpoint import list_checkpoints, read_commit, CheckpointError
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ class Killer:
             try:
                 for n in list_checkpoints(self.uri):
                     try:
-                        committed.append(read_manifest(self.uri, n)["step"])
+                        committed.append(read_commit(self.uri, n)["step"])
                     except CheckpointError:
                         pass
             except OSError:

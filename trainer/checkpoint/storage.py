@@ -47,7 +47,8 @@ def _read(fs, path: str) -> bytes:
         return f.read()
 
 
-def read_manifest(uri: str, name: str) -> dict:
+def read_commit(uri: str, name: str) -> dict:
+    """The manifest.json that commits checkpoint ``name`` (CheckpointError when it was never committed)."""
     fs, root = open_fs(uri)
     try:
         return json.loads(_read(fs, f"{root}/{name}/{MANIFEST}"))
@@ -59,7 +60,7 @@ def read_manifest(uri: str, name: str) -> dict:
 
 def read_checkpoint(uri: str, name: str) -> tuple[dict, dict[str, bytes]]:
     """(manifest, file bytes) of a committed checkpoint, every file checked against the manifest."""
-    manifest = read_manifest(uri, name)
+    manifest = read_commit(uri, name)
     fs, root = open_fs(uri)
     listed = manifest.get("files", {})
     if sorted(listed) != sorted(FILES):
@@ -110,7 +111,7 @@ def prune(uri: str, keep_last: int) -> list[str]:
     manifests = {}
     for n in names:
         try:
-            manifests[n] = read_manifest(uri, n)
+            manifests[n] = read_commit(uri, n)
         except CheckpointError:
             pass
     committed = [n for n in names if n in manifests]
