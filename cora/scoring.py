@@ -24,7 +24,6 @@ from cora.generator import CollaborativeWeightsGenerator, GeneratorConfig
 from cora.injection import Injection, InjectionConfig
 from cora.prompts import pad_prompts
 
-
 FIELDS = ("input_ids", "lengths", "user_emb", "item_emb", "labels", "weights")
 
 

@@ -24,6 +24,7 @@ import torch
 from cora.config import to_dict
 
 from .config import TrainConfig
+from .worker import train_step
 
 
 @dataclass
@@ -163,7 +164,6 @@ class Recipe:
         return None
 
     def _step(self, raw: dict, epoch: int, wait: float, audit) -> None:
-        from .worker import train_step
         record = train_step(self.engine, raw)
         self.state.step += 1
         self.last_loss = record["loss"]

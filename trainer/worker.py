@@ -12,12 +12,13 @@ import time
 
 import torch
 
+from cora.scoring import Batch, bce_loss
+
 
 
 def train_step(engine, raw: dict) -> dict:
     """One forward/backward/optimiser step; the record holds the loss and the time of each phase."""
     t0 = time.perf_counter()
-    from cora.scoring import Batch, bce_loss
     batch = Batch.from_arrays(raw)
     logits = engine(batch)
     loss = bce_loss(logits, batch.labels, batch.weights)

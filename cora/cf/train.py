@@ -31,11 +31,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from cora.cf import store
-from cora.fileio import FILES_VERSION, file_entry
 from cora.cf.data import CFData, Split, load_data
 from cora.cf.models import HISTORY_PAD, MODEL_NAMES, CFBatch, CFModel, build_model
 from cora.config import ConfigError, from_dict
 from cora.data.schema import DatasetError
+from cora.fileio import FILES_VERSION, file_entry
 from cora.metrics import evaluate
 
 
