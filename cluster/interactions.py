@@ -9,6 +9,19 @@ A batch is a dict of numpy arrays: ``input_ids`` (B, T) right-padded, ``lengths`
 ``sample_ids``, ``users`` (B,), ``cold`` (B,), and ``lookup_s``: the seconds the embedding lookups
 for this batch took (logged by the trainer as ``time/embedding_lookup_s``).
 
+Restarts: the actors are started with ``max_restarts`` (default -1: always come back, as the
+EmbeddingServers do). Ray re-runs ``__init__`` with the original arguments, so a restarted actor
+reloads its shards and knows nothing of the epoch: the trainer's ``BatchIterator`` sees its calls
+fail, calls ``start_epoch`` again at its cursor and re-requests (``client.py``). Each actor is named
+``cora-data-<split>-<group>-r<rank>`` in the "cora" namespace (``<group>`` a fresh id per
+``start_interaction_shards`` call) and finds its peers by name when it first needs them, so the
+wiring survives a restart. The idempotent calls (``describe``, ``start_epoch``, ``get_samples``) are
+sent again by Ray when the actor died under them or is restarting (``max_task_retries=-1``: until the
+actor is back, or dead for good); ``next_batch`` is not (its queue died with the actor).
+Ray logs at creation that the constructor arguments are in the object store (the EmbeddingClient's
+handles put them there): a restart reads them from the driver's node, and fails only if that copy is
+lost (ray-project/ray#53727), e.g. with the driver's node, which ends the run anyway.
+
 Dashboard metrics: ``cora_prefetch_depth`` (gauge, ready batches queued), ``cora_samples_per_second``
 (gauge) and ``cora_samples_produced`` (counter), tagged with split and rank.
 """
@@ -20,6 +33,7 @@ import queue
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +47,7 @@ from cora.prompts import pad_prompts
 from . import plan
 
 _END = "end-of-epoch"
+NAMESPACE = "cora"
 
 
 class DataError(ValueError):
@@ -64,7 +79,9 @@ class InteractionShard:
 
     def __init__(self, data_dir: str, split: str, rank: int, world_size: int, *, batch_size: int, seed: int,
                  embeddings, tokenizer: str = "smollm2", domain: str | None = None, max_history: int = 10,
-                 max_length: int = 512, prefetch: int = 4, sasrec_history: int = 0):
+                 max_length: int = 512, prefetch: int = 4, sasrec_history: int = 0,
+                 peers: list[str] | None = None):
+        """``peers``: the actor names of all ranks of the group (rank order), resolved when first needed."""
         from cora.llm import load_tokenizer
         from cora.prompts import PromptEncoder, get_template
         manifest = read_manifest(data_dir)
@@ -88,9 +105,10 @@ class InteractionShard:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.encoder = PromptEncoder(tok, get_template(domain or manifest["domain"]), max_history, max_length)
         self.embeddings, self.sasrec_history = embeddings, sasrec_history
-        self.peers = None
+        self.peer_names, self.peers = peers, {}
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self.thread, self.stop, self.ended = None, threading.Event(), False
+        # ended until start_epoch: a next_batch left over from before a restart gets None, takes no batch
+        self.thread, self.stop, self.ended, self.run = None, threading.Event(), True, None
         # the producer thread and the calls share the GIL: hand it over within 1 ms, not the default 5,
         # so that a ready batch is returned at once while the producer builds the next one
         sys.setswitchinterval(0.001)
@@ -102,9 +120,16 @@ class InteractionShard:
             m.set_default_tags(tags)
 
     # ------------------------------------------------------------------ set-up
-    def set_peers(self, peers: list) -> None:
-        self.peers = peers
+    def _peer(self, owner: int):
+        """The actor of rank ``owner``, found by name (also after this actor or the peer restarted)."""
+        if owner not in self.peers:
+            if self.peer_names is None:
+                raise DataError(f"rank {self.rank} needs samples of rank {owner} but was started without its "
+                                f"peers' names; start the actors with start_interaction_shards")
+            self.peers[owner] = ray.get_actor(self.peer_names[owner], namespace=NAMESPACE)
+        return self.peers[owner]
 
+    @ray.method(max_task_retries=-1)
     def describe(self) -> dict:
         quota = plan.quotas(self.total, self.world_size)[self.rank]
         return {"split": self.split, "rank": self.rank, "world_size": self.world_size, "total": self.total,
@@ -112,21 +137,23 @@ class InteractionShard:
                 "owned_samples": len(self.samples),
                 "shards": plan.shards_fingerprint([Path(p).name for p in self.paths], self.sizes)}
 
-    @ray.method(concurrency_group="peers")
+    @ray.method(concurrency_group="peers", max_task_retries=-1)
     def get_samples(self, indices: list[int]) -> list[dict]:
         """Samples this actor owns, by index (for peers that take over part of its quota)."""
         return [self.samples[i] for i in indices]
 
     # ------------------------------------------------------------------ epochs
-    @ray.method(concurrency_group="feed")
-    def start_epoch(self, epoch: int, skip: int = 0) -> int:
+    @ray.method(concurrency_group="feed", max_task_retries=-1)
+    def start_epoch(self, epoch: int, skip: int = 0, run: str | None = None) -> int:
         """Begin producing ``epoch``'s batches, skipping the first ``skip`` samples (a restored cursor;
-        a multiple of the batch size). Returns the number of batches that will follow."""
+        a multiple of the batch size). Returns the number of batches that will follow. ``run``: a token
+        that ``next_batch`` calls must carry (calls left over from an earlier start get None). Idempotent,
+        so Ray sends it again when the actor died under it (as ``describe``); ``next_batch`` is not."""
         if skip % self.batch_size:
             raise DataError(f"cursor offset {skip} is not a multiple of the batch size {self.batch_size}")
         self._halt()
         self.stop.clear()
-        self.ended = False
+        self.ended, self.run = False, run
         self.queue = queue.Queue(maxsize=self.prefetch)
         order = plan.epoch_lists(self.sizes, self.world_size, self.seed, epoch)[self.rank]
         batches = plan.batches(order, self.steps, self.batch_size)[skip // self.batch_size:]
@@ -135,9 +162,10 @@ class InteractionShard:
         return len(batches)
 
     @ray.method(concurrency_group="feed")
-    def next_batch(self, timeout: float = 600.0):
-        """The next ready batch, or None at (and after) the end of the epoch; re-raises a producer error."""
-        if self.ended:
+    def next_batch(self, timeout: float = 600.0, run: str | None = None):
+        """The next ready batch, or None at (and after) the end of the epoch, before the first
+        ``start_epoch`` and for a ``run`` other than the last start's; re-raises a producer error."""
+        if self.ended or run != self.run:
             return None
         item = self.queue.get(timeout=timeout)
         self._depth.set(self.queue.qsize())
@@ -193,7 +221,7 @@ class InteractionShard:
             else:
                 by_owner.setdefault(owner, []).append(k)
         for owner, ks in by_owner.items():
-            got = ray.get(self.peers[owner].get_samples.remote([refs[k][1] for k in ks]))
+            got = ray.get(self._peer(owner).get_samples.remote([refs[k][1] for k in ks]))
             for k, s in zip(ks, got):
                 out[k] = s
         return out
@@ -225,13 +253,18 @@ class InteractionShard:
 
 
 def start_interaction_shards(data_dir: str, split: str, world_size: int, *, embeddings, batch_size: int,
-                             seed: int, num_cpus: float = 1.0, **kwargs) -> list:
-    """One actor per trainer rank, peers wired, each checked to have loaded its shards."""
+                             seed: int, num_cpus: float = 1.0, max_restarts: int = -1, **kwargs) -> list:
+    """One actor per trainer rank, named (peers find each other by name), each checked to have loaded
+    its shards. ``max_restarts``: how often Ray brings a dead actor back (-1: always). Keep the returned
+    handles while the group is in use: a handle found by name does not keep an actor alive."""
     manifest = read_manifest(data_dir)
     names, _ = split_shards(manifest, data_dir, split)
     check_assignment(names, split, world_size)
-    actors = [InteractionShard.options(num_cpus=num_cpus).remote(
-        data_dir, split, r, world_size, batch_size=batch_size, seed=seed, embeddings=embeddings, **kwargs)
-        for r in range(world_size)]
-    ray.get([a.set_peers.remote(actors) for a in actors])
+    group = uuid.uuid4().hex[:8]                   # two groups (runs, splits) never share a name
+    peers = [f"cora-data-{split}-{group}-r{r}" for r in range(world_size)]
+    actors = [InteractionShard.options(num_cpus=num_cpus, name=peers[r], namespace=NAMESPACE,
+                                       max_restarts=max_restarts).remote(
+        data_dir, split, r, world_size, batch_size=batch_size, seed=seed, embeddings=embeddings, peers=peers,
+        **kwargs) for r in range(world_size)]
+    ray.get([a.describe.remote() for a in actors])
     return actors

@@ -23,6 +23,32 @@ def secure_env() -> None:
                            f"or set RAY_AUTH_MODE=token")
 
 
+def token_source() -> str | None:
+    """Where Ray would read this process's auth token from (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token, in Ray's order), or None when there is none."""
+    from pathlib import Path
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return f"RAY_AUTH_TOKEN_PATH={path}" if Path(path).is_file() and Path(path).stat().st_size else None
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() and default.stat().st_size else None
+
+
+def check_join(address: str | None) -> list[str]:
+    """Joining a cluster (``address`` set) needs token authentication configured: without a token Ray
+    joins an unauthenticated cluster without a word, and anyone who reaches its ports can run code."""
+    if not address or address == "local" or token_source() is not None:
+        return []
+    bad = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    where = (f"RAY_AUTH_TOKEN_PATH={bad} names no readable, non-empty file" if bad else
+             "neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set and ~/.ray/auth_token does not exist")
+    return [f"joining the Ray cluster at {address!r} without token authentication is refused: {where}. Copy the "
+            f"cluster's token (on its head node: `ray get-auth-token`) into RAY_AUTH_TOKEN or a file named by "
+            f"RAY_AUTH_TOKEN_PATH, with RAY_AUTH_MODE=token on every node (see README, 'Running on a cluster')"]
+
+
 def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False,
          dashboard_host: str = "127.0.0.1", namespace: str = "cora") -> dict:
     """Join ``address`` (a running cluster, or 'auto'), or start a new local instance (``address``
@@ -30,6 +56,9 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
     secure_env()
     if ray.is_initialized():
         return dict(_INFO)                  # what the first init of this process found (empty if not ours)
+    problems = check_join(address)
+    if problems:
+        raise RuntimeError(problems[0])
     if address:
         ctx = ray.init(address=address, namespace=namespace, log_to_driver=True)
     else:

@@ -18,14 +18,19 @@ from .llm import LLMConfig, load_llm, resolve_answer_token
 from .scoring import CoRAModel
 
 
-def load_exported(export_dir: str | Path) -> tuple[CoRAModel, object]:
-    """(CoRAModel in eval mode, tokenizer). The frozen LLM is loaded as configured (presets are built
-    from their seed, so they have the weights the run trained with)."""
-    export_dir = Path(export_dir)
-    cfg = json.loads((export_dir / "config.json").read_text())
+def build_model(cfg: dict) -> tuple[CoRAModel, object]:
+    """(CoRAModel with an untrained generator and P, tokenizer) as a saved config describes it ({"llm",
+    "injection", "generator", "cf_dim"}: an export's config.json, or a checkpoint's saved config). The
+    frozen LLM is loaded as configured (presets are built from their seed: the weights a run trained with)."""
     llm, tok = load_llm(LLMConfig(**cfg["llm"]))
-    model = CoRAModel(llm, resolve_answer_token(tok), cfg["cf_dim"], cfg["cf_dim"],
-                      InjectionConfig(**cfg.get("injection", {})), GeneratorConfig(**cfg.get("generator", {})))
+    return CoRAModel(llm, resolve_answer_token(tok), cfg["cf_dim"], cfg["cf_dim"],
+                     InjectionConfig(**cfg.get("injection", {})), GeneratorConfig(**cfg.get("generator", {}))), tok
+
+
+def load_exported(export_dir: str | Path) -> tuple[CoRAModel, object]:
+    """(CoRAModel in eval mode, tokenizer) with the exported generator and P."""
+    export_dir = Path(export_dir)
+    model, tok = build_model(json.loads((export_dir / "config.json").read_text()))
     state = load_file(str(export_dir / "adapter.safetensors"))
     want = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state) != want:

@@ -12,7 +12,7 @@ projection, one ``addmm`` that accumulates ``z P^T`` straight into the base outp
 weight ``W + delta`` is ever materialised (``merge`` does that, for export and tests only).
 
 Because q, k and v read the same hidden state and share ``A_b``, their down projection
-``dropout(x) @ A_b`` is computed once per layer and reused (see ``_SharedDown``): the per-sample path
+``dropout(x) @ A_b`` is computed once per layer and reused (see ``SharedDown``): the per-sample path
 costs one ``(B, T, d) @ (B, d, r)`` per layer for all three, where ordinary LoRA pays one per module.
 Each module keeps its own ``P`` parameter (rather than one fused ``P_qkv``) so that under DeepSpeed
 ZeRO-3 each parameter is owned by the module whose forward uses it and is gathered by ZeRO's hooks.
@@ -129,26 +129,45 @@ def adapter_dropout(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Te
     return torch.where(keep, x, 0.0), levels / (levels - threshold)
 
 
-class _SharedDown:
-    """Caches ``dropout(x) @ A`` for the modules of one layer that read the same input tensor x.
+class SharedDown:
+    """The down projection ``dropout(x) @ A`` of the modules of one decoder layer that read the same input
+    (q/k/v under ``self_attn``; gate/up under ``mlp``), computed once per forward of their parent module.
 
-    The first member called with a new x computes it; the others reuse it; after every member has
-    used it the cache is dropped (so inference holds no extra activations). A member called with a
-    different x (any call order, activation-checkpoint recomputation) simply recomputes.
+    Sharing is structural, not by tensor identity: DeepSpeed ZeRO-3's pre-forward hooks hand every module
+    a new tensor object for the same hidden state, so an identity cache never hits under ZeRO-3. Instead a
+    forward pre-hook on the parent opens a window, the first member called inside it computes ``z`` and
+    the others reuse it (one dropout mask for q, k and v, as in one process), and the parent's forward
+    hook drops it: nothing stays referenced after the layer (the autograd graph keeps what backward needs).
+    Activation-checkpoint recomputation re-runs the parent's forward, so it reopens the window.
+    ``computed`` counts the down projections run (for tests and benchmarks).
     """
 
-    def __init__(self):
+    def __init__(self, parent: nn.Module):
         self.members = 0
-        self._x = self._z = None
-        self._uses = 0
+        self.z: torch.Tensor | None = None
+        self.computed = 0
+        self._open = False
+        parent.register_forward_pre_hook(self._enter)
+        parent.register_forward_hook(self._leave)
+
+    def _enter(self, module, args) -> None:
+        self.z, self._open = None, True
+
+    def _leave(self, module, args, output) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Drop the window (also for a recomputation that non-reentrant activation checkpointing stopped
+        early, before the parent's forward returned: ``Injection.release`` after backward)."""
+        self.z, self._open = None, False
 
     def get(self, x: torch.Tensor, compute) -> torch.Tensor:
-        if self._x is not x:
-            self._x, self._z, self._uses = x, compute(x), 0
-        z = self._z
-        self._uses += 1
-        if self._uses >= self.members:
-            self._x = self._z = None
+        """``compute(x)`` once per window (a member called outside its parent's forward computes alone)."""
+        z = self.z
+        if z is None or z.shape[:-1] != x.shape[:-1]:
+            z = compute(x)
+            self.computed += 1
+            self.z = z if self._open and self.members > 1 else None
         return z
 
 
@@ -234,7 +253,7 @@ class InjectedLinear(nn.Module):
     """A frozen Linear/Conv1D plus the low-rank path: ``y = W x + P (down(x))``, P: (d_out, r)."""
 
     def __init__(self, base: nn.Module, variant: Variant, rank: int, dropout: float,
-                 layer_index: int, shared: _SharedDown):
+                 layer_index: int, shared: SharedDown):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = layer_widths(base)
@@ -306,16 +325,21 @@ class Injection:
                         else SharedVariant(cfg.scale))
         self.layers = decoder_layers(model)
         self.modules: list[InjectedLinear] = []
+        self.groups: list[SharedDown] = []
         for index, layer in enumerate(self.layers):
-            groups: dict[tuple[str, int], _SharedDown] = {}
+            groups: dict[tuple[str, str, int], SharedDown] = {}
             for path in sorted(chosen):
                 parent_path, _, attr = path.rpartition(".")
                 parent = layer.get_submodule(parent_path)
                 base = getattr(parent, attr)
                 d_in, _ = layer_widths(base)
-                # modules that read the same x (q/k/v; gate/up) share one down projection
+                # modules that read the same x (q/k/v; gate/up: siblings under one parent) share one down projection
                 target = next(t for t in cfg.targets if paths[t] == path)
-                shared = groups.setdefault((SAME_INPUT.get(target, target), d_in), _SharedDown())
+                key = (parent_path, SAME_INPUT.get(target, target), d_in)
+                if key not in groups:
+                    groups[key] = SharedDown(parent)
+                    self.groups.append(groups[key])
+                shared = groups[key]
                 wrapped = InjectedLinear(base, self.variant, cfg.rank, cfg.dropout, index, shared)
                 setattr(parent, attr, wrapped)
                 self.modules.append(wrapped)
@@ -334,6 +358,11 @@ class Injection:
         if not isinstance(self.variant, PerSampleVariant):
             raise TypeError("set_weights is for the per-sample ('cora') adapter; this injection is 'lora'")
         self.variant.set_weights(weights, self.widths, self.num_layers)
+
+    def release(self) -> None:
+        """Drop every shared down projection still held (call after backward)."""
+        for g in self.groups:
+            g.release()
 
     def parameters(self):
         """The trainable parameters of the injection (P, and A for the 'lora' adapter)."""

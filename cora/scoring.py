@@ -39,13 +39,24 @@ class Batch:
     weights: torch.Tensor | None = None  # (B,) float: 0 for a padding sample (the epoch plan's), else 1
 
     def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(*(move(getattr(self, f)) for f in FIELDS))
+        """The batch on ``device``. From the CPU to CUDA the host tensors are staged in pinned (page-locked)
+        memory so that the copies are asynchronous (``non_blocking``): the forward is queued behind them
+        on the same stream, and the host never waits."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return Batch(*(None if t is None else t.cpu() for t in self.tensors()))
+        pin = lambda t: t.pin_memory() if t.device.type == "cpu" else t  # noqa: E731
+        return Batch(*(None if t is None else pin(t).to(device, non_blocking=True) for t in self.tensors()))
+
+    def tensors(self) -> tuple:
+        return tuple(getattr(self, f) for f in FIELDS)
 
     @classmethod
-    def from_arrays(cls, arrays: dict) -> "Batch":
-        """A Batch from a dict of numpy arrays (an InteractionShard actor's batch; extra keys ignored)."""
-        return cls(*(None if arrays.get(f) is None else torch.from_numpy(np.asarray(arrays[f])) for f in FIELDS))
+    def from_arrays(cls, arrays: dict, device=None) -> "Batch":
+        """A Batch from a dict of numpy arrays (an InteractionShard actor's batch; extra keys ignored), on
+        ``device`` when given (the engine's: DeepSpeed does not move a model's inputs)."""
+        batch = cls(*(None if arrays.get(f) is None else torch.from_numpy(np.asarray(arrays[f])) for f in FIELDS))
+        return batch if device is None else batch.to(device)
 
 
 def collate(prompts: Sequence[Sequence[int]], user_emb, item_emb, labels=None, pad_id: int = 0,

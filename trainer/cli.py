@@ -4,7 +4,7 @@
     cora prepare  --source ... --out DATA_DIR          the data (cora/data/prepare.py)
     cora train-cf --data DATA_DIR --out CF_DIR         the CF model (cora/cf/cli.py)
     cora train    --config CONFIG.yaml [key=value ...] CoRA with ZeRO-3 workers on Ray (trainer/train.py)
-    cora eval     --run RUN [--split test]             one process, no DeepSpeed (cora/run_eval.py)
+    cora eval     --run RUN [--checkpoint best] [--device cuda]  one process, no DeepSpeed (trainer/run_eval.py)
     cora demo     [--llm tiny-llama] ...               single-process CoRA vs. a no-CF LoRA baseline (cora/demo.py)
 """
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_cf(sub)
     from trainer.train import add_parser as add_train
     add_train(sub)
-    from cora.run_eval import add_parser as add_eval
+    from trainer.run_eval import add_parser as add_eval
     add_eval(sub)
     args = ap.parse_args(argv)
     from cora.data.schema import DatasetError

@@ -30,10 +30,21 @@ class DataConfig:
     """Prompt length limit in tokens (oldest titles dropped first)."""
     prefetch: int = 4
     """Ready batches each InteractionShard actor keeps queued."""
+    eval_batch_size: int | None = None
+    """Samples per rank in each validation/test forward (no backward, so it can be far larger than the
+    micro-batch); None = engine.micro_batch_size."""
 
     def validate(self) -> list[str]:
-        return [f"data.{k} must be >= 1, got {getattr(self, k)}" for k in ("embedding_shards", "max_length", "prefetch")
-                if getattr(self, k) < 1]
+        problems = [f"data.{k} must be >= 1, got {getattr(self, k)}"
+                    for k in ("embedding_shards", "max_length", "prefetch") if getattr(self, k) < 1]
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            problems.append(f"data.eval_batch_size must be >= 1 or null (= engine.micro_batch_size), "
+                            f"got {self.eval_batch_size}")
+        return problems
+
+    def eval_batch(self, micro_batch_size: int) -> int:
+        """Samples per rank in a validation/test batch: eval_batch_size, or the micro-batch when None."""
+        return self.eval_batch_size or micro_batch_size
 
 
 @dataclass
@@ -51,13 +62,14 @@ class RunConfig:
     cpus_per_worker: int = 1
     """CPUs reserved per worker (also its torch threads)."""
     device: Literal["cpu", "cuda"] = "cpu"
-    """cpu: gloo, fp32; cuda: NCCL (set engine.bf16: true for bf16)."""
+    """cpu: gloo, fp32; cuda: NCCL, one GPU per worker (set engine.bf16: true for bf16)."""
     seed: int = 0
     """Seeds the generator's initialisation and the data order."""
     address: str | None = None
-    """A running Ray cluster to join ('auto' or HOST:PORT); None starts a local one."""
+    """A running Ray cluster to join ('auto' or HOST:PORT; its auth token must be in RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); None starts a local one."""
     max_steps: int | None = None
-    """Stop after this many steps in total (smoke tests)."""
+    """Stop after this many optimiser steps in total (a step is engine.gradient_accumulation micro-batches)."""
     wait_for_resources: bool = False
     """Wait for CPUs/GPUs to become free (autoscaling clusters) instead of failing at once."""
     overwrite: bool = False
@@ -67,13 +79,14 @@ class RunConfig:
     checkpoint_uri: str | None = None
     """Where checkpoints go: a path, file://, s3:// (endpoint: CORA_S3_ENDPOINT) or gs://; None = RUN/checkpoints."""
     checkpoint_every: int = 200
-    """Checkpoint every this many steps (0: only after each validation, which always checkpoints)."""
+    """Checkpoint every this many optimiser steps (0: only after each validation, which always checkpoints)."""
     keep_last: int = 3
     """Committed checkpoints kept besides the best one; older ones are deleted."""
     max_failures: int = 3
     """Worker-group failures Ray Train recovers from (restarting from the newest committed checkpoint)."""
     sample_log: bool = False
-    """Append every step's sample ids and loss to RUN/samples/rank<r>.jsonl (an audit of exactly-once)."""
+    """Append every micro-batch's sample ids, loss and learning rate, with its optimiser step and index in
+    the step, to RUN/samples/rank<r>.jsonl (an audit of exactly-once)."""
     eval_baseline: bool = True
     """Score the test split once before training, when P is still zero (the frozen LLM without
     injection): the no-injection baseline, reported as no_injection_test."""

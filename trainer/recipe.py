@@ -74,6 +74,20 @@ class LoopState:
         return cls(**{k: v for k, v in {**d, **extra}.items() if k in known})
 
 
+def combine(window: list[dict]) -> dict:
+    """One optimiser step's record from its micro-batches' records (trainer.worker.train_step's plus the
+    data fields): times, samples and tokens summed; the loss averaged over the micro-batches with samples
+    (as DeepSpeed averages their gradients); lr and gradient norm of the step."""
+    if len(window) == 1:
+        return dict(window[0], micro_batches=1)
+    real = [r for r in window if r["samples"] > 0] or window
+    out = dict(window[-1], micro_batches=len(window), loss=sum(r["loss"] for r in real) / len(real),
+               finite=all(r["finite"] for r in window), sample_ids=[i for r in window for i in r["sample_ids"]])
+    for k in ("forward", "backward", "optimizer", "seconds", "data_wait", "samples", "tokens", "lookup_s"):
+        out[k] = sum(r[k] for r in window)
+    return out
+
+
 class Recipe:
     def __init__(self, cfg: TrainConfig, handover: Handover):
         self.cfg, self.h = cfg, handover
@@ -146,36 +160,65 @@ class Recipe:
 
     def train_epoch(self, epoch: int, cursor: dict | None) -> dict | None:
         """Train on this rank's batches of ``epoch`` (from ``cursor`` when resuming mid-epoch); returns the
-        cursor where it stopped when the step budget cut the epoch short, else None."""
+        cursor where it stopped when the step budget cut the epoch short, else None.
+
+        A step is an optimiser step: ``accumulation`` micro-batches (DeepSpeed steps the optimiser on the
+        last of them). ``run.max_steps``, ``run.checkpoint_every``, the schedule and TensorBoard all count
+        these steps, and the budget and the checkpoints act only at a window's end, so a saved cursor never
+        marks as delivered a sample whose gradient is not yet in the weights. An epoch whose micro-batch
+        count is not a multiple of the accumulation closes its last window with weight-0 micro-batches
+        (no loss, no gradient), so that every epoch ends on an optimiser step."""
         from cluster.client import BatchIterator
         from cluster.plan import Cursor
         it = BatchIterator(self.h.train[self.rank], epoch, cursor=Cursor.from_dict(cursor) if cursor else None)
         self.state.epoch = epoch
-        self.board.start_epoch(epoch, len(it))
+        self.board.start_epoch(epoch, -(-len(it) // self.accumulation))
+        window: list[dict] = []
+        raw = None
         with self._sample_log() as audit:
             for raw in it:
-                self._step(raw, epoch, it.waits[-1], audit)
+                window.append(self._micro_step(raw, epoch, it.waits[-1], len(window), audit))
+                if len(window) < self.accumulation:
+                    continue
+                self._step_done(window, raw)
+                window = []
                 budget_spent = self.out_of_steps()
                 # the epoch's last step is saved by end_epoch, after evaluating
                 if self.ckpt is not None and self.ckpt.due(self.state.step) and not (it.exhausted or budget_spent):
                     self.save(it.cursor().to_dict())
                 if budget_spent and not it.exhausted:
                     return it.cursor().to_dict()
+            if window:                           # close the epoch's last window with weight-0 micro-batches
+                pad = dict(raw, weights=raw["weights"] * 0)
+                while len(window) < self.accumulation:
+                    window.append(self._micro_step(pad, epoch, 0.0, len(window), audit))
+                self._step_done(window, raw)
         return None
 
-    def _step(self, raw: dict, epoch: int, wait: float, audit) -> None:
+    @property
+    def accumulation(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+    def _micro_step(self, raw: dict, epoch: int, wait: float, micro: int, audit) -> dict:
+        """One micro-batch's forward and backward (and the optimiser step at a window's end)."""
         record = train_step(self.engine, raw)
-        self.state.step += 1
-        self.last_loss = record["loss"]
-        record.update(epoch=epoch, step=self.state.step, data_wait=wait, sample_ids=raw["sample_ids"].tolist(),
+        record.update(epoch=epoch, data_wait=wait, sample_ids=raw["sample_ids"].tolist(),
                       samples=float(raw["weights"].sum()), tokens=int(raw["lengths"].sum()),
                       lookup_s=float(raw["lookup_s"]))
-        self.board.step(self.state.step, record)
         if audit is not None:                  # which samples each step trained on (not the padding)
             real = [i for i, w in zip(record["sample_ids"], raw["weights"]) if w > 0]
-            audit.write(json.dumps({"step": self.state.step, "epoch": epoch, "loss": record["loss"],
-                                    "sample_ids": real}) + "\n")
+            audit.write(json.dumps({"step": self.state.step + 1, "micro": micro, "epoch": epoch,
+                                    "loss": record["loss"], "lr": record["lr"], "sample_ids": real}) + "\n")
             audit.flush()
+        return record
+
+    def _step_done(self, window: list[dict], raw: dict) -> None:
+        """An optimiser step is done: its record (the window's micro-batches combined) to TensorBoard and hooks."""
+        self.state.step += 1
+        record = combine(window)
+        record["step"] = self.state.step
+        self.last_loss = record["loss"]
+        self.board.step(self.state.step, record)
         for hook in self.h.hooks:
             hook.after_step(self, record, raw)
 

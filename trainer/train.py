@@ -29,19 +29,21 @@ def _cf_info(cf_dir: str) -> tuple[int, str]:
 
 
 def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, object]:
-    """(one InteractionShard per rank for train, valid and test; the EmbeddingClient of the servers)."""
+    """(one InteractionShard per rank for train, valid and test; the EmbeddingClient of the servers).
+    Train batches hold engine.micro_batch_size samples, valid and test batches data.eval_batch_size."""
     from cluster.embeddings import start_embedding_servers
     from cluster.interactions import start_interaction_shards
     from cora.llm import PRESETS, REAL_PRESETS           # presets all use the SmolLM2 tokenizer
     sasrec = cf_model == "sasrec"
     client = start_embedding_servers(cfg.data.cf_dir, shards=cfg.data.embedding_shards, dim=cf_dim,
                                      num_cpus=0.1, sasrec=sasrec)
-    common = {"embeddings": client, "batch_size": cfg.engine.micro_batch_size, "seed": cfg.run.seed,
-              "num_cpus": 0.1, "max_history": cfg.data.max_history, "max_length": cfg.data.max_length,
-              "prefetch": cfg.data.prefetch, "sasrec_history": 25 if sasrec else 0,
+    common = {"embeddings": client, "seed": cfg.run.seed, "num_cpus": 0.1, "max_history": cfg.data.max_history,
+              "max_length": cfg.data.max_length, "prefetch": cfg.data.prefetch, "sasrec_history": 25 if sasrec else 0,
               "tokenizer": "smollm2" if cfg.llm.name in PRESETS or cfg.llm.name in REAL_PRESETS else cfg.llm.name}
-    return {split: start_interaction_shards(cfg.data.data_dir, split, cfg.run.workers, **common)
-            for split in ("train", "valid", "test")}, client
+    micro = cfg.engine.micro_batch_size
+    batch = {"train": micro, "valid": cfg.data.eval_batch(micro), "test": cfg.data.eval_batch(micro)}
+    return {split: start_interaction_shards(cfg.data.data_dir, split, cfg.run.workers, batch_size=batch[split],
+                                            **common) for split in batch}, client
 
 
 def handover(cfg: TrainConfig, actors: dict, cf_dim: int):
@@ -51,23 +53,53 @@ def handover(cfg: TrainConfig, actors: dict, cf_dim: int):
 
     from .recipe import Handover
     rows = read_manifest(cfg.data.data_dir)["counts"]["splits"]["train"]["rows"]
-    steps = plan.steps_per_epoch(rows, cfg.run.workers, cfg.engine.micro_batch_size) * cfg.run.epochs
+    micro = plan.steps_per_epoch(rows, cfg.run.workers, cfg.engine.micro_batch_size)
+    steps = -(-micro // cfg.engine.accumulation(cfg.run.workers)) * cfg.run.epochs  # an epoch ends on a step
     run_dir = Path(cfg.run.run_dir).absolute()
     return Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], cf_dim=cf_dim,
-                    total_steps=max(1, steps // cfg.engine.accumulation(cfg.run.workers)), run_dir=str(run_dir),
+                    total_steps=max(1, steps), run_dir=str(run_dir),
                     checkpoint_uri=checkpoint_uri(cfg), staging_dir=str(run_dir / ".staging"))
 
 
 def check_resources(cfg: TrainConfig) -> None:
-    """Fail fast instead of waiting forever when the worker group cannot be placed now."""
+    """Fail fast instead of waiting forever when the worker group cannot be placed now: its CPUs, and on
+    run.device=cuda one GPU per worker."""
     import ray
-    need = cfg.run.workers * cfg.run.cpus_per_worker
-    free = ray.available_resources().get("CPU", 0.0)
-    if free < need and not cfg.run.wait_for_resources:
-        raise RuntimeError(f"the worker group needs {need} CPUs ({cfg.run.workers} workers x "
-                           f"{cfg.run.cpus_per_worker}) but the Ray cluster has {free:g} free; lower run.workers "
-                           f"or run.cpus_per_worker, free the cluster, or set run.wait_for_resources=true "
-                           f"(an autoscaling cluster)")
+    if cfg.run.wait_for_resources:
+        return
+    free = ray.available_resources()
+    need = {"CPU": cfg.run.workers * cfg.run.cpus_per_worker}
+    if cfg.run.device == "cuda":
+        need["GPU"] = cfg.run.workers
+        if not ray.cluster_resources().get("GPU"):
+            raise ConfigError([f"run.device=cuda but the Ray cluster has no GPU (its resources: "
+                               f"{_resources(ray.cluster_resources())}); use run.device=cpu, or join a cluster "
+                               f"whose nodes have GPUs (run.address)"], source="cora train")
+    short = {k: (n, free.get(k, 0.0)) for k, n in need.items() if free.get(k, 0.0) < n}
+    if short:
+        raise ConfigError([f"the worker group needs {n:g} {k}s ({cfg.run.workers} workers) but the Ray cluster has "
+                           f"{have:g} free; lower run.workers" + (" or run.cpus_per_worker" if k == "CPU" else "")
+                           + ", free the cluster, or set run.wait_for_resources=true (an autoscaling cluster)"
+                           for k, (n, have) in short.items()], source="cora train")
+
+
+def _resources(r: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(r.items()) if k in ("CPU", "GPU", "memory")) or "none"
+
+
+def check_device(cfg: TrainConfig) -> list[str]:
+    """run.device=cuda on a new local Ray instance needs one visible GPU per worker on this machine (a
+    cluster's GPUs are counted once joined, by check_resources)."""
+    if cfg.run.device != "cuda" or cfg.run.address:
+        return []
+    import torch
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have >= cfg.run.workers:
+        return []
+    why = "torch.cuda.is_available() is False" if not have else f"only {have} GPU(s) are visible"
+    return [f"run.device=cuda with run.workers={cfg.run.workers} needs {cfg.run.workers} GPU(s) on this machine, "
+            f"but {why} (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use "
+            f"run.device=cpu, lower run.workers, install a CUDA build of torch, or join a GPU cluster (run.address)"]
 
 
 RUN_MARKERS = ("config.json", "metrics.json", "export", "checkpoints")
@@ -112,7 +144,10 @@ def preflight(cfg: TrainConfig) -> None:
                             f"engine.micro_batch_size x run.workers = {e.micro_batch_size} x {cfg.run.workers} = "
                             f"{per_step}; choose a global batch of {per_step * max(1, e.global_batch_size // per_step)} "
                             f"or {per_step * (e.global_batch_size // per_step + 1)}, or change the micro-batch")
+    problems += check_device(cfg)
     problems += check_run_dir(cfg)
+    from cluster.runtime import check_join
+    problems += [f"run.address: {p}" for p in check_join(cfg.run.address)]
     if problems:
         raise ConfigError(problems, source="cora train")
 
@@ -123,7 +158,8 @@ def checkpoint_uri(cfg: TrainConfig) -> str:
 
 # what must not change when a run is resumed (the trainable state and the data cursors depend on them)
 RESUME_KEYS = ("data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
-               "generator", "engine.micro_batch_size", "run.workers", "run.seed")
+               "generator", "engine.micro_batch_size", "engine.gradient_accumulation", "engine.global_batch_size",
+               "run.workers", "run.seed")
 
 
 def check_run_dir(cfg: TrainConfig) -> list[str]:

@@ -15,21 +15,28 @@ import torch
 from cora.scoring import Batch, bce_loss
 
 
-
 def train_step(engine, raw: dict) -> dict:
-    """One forward/backward/optimiser step; the record holds the loss and the time of each phase."""
+    """One micro-batch: forward, backward and ``engine.step()`` (DeepSpeed steps the optimiser at the end of
+    an accumulation window only). The record holds the loss, the learning rate this step trains with and
+    the time of each phase (on CUDA, synchronised at each phase's end so that the times are the GPU's)."""
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    batch = Batch.from_arrays(raw)
+    batch = Batch.from_arrays(raw, engine.device)     # DeepSpeed does not move inputs; pinned + async on CUDA
     logits = engine(batch)
     loss = bce_loss(logits, batch.labels, batch.weights)
+    sync()
     t1 = time.perf_counter()
     engine.backward(loss)
+    engine.module.injection.release()                 # a recomputation stopped early may have left one
+    sync()
     t2 = time.perf_counter()
+    lr = float(engine.get_lr()[0])                    # before step(): the rate the optimiser applies now
     engine.step()
+    sync()
     t3 = time.perf_counter()
     norm = engine.get_global_grad_norm()
     return {"loss": float(loss.detach()), "finite": bool(torch.isfinite(logits).all()), "forward": t1 - t0,
-            "backward": t2 - t1, "optimizer": t3 - t2, "seconds": t3 - t0, "lr": float(engine.get_lr()[0]),
+            "backward": t2 - t1, "optimizer": t3 - t2, "seconds": t3 - t0, "lr": lr,
             "grad_norm": None if norm is None else float(norm)}
 
 

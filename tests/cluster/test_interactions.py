@@ -1,6 +1,10 @@
-"""InteractionShard actors: exactly-once across ranks, resume from a cursor, metrics, bad input."""
+"""InteractionShard actors: exactly-once across ranks, resume from a cursor, killed actors come back at
+their cursor, metrics, bad input."""
 
 import json
+import os
+import re
+import signal
 import time
 import urllib.request
 
@@ -8,11 +12,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+import webdataset as wds
 
 from cluster import plan, runtime
-from cluster.client import BatchIterator
+from cluster.client import BatchIterator, DataActorLost
 from cluster.embeddings import start_embedding_servers
-from cluster.interactions import DataError, InteractionShard, start_interaction_shards
+from cluster.interactions import DataError, InteractionShard, split_shards, start_interaction_shards
+from cora.data.schema import read_manifest
 
 BATCH = 32
 
@@ -83,6 +89,101 @@ def test_resume_from_cursor_continues_with_exactly_the_unseen_samples(served, da
         assert _ids(head[r]) + _ids(tail[r]) == _ids(full[r])        # same samples, same order
     with pytest.raises(ValueError, match="world_size was 2, now 1"):
         BatchIterator(_actors(data_dir, client, world=1)[0], 3, cursors[0])
+
+
+def _run_killing(actors, epoch, kill_after, victim, order):
+    """Like _run, but SIGKILL ``victim``'s process once ``kill_after`` steps are handed over (its queue
+    and the producers' are full by then), stepping the ranks in ``order``."""
+    its = [BatchIterator(a, epoch) for a in actors]
+    out, old_pid = [[] for _ in actors], None
+    for k in range(len(its[0])):
+        if k == kill_after:
+            time.sleep(1.0)                                          # let every prefetch queue fill
+            old_pid = ray.get(actors[victim].pid.remote())
+            os.kill(old_pid, signal.SIGKILL)
+        for r in order:
+            out[r].append(next(its[r]))
+            assert its[r].cursor().delivered == (k + 1) * BATCH      # the cursor stays right across a recovery
+    for it in its:
+        assert next(it, None) is None and it.exhausted
+    assert ray.get(actors[victim].pid.remote()) != old_pid           # a new process
+    return out, its
+
+
+def _planned(data_dir, epoch, world=2):
+    """The reference: per rank, the sample ids of each batch of ``epoch`` as plan.py assigns them, read
+    from the shards the way the actors index them (by owner, in shard order)."""
+    paths, sizes = split_shards(read_manifest(str(data_dir)), str(data_dir), "train")
+    owned = [[json.loads(s["json"])["sample_id"] for s in wds.WebDataset(
+        [paths[k] for k in plan.owned_shards(len(paths), r, world)], shardshuffle=False)] for r in range(world)]
+    steps = plan.steps_per_epoch(sum(sizes), world, BATCH)
+    return [[[owned[o][i] for o, i in b] for b in plan.batches(order, steps, BATCH)]
+            for order in plan.epoch_lists(sizes, world, 7, epoch)]
+
+
+def _check_planned(got, data_dir, epoch):
+    want = _planned(data_dir, epoch)
+    for r in range(len(want)):                                       # same batches, same order
+        assert [_ids([b]) for b in got[r]] == want[r]
+    seen = [i for batches in got for i in _ids(batches)]
+    train = pq.read_table(data_dir / "train.parquet").column("sample_id").to_pylist()
+    assert len(seen) == len(set(seen)) and sorted(seen) == sorted(train)  # each exactly once
+
+
+def _borrowed(data_dir):
+    """The batches of rank 1 (of 2) in epoch 0 that hold samples owned by rank 0."""
+    _, sizes = split_shards(read_manifest(str(data_dir)), str(data_dir), "train")
+    order = plan.epoch_lists(sizes, 2, 7, 0)[1]
+    steps = plan.steps_per_epoch(sum(sizes), 2, BATCH)
+    return [k for k, b in enumerate(plan.batches(order, steps, BATCH)) if any(o == 0 for o, _ in b)]
+
+
+def test_a_killed_actor_comes_back_at_its_cursor(served, data_dir, capsys):
+    client, _, _ = served
+    actors = _actors(data_dir, client)
+    # rank 1 restarts early; its producer then needs rank 0's samples (its tail), so finds its peer by name
+    assert min(_borrowed(data_dir)) > 3 + 6                          # beyond what rank 1 had prefetched
+    got, its = _run_killing(actors, 0, kill_after=3, victim=1, order=(0, 1))
+    _check_planned(got, data_dir, 0)
+    assert (its[0].recoveries, its[1].recoveries) == (0, 1) and len(its[1]) == len(got[1]) == 13
+    err = capsys.readouterr().err          # the recovery starts after the 3 to 5 batches already fetched
+    assert re.search(r"\[data\] train rank 1: actor restarted \(\w+\), resuming epoch 0 at sample "
+                     r"(96|128|160) ", err), err
+    for a in actors:
+        ray.kill(a)
+
+
+def test_a_killed_peer_comes_back_for_the_rank_that_borrows_its_samples(served, data_dir):
+    client, _, _ = served
+    actors = _actors(data_dir, client)
+    # rank 1's batch 11 holds samples of rank 0: after 5 steps rank 1's producer waits just before it
+    # (3 queued, 2 taken by calls in flight, 1 built); stepping rank 1 first, it asks the killed rank 0
+    assert _borrowed(data_dir) == [11, 12]
+    got, its = _run_killing(actors, 0, kill_after=5, victim=0, order=(1, 0))
+    _check_planned(got, data_dir, 0)
+    assert (its[0].recoveries, its[1].recoveries) == (1, 0)
+    for a in actors:
+        ray.kill(a)
+
+
+def test_an_actor_that_cannot_come_back_and_a_stale_iterator_are_named(served, data_dir):
+    client, _, _ = served
+    actors = _actors(data_dir, client)
+    stale = BatchIterator(actors[0], 1)
+    next(stale)
+    its = [BatchIterator(actors[0], 2), BatchIterator(actors[1], 2, max_recoveries=0)]
+    with pytest.raises(RuntimeError, match="train rank 0, epoch 1: the actor ended the epoch after 3 of 13 "
+                                           "batches because start_epoch was called again elsewhere"):
+        list(stale)                       # the 2 batches asked for before the new start, then no more
+    next(its[0]), next(its[1])
+    os.kill(ray.get(actors[1].pid.remote()), signal.SIGKILL)
+    with pytest.raises(DataActorLost, match="train rank 1, epoch 2: the InteractionShard actor failed 1 time\\(s\\) "
+                                            "in this epoch, more than max_recoveries=0"):
+        list(its[1])
+    ray.kill(actors[0])                                              # for good: no restart
+    with pytest.raises(DataActorLost, match="train rank 0, epoch 2: the InteractionShard actor did not come back"):
+        list(its[0])
+    ray.kill(actors[1])
 
 
 def test_metrics_reach_the_prometheus_endpoint(served, data_dir):

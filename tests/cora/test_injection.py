@@ -290,3 +290,30 @@ def test_a_batch_from_an_actors_arrays_keeps_every_field(tokenizer):
     for f in ("input_ids", "lengths", "user_emb", "item_emb", "labels"):
         assert torch.equal(getattr(got, f), getattr(b, f)), f
     assert torch.equal(got.weights, torch.ones(3)) and b.weights is None
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
+def test_one_down_projection_per_group_and_layer_and_nothing_cached_after(tokenizer, yes_id, checkpointing):
+    """q/k/v (and gate/up) share one dropout(x) @ A per layer forward: counted, not assumed; the shared
+    z lives only inside its parent's forward (activation checkpointing recomputes it once in backward)."""
+    llm = tiny("tiny-llama")
+    if checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = CoRAModel(llm, yes_id, 8, 8, InjectionConfig(targets=ALL, dropout=0.3), SMALL_GEN).train()
+    randomise_p(model)
+    groups = model.injection.groups
+    layers = model.injection.num_layers
+    assert len(groups) == 4 * layers            # per layer: {q,k,v}, {o}, {gate,up}, {down}
+    assert sorted(g.members for g in groups[:4]) == [1, 1, 2, 3]
+    loss, _ = model.loss(_batch(tokenizer))
+    assert [g.computed for g in groups] == [1] * len(groups)
+    assert all(g.z is None for g in groups)      # nothing kept after the layers ran
+    loss.backward()
+    assert [g.computed for g in groups] == [2 if checkpointing else 1] * len(groups)
+    model.injection.release()                    # what train_step does after backward
+    assert all(g.z is None for g in groups)
+    # a member called on its own (outside its parent's forward) computes alone and keeps nothing
+    q = next(m for m in model.injection.modules if m.shared.members == 3)
+    with torch.no_grad():
+        q(torch.randn(3, 5, q.in_features))
+    assert q.shared.z is None

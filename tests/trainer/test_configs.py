@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cora.config import load
+from cora.config import ConfigError, load
 from trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2] / "configs"
@@ -44,3 +44,16 @@ def test_the_global_batch_sets_the_accumulation_and_leaves_the_config_as_written
     assert ds["gradient_accumulation_steps"] == 1 and ds["train_batch_size"] == 16
     ds = ds_config(EngineConfig(micro_batch_size=2, gradient_accumulation=3), 2)
     assert ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 12
+
+
+def test_the_eval_batch_defaults_to_the_micro_batch_and_is_validated():
+    cfg = load(TrainConfig, ROOT / "demo.yaml")
+    assert cfg.data.eval_batch_size is None and cfg.data.eval_batch(cfg.engine.micro_batch_size) == 8
+    cfg = load(TrainConfig, ROOT / "demo.yaml", ["data.eval_batch_size=64"])
+    assert cfg.data.eval_batch(cfg.engine.micro_batch_size) == 64 and cfg.engine.micro_batch_size == 8
+    collm = load(TrainConfig, ROOT / "collm-ml1m.yaml", LOCAL_ONLY)  # micro-batch 1: eval needs a batch of its own
+    assert collm.engine.micro_batch_size == 1 and collm.data.eval_batch(1) == 16
+    with pytest.raises(ConfigError) as e:
+        load(TrainConfig, ROOT / "demo.yaml", ["data.eval_batch_size=0", "data.prefetch=0"])
+    assert "data.eval_batch_size must be >= 1 or null (= engine.micro_batch_size), got 0" in str(e.value)
+    assert "data.prefetch must be >= 1, got 0" in str(e.value)             # every problem at once

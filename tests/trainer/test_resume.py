@@ -3,19 +3,15 @@ worker is killed mid-epoch resumes from its newest committed checkpoint (on moto
 trains on exactly the samples, with exactly the losses, of an uninterrupted run."""
 
 import json
-import os
-import signal
-import threading
-import time
 
-import psutil
 import pytest
 
 from cluster import runtime
 from trainer.cli import main
 from tests.conftest import TEST_CPUS
 from cora.fileio import open_fs
-from trainer.checkpoint import list_checkpoints, read_commit, CheckpointError
+
+from .runs import Killer, final, steps
 
 pytestmark = pytest.mark.slow
 
@@ -36,64 +32,6 @@ def args(inputs, run, *extra):
             f"data.cf_dir={inputs / 'cf'}", f"run.run_dir={run}", "run.epochs=1", "run.dashboard=false",
             "run.eval_baseline=false", "run.sample_log=true", "engine.micro_batch_size=4", "run.checkpoint_every=4",
             *extra]
-
-
-def steps(run) -> dict[int, list[dict]]:
-    """Every record of the sample logs, per step (several when a step was trained again after a restart)."""
-    out: dict[int, list[dict]] = {}
-    for r in (0, 1):
-        for line in (run / "samples" / f"rank{r}.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            out.setdefault(rec["step"], []).append(dict(rec, rank=r))
-    return out
-
-
-def final(run) -> dict[int, dict]:
-    """Per step and rank, the last record: what the finished run's state was trained on."""
-    out = {}
-    for step, recs in steps(run).items():
-        for rec in recs:
-            out[(step, rec["rank"])] = rec
-    return out
-
-
-def ours(proc: psutil.Process) -> bool:
-    """A process of this test session's Ray instance (whose raylet is a child of this process), not of
-    another session running on the same machine."""
-    try:
-        return any(parent.pid == os.getpid() for parent in proc.parents())
-    except psutil.NoSuchProcess:
-        return False
-
-
-class Killer:
-    """Kills one Ray Train worker process (SIGKILL) once a checkpoint at or after ``after_step`` is committed."""
-
-    def __init__(self, uri: str, after_step: int):
-        self.uri, self.after, self.killed_at = uri, after_step, None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        deadline = time.time() + 600
-        while time.time() < deadline and self.killed_at is None:
-            committed = []
-            try:
-                for n in list_checkpoints(self.uri):
-                    try:
-                        committed.append(read_commit(self.uri, n)["step"])
-                    except CheckpointError:
-                        pass
-            except OSError:
-                pass
-            if committed and max(committed) >= self.after:
-                workers = [p for p in psutil.process_iter(["cmdline"])
-                           if any("RayTrainWorker" in c for c in (p.info["cmdline"] or [])) and ours(p)]
-                if workers:
-                    os.kill(workers[-1].pid, signal.SIGKILL)
-                    self.killed_at = max(committed)
-                    return
-            time.sleep(0.05)
 
 
 def test_killed_then_resumed_from_s3_equals_an_uninterrupted_run(inputs, tmp_path, s3_server, capsys):
@@ -127,16 +65,55 @@ def test_killed_then_resumed_from_s3_equals_an_uninterrupted_run(inputs, tmp_pat
     assert all(s > resumed for s in redone)
 
 
-def test_a_killed_worker_is_restarted_by_ray_train_from_the_last_checkpoint(inputs, tmp_path):
+def test_lora_with_accumulation_2_restarted_after_a_kill_trains_each_sample_once(inputs, tmp_path, capsys):
+    """The LoRA baseline (injection.adapter=lora) with 2 micro-batches per optimiser step, its worker
+    killed mid-epoch and restarted by Ray Train: steps, checkpoints and TensorBoard count optimiser steps,
+    checkpoints fall on window ends, the epoch's samples are each trained once, the export is scored alike
+    by `cora eval`, and a resume with a changed optim.lr_peak follows the new schedule exactly."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cora.optim import OptimConfig, lr_at
+    from trainer.checkpoint import latest_committed, list_checkpoints, read_commit
     run = tmp_path / "run"
-    killer = Killer(str(run / "checkpoints"), after_step=8)
-    assert main(args(inputs, run, "run.max_failures=1", "run.checkpoint_every=3")) == 0
+    lora = ("injection.adapter=lora", "engine.gradient_accumulation=2")
+    killer = Killer(str(run / "checkpoints"), after_step=6)
+    assert main(args(inputs, run, *lora, "run.max_failures=1", "run.checkpoint_every=3")) == 0
     assert killer.killed_at is not None
     metrics = json.loads((run / "metrics.json").read_text())
     resumed = int(metrics["resumed_from"].split("-")[1])
-    assert resumed >= 8
+    assert resumed >= 6 and resumed % 3 == 0
     import pyarrow.parquet as pq
     train_ids = pq.read_table(inputs / "data" / "train.parquet").column("sample_id").to_pylist()
-    trained = [i for rec in final(run).values() for i in rec["sample_ids"]]
+    done = final(run)
+    trained = [i for rec in done.values() for i in rec["sample_ids"]]
     assert sorted(trained) == sorted(train_ids)      # the whole epoch, each sample once
-    assert metrics["test"] is not None and metrics["steps"] == max(s for s, _ in final(run))
+    assert max(m for _, _, m in done) + 1 == 2
+    micro_batches = -(-(-(-len(train_ids) // 2)) // 4)              # per rank: ceil(ceil(N / 2) / 4)
+    assert metrics["steps"] == max(s for s, _, _ in done) == -(-micro_batches // 2)
+    # the checkpoints' counters: optimiser steps (every 3, and the epoch's end), 2 micro-batches each
+    uri = str(run / "checkpoints")
+    kept = [read_commit(uri, n)["step"] for n in list_checkpoints(uri)]
+    assert kept and all(s % 3 == 0 or s == metrics["steps"] for s in kept)
+    state = json.loads(latest_committed(uri)[2]["state.json"])
+    assert state["global_steps"] == metrics["steps"] and state["micro_steps"] == 2 * metrics["steps"]
+    board = EventAccumulator(str(run / "tensorboard")).Reload()
+    logged = sorted({e.step for e in board.Scalars("train/loss")})
+    assert logged == list(range(1, metrics["steps"] + 1))       # one point per optimiser step
+    # the exported LoRA adapter, in one process, scores the test split as the trainer did
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert abs(again["auc"] - metrics["test"]["auc"]) < 1e-4, (again["auc"], metrics["test"]["auc"])
+    # resume the finished run for 3 more steps of a second epoch with another peak: the new schedule applies
+    total = 2 * metrics["steps"]
+    before = {s: rec["lr"] for (s, r, m), rec in done.items()}
+    assert main(args(inputs, run, *lora, "run.resume=auto", "run.epochs=2", f"run.max_steps={metrics['steps'] + 3}",
+                     "optim.lr_peak=3e-3")) == 0
+    after = {s: rec["lr"] for (s, r, m), rec in final(run).items() if s > metrics["steps"]}
+    assert sorted(after) == [metrics["steps"] + k for k in (1, 2, 3)]
+    new = OptimConfig(warmup_steps=20, lr_peak=3e-3, lr_end=1e-4)
+    for s, lr in after.items():
+        assert lr == pytest.approx(lr_at(s - 1, total, new), rel=1e-6), (s, lr)
+    old = OptimConfig(warmup_steps=20, lr_peak=1e-3, lr_end=1e-4)
+    for s, lr in before.items():
+        assert lr == pytest.approx(lr_at(s - 1, metrics["steps"], old), rel=1e-6), (s, lr)

@@ -50,6 +50,40 @@ def test_bad_inputs_are_all_reported_before_ray_or_a_worker_starts(tmp_path, cap
     assert not (tmp_path / "run2").exists() and sorted(p.name for p in run.iterdir()) == ["config.json"]
 
 
+def test_a_cuda_run_without_gpus_and_a_join_without_a_token_are_refused_before_ray_starts(tmp_path, capsys,
+                                                                                         monkeypatch):
+    import ray
+    import torch
+    data = tmp_path / "data"
+    assert main(["prepare", "--source", "synthetic", "--out", str(data), "--users", "30", "--items", "20",
+                 "--interactions", "300", "--no-progress"]) == 0
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))                  # no ~/.ray/auth_token
+    was_up = ray.is_initialized()
+    capsys.readouterr()
+    common = ["train", "--config", "configs/demo.yaml", f"data.data_dir={data}", f"run.run_dir={tmp_path / 'run'}"]
+    assert main(common + ["run.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert not torch.cuda.is_available()                                # this machine, and CI's, have no GPU
+    assert "run.device=cuda with run.workers=2 needs 2 GPU(s) on this machine, but torch.cuda.is_available() " \
+           "is False" in err and "use run.device=cpu" in err
+    assert main(common + ["run.address=10.1.2.3:6379"]) == 2
+    err = capsys.readouterr().err
+    assert "joining the Ray cluster at '10.1.2.3:6379' without token authentication is refused" in err
+    assert "RAY_AUTH_TOKEN" in err and "ray get-auth-token" in err
+    assert ray.is_initialized() == was_up and not (tmp_path / "run").exists()
+    # a token file named by RAY_AUTH_TOKEN_PATH must exist; one that does, or RAY_AUTH_TOKEN, is accepted
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    assert "names no readable, non-empty file" in runtime.check_join("auto")[0]
+    (tmp_path / "token").write_text("0123abcd")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert runtime.check_join("10.1.2.3:6379") == [] and runtime.check_join(None) == []
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0123abcd")
+    assert runtime.check_join("10.1.2.3:6379") == []
+
+
 @pytest.mark.slow
 def test_cora_train_end_to_end(tmp_path, capsys):
     data, cf, run = tmp_path / "data", tmp_path / "cf", tmp_path / "run"
@@ -86,3 +120,11 @@ def test_cora_train_end_to_end(tmp_path, capsys):
     assert evaluated["n"] == printed["test"]["n"]
     assert abs(evaluated["auc"] - printed["test"]["auc"]) < 1e-4 and abs(evaluated["uauc"] - printed["test"]["uauc"]) < 1e-4
     assert (run / "predictions-test.parquet").is_file()
+    # the best committed checkpoint holds the same generator and P as the export: the same scores
+    assert main(["eval", "--run", str(run), "--checkpoint", "best", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    from_ckpt = json.loads(out[out.rindex("\n{\n") + 1:] if "\n{\n" in out else out)
+    assert from_ckpt["source"].startswith("checkpoint step-") and from_ckpt["auc"] == evaluated["auc"]
+    [written] = glob.glob(str(run / "predictions-test-step-*.parquet"))
+    assert (pq.read_table(written).column("score").to_numpy()
+            == pq.read_table(run / "predictions-test.parquet").column("score").to_numpy()).all()

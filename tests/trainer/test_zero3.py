@@ -59,6 +59,23 @@ class HashPartitions(Hooks):
         Path(self.out_dir, f"rank{recipe.rank}-{stage}.json").write_text(json.dumps(out))
 
 
+class CountDownProjections(Hooks):
+    """After every step: how many shared down projections (dropout(x) @ A) have run so far, and whether any
+    is still held; written to OUT/rank<r>.json."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.log = str(out_dir), []
+
+    def after_step(self, recipe, record, batch) -> None:
+        groups = recipe.model.injection.groups
+        self.log.append({"step": record["step"], "epoch": record["epoch"], "groups": len(groups),
+                         "computed": sum(g.computed for g in groups),
+                         "held": sum(g.z is not None for g in groups)})
+
+    def at_end(self, recipe) -> None:
+        Path(self.out_dir, f"rank{recipe.rank}.json").write_text(json.dumps(self.log))
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     from trainer.worker import run
@@ -73,13 +90,15 @@ def two_rank_run(tmp_path_factory):
                                               num_cpus=0.1, max_length=256) for split in ("train", "valid", "test")}
     (tmp / "report").mkdir()
     (tmp / "hashes").mkdir()
+    (tmp / "down").mkdir()
     cfg = from_dict(TrainConfig, {
         "llm": {"name": "tiny-llama"}, "run": {"epochs": 2, "workers": 2, "eval_baseline": False},
         "generator": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
         "optim": {"warmup_steps": 0, "lr_peak": 1e-2, "lr_end": 1e-3}})
     handover = Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], cf_dim=FACTORS,
                         total_steps=100, run_dir=str(tmp / "run"),
-                        hooks=[Report(tmp / "report"), HashPartitions(tmp / "hashes")])
+                        hooks=[Report(tmp / "report"), HashPartitions(tmp / "hashes"),
+                               CountDownProjections(tmp / "down")])
     run(cfg, handover, storage_path=str(tmp / "runs"))
     ranks = [json.loads((tmp / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
     train_ids = pq.read_table(tmp / "data" / "train.parquet").column("sample_id").to_pylist()
@@ -97,6 +116,20 @@ def test_each_rank_holds_half_of_the_llm_and_it_never_changes(two_rank_run):
         assert hashes[rank, "end"]["llm"] == hashes[rank, "setup"]["llm"]             # bit-identical
         assert hashes[rank, "end"]["generator"] != hashes[rank, "setup"]["generator"]  # trained
     assert hashes[0, "setup"]["llm"] != hashes[1, "setup"]["llm"]                   # two different halves
+
+
+def test_q_k_v_share_one_down_projection_per_layer_under_zero3_and_nothing_stays_cached(two_rank_run):
+    """ZeRO-3's hooks hand q, k and v new tensor objects for the same hidden state: the sharing must not
+    depend on identity. Between two steps of an epoch exactly one down projection per group and layer ran
+    (one training forward), and after each step none is held."""
+    tmp = two_rank_run[2]
+    for r in (0, 1):
+        log = json.loads((tmp / "down" / f"rank{r}.json").read_text())
+        groups = log[0]["groups"]
+        assert groups == 2 * 2                   # tiny-llama: 2 layers x ({q, k, v}, {o})
+        deltas = [b["computed"] - a["computed"] for a, b in zip(log, log[1:]) if a["epoch"] == b["epoch"]]
+        assert len(deltas) > 50 and set(deltas) == {groups}
+        assert all(rec["held"] == 0 for rec in log)
 
 
 def test_training_is_finite_falls_and_sees_each_sample_once_per_epoch(two_rank_run):

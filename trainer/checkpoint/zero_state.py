@@ -19,7 +19,7 @@ def _adam_steps(engine) -> list[float]:
     """AdamW's step count of each flat fp32 partition (DeepSpeed ZeRO-3 keeps the optimiser state per
     partition group, not per parameter)."""
     zero = engine.optimizer
-    return [float(zero.optimizer.state[g]["step"]) for g in zero.fp32_partitioned_groups_flat]
+    return [float(zero.optimizer.state[g].get("step", 0)) for g in zero.fp32_partitioned_groups_flat]
 
 
 def _gather_partitions(zero, key: str | None, rank: int, world: int) -> list | None:
@@ -74,6 +74,25 @@ def capture(engine, model, loop_state: dict, cursor: dict | None) -> tuple[dict,
     return trainable, opt, rng, state
 
 
+def restore_schedule(sched, optimizer, saved: dict, rank: int) -> None:
+    """Continue the LR schedule at the saved step, under *this* run's schedule (its lr_peak, lr_end, warm-up
+    and length): the step count comes from the checkpoint, the rates from the config. LambdaLR's state
+    also holds the old peak (``base_lrs``), which must not come back: with a changed optim.lr_peak it
+    would scale the new schedule by the old peak."""
+    saved = dict(saved)
+    old = saved.pop("base_lrs", None)
+    saved.pop("_last_lr", None)
+    sched.load_state_dict(saved)
+    lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
+    if rank == 0 and old is not None and [float(x) for x in old] != [float(x) for x in sched.base_lrs]:
+        from .storage import _log
+        _log(f"optim.lr_peak changed from {old[0]:g} to {sched.base_lrs[0]:g}: the new schedule applies from "
+             f"optimiser step {sched.last_epoch} (lr now {lrs[0]:.3g})")
+
+
 def load_into(engine, model, files: dict[str, bytes], rank: int) -> dict:
     """Put a verified checkpoint's state into the engine (every rank); returns its state.json."""
     import deepspeed
@@ -106,9 +125,7 @@ def load_into(engine, model, files: dict[str, bytes], rank: int) -> dict:
     for g, s in zip(zero.fp32_partitioned_groups_flat, state["adam_steps"]):
         st = zero.optimizer.state[g]["step"]
         zero.optimizer.state[g]["step"] = torch.tensor(s, dtype=st.dtype) if torch.is_tensor(st) else s
-    engine.lr_scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(zero.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-        group["lr"] = lr
+    restore_schedule(engine.lr_scheduler, zero.optimizer, state["scheduler"], rank)
     engine.global_steps, engine.global_samples = state["global_steps"], state["global_samples"]
     engine.micro_steps = state["micro_steps"]
     torch.set_rng_state(rng[f"rank{rank}"])

@@ -1,0 +1,236 @@
+"""``cora eval``: score a split with a trained run, in one process, without DeepSpeed or Ray.
+
+    cora eval --run RUN [--split test] [--checkpoint NAME|latest|best] [--device cpu|cuda] [--batch-size 32]
+      -> prints {"auc", "uauc", "n", "warm": {...}, "cold": {...}, "source"}; writes
+         RUN/predictions-<split>.parquet (the export) or RUN/predictions-<split>-<checkpoint>.parquet
+
+The frozen LLM is loaded as the run's config says (presets are rebuilt from their seed: the same
+weights the run trained against). The generator and P come from RUN/export (the adapter of the best
+validation so far; the default) or, with ``--checkpoint``, from a committed checkpoint of the run in
+run.checkpoint_uri (default RUN/checkpoints): a name (step-000000120, or the step, 120), ``latest``
+(the newest that verifies) or ``best`` (the newest saved at a better valid AUC); its files are checked
+against its manifest before use, and its own saved config rebuilds the model. The CF embeddings come
+from the run's cf_dir, a path or an object-storage URI (s3:// with CORA_S3_ENDPOINT, gs://, file://);
+SASRec user vectors from each sample's history. Progress (samples/s, ETA) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from cora.data.schema import DatasetError
+from cora.fileio import is_remote, open_fs
+
+SASREC_HISTORY = 25         # the history length SASRec user vectors are computed from (as in cora train)
+
+
+class EvalError(ValueError):
+    """A request ``cora eval`` cannot serve (device, batch size, checkpoint); the message says what to do."""
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device cuda: torch.cuda.is_available() is false (no GPU visible, or torch "
+                        f"{torch.__version__} is a CPU-only build); use --device cpu")
+
+
+# ---------------------------------------------------------------- CF embeddings (local or object storage)
+
+def _open(uri: str):
+    """A pyarrow input file for a local path or a storage URI, with a clear error when it is missing."""
+    fs, path = open_fs(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise DatasetError(f"{uri} is missing: data.cf_dir in the run's config.json must be a directory written "
+                           f"by `cora train-cf`")
+    return fs.open_input_file(path)
+
+
+def cf_embeddings(cf_dir: str, frame, sasrec_len: int = SASREC_HISTORY) -> tuple[np.ndarray, np.ndarray]:
+    """(user, item) CF embeddings of every row of ``frame``, (N, d) each, from a CF_DIR (a path or URI)."""
+    from cora.cf.store import read_embeddings
+    cf_dir = cf_dir.rstrip("/")
+    with _open(f"{cf_dir}/item_embeddings.parquet") as f:
+        items = read_embeddings(f)[frame["item"].to_numpy()]
+    with _open(f"{cf_dir}/cf.json") as f:
+        meta = json.loads(f.read())
+    if meta.get("config", {}).get("model") != "sasrec":
+        with _open(f"{cf_dir}/user_embeddings.parquet") as f:
+            return read_embeddings(f)[frame["user"].to_numpy()], items
+    from cora.cf.models import pad_history
+    model = _sasrec(cf_dir)
+    with torch.no_grad():
+        hist = torch.as_tensor(pad_history(frame["history"], sasrec_len))     # (N, L), left-padded
+        return model.user_vectors_from_history(hist).numpy(), items
+
+
+def _sasrec(cf_dir: str):
+    """The SASRec model of a CF_DIR. ``load_cf`` reads local directories only, so from object storage
+    the two files it reads (cf.json, and model.safetensors, whose sha256 it checks) are copied to a
+    temporary directory first."""
+    from cora.cf.train import load_cf
+    if not is_remote(cf_dir):
+        return load_cf(cf_dir.removeprefix("file://"))[0]
+    with tempfile.TemporaryDirectory(prefix="cora-eval-cf-") as tmp:
+        for name in ("cf.json", "model.safetensors"):
+            with _open(f"{cf_dir}/{name}") as f:
+                Path(tmp, name).write_bytes(f.read())
+        return load_cf(tmp)[0]
+
+
+# ---------------------------------------------------------------- the generator and P
+
+def find_checkpoint(uri: str, which: str) -> tuple[str, dict, dict[str, bytes]]:
+    """(name, manifest, verified file bytes) of the committed checkpoint in ``uri`` that ``which`` names:
+    NAME (step-000000120, or the step 120), ``latest`` (the newest that verifies) or ``best`` (the newest
+    committed at a better valid AUC: the one pruning keeps)."""
+    from trainer.checkpoint import (CheckpointError, checkpoint_name, latest_committed, list_checkpoints,
+                                    read_checkpoint, read_commit)
+    committed = {}
+    for n in list_checkpoints(uri):
+        try:
+            committed[n] = read_commit(uri, n)
+        except CheckpointError:
+            pass
+    have = f"committed: {', '.join(committed)}" if committed else "it holds no committed checkpoint"
+    if which == "latest":
+        found = latest_committed(uri)
+        if found is None:
+            raise EvalError(f"--checkpoint latest: {uri} has no committed checkpoint that verifies ({have})")
+        return found
+    if which == "best":
+        best = [n for n, m in committed.items() if m.get("best")]
+        if not best:
+            raise EvalError(f"--checkpoint best: no checkpoint in {uri} was saved at a better valid AUC ({have}); "
+                            f"use --checkpoint latest or a name")
+        name = best[-1]
+    else:
+        name = checkpoint_name(int(which)) if which.isdigit() else which
+        if name not in committed:
+            raise EvalError(f"--checkpoint {which}: no committed checkpoint {name} in {uri} ({have}; or use "
+                            f"latest, best)")
+    try:
+        manifest, files = read_checkpoint(uri, name)
+    except CheckpointError as e:
+        raise EvalError(f"--checkpoint {which}: {e}") from None
+    return name, manifest, files
+
+
+def load_model(run: Path, run_config: dict, checkpoint: str | None = None) -> tuple[object, object, str]:
+    """(CoRAModel in eval mode, tokenizer, source) with the generator and P of RUN/export (checkpoint
+    None; source "export") or of a committed checkpoint (source "checkpoint step-...")."""
+    if checkpoint is None:
+        from cora.export import load_exported
+        if not (run / "export" / "adapter.safetensors").is_file():
+            raise DatasetError(f"{run} has no export/adapter.safetensors (it is written at each better valid AUC: no "
+                               f"validation has finished); evaluate a checkpoint with --checkpoint latest")
+        print(f"[eval] generator and P from {run / 'export'}", file=sys.stderr)
+        model, tok = load_exported(run / "export")
+        return model, tok, "export"
+    from trainer.checkpoint import CheckpointError, parse
+    uri = run_config["run"].get("checkpoint_uri") or str(run.absolute() / "checkpoints")
+    name, manifest, files = find_checkpoint(uri, checkpoint)
+    try:
+        trainable, _, _, state = parse(files)
+    except CheckpointError as e:
+        raise EvalError(f"--checkpoint {checkpoint}: {uri}/{name}: {e}") from None
+    from cora.export import build_model
+    model, tok = build_model(state["config"])
+    # the workers save CoRAModel.named_parameters() names (Recipe.model, not the DeepSpeed engine, whose
+    # names would carry a "module." prefix): the same names as this one-process model's
+    want = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    got = {n: tuple(t.shape) for n, t in trainable.items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:4]
+        raise EvalError(f"{uri}/{name}/trainable.safetensors does not fit the model its own config describes "
+                        f"(e.g. {diff}); it was not written by `cora train`")
+    model.load_state_dict(trainable, strict=False)
+    print(f"[eval] generator and P from checkpoint {name} (step {manifest['step']}"
+          f"{', best' if manifest.get('best') else ''}) in {uri}", file=sys.stderr)
+    return model.eval(), tok, f"checkpoint {name}"
+
+
+# ---------------------------------------------------------------- scoring
+
+def _score(model, tok, enc, frame, titles, emb: tuple, batch_size: int, device: str, progress: bool,
+           desc: str) -> np.ndarray:
+    """The "Yes" logit of every row of ``frame``, (N,) float32, ``batch_size`` rows per forward."""
+    from tqdm import tqdm
+
+    from cora.scoring import collate
+    user_emb, item_emb = emb
+    scores = np.empty(len(frame), dtype=np.float32)
+    bar = tqdm(total=len(frame), desc=desc, unit="sample", file=sys.stderr, disable=not progress)
+    with torch.no_grad(), bar:
+        for s in range(0, len(frame), batch_size):
+            rows = frame.iloc[s:s + batch_size]
+            prompts = [enc.encode(list(titles[np.asarray(h, dtype=np.int64)][-enc.max_history:]) if len(h) else [],
+                                  titles[i]) for h, i in zip(rows["history"], rows["item"])]
+            batch = collate(prompts, user_emb[s:s + batch_size], item_emb[s:s + batch_size], None, tok.pad_token_id)
+            scores[s:s + len(rows)] = model(batch.to(device)).cpu().numpy()
+            bar.update(len(rows))
+    return scores
+
+
+def evaluate_run(run: str | Path, split: str = "test", batch_size: int = 32, progress: bool = True,
+                 device: str = "cpu", checkpoint: str | None = None) -> dict:
+    """Score ``split`` with the run's export (or ``checkpoint``) on ``device``; metrics plus "source"."""
+    from cora.data.schema import read_manifest
+    from cora.metrics import evaluate
+    from cora.prompts import PromptEncoder, get_template
+    check_device(device)
+    if batch_size < 1:
+        raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
+    run = Path(run)
+    if not (run / "config.json").is_file():
+        raise DatasetError(f"{run} is not a run directory (no config.json); train one with `cora train`")
+    cfg = json.loads((run / "config.json").read_text())
+    data_dir, cf_dir = cfg["data"]["data_dir"], cfg["data"]["cf_dir"]
+    manifest = read_manifest(data_dir)
+    if split not in manifest["shards"]:
+        raise DatasetError(f"--split {split!r}: {data_dir} has {', '.join(manifest['shards'])}")
+    model, tok, source = load_model(run, cfg, checkpoint)
+    model.to(device)
+    frame = pq.read_table(Path(data_dir, f"{split}.parquet")).to_pandas()
+    titles = pq.read_table(Path(data_dir, "items.parquet")).column("title").to_numpy(zero_copy_only=False)
+    enc = PromptEncoder(tok, get_template(manifest["domain"]), cfg["data"]["max_history"], cfg["data"]["max_length"])
+    emb = cf_embeddings(cf_dir, frame)
+    scores = _score(model, tok, enc, frame, titles, emb, batch_size, device, progress, f"eval {split}")
+    labels, users = frame["label"].to_numpy(), frame["user"].to_numpy()
+    result = evaluate(labels, scores, users, cold=(frame["cold_user"] | frame["cold_item"]).to_numpy())
+    suffix = "" if source == "export" else f"-{source.split()[-1]}"
+    pq.write_table(pa.table({"sample_id": frame["sample_id"], "user": users, "item": frame["item"],
+                             "label": labels, "score": scores}), run / f"predictions-{split}{suffix}.parquet")
+    return dict(result, source=source)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score a split with a trained run (one process, no DeepSpeed)",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a run directory written by `cora train`")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--checkpoint", default=None, metavar="NAME|latest|best",
+                   help="the generator and P of a committed checkpoint of the run (default: RUN/export)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=32, help="samples per forward")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    try:
+        result = evaluate_run(args.run, args.split, args.batch_size, progress=not args.no_progress,
+                              device=args.device, checkpoint=args.checkpoint)
+    except (EvalError, DatasetError) as e:
+        print(f"cora eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
