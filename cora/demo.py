@@ -49,17 +49,17 @@ def demo(args) -> int:
     gen = GeneratorConfig(hidden_size=args.gen_hidden, num_layers=args.gen_layers, num_heads=4,
                           intermediate_size=2 * args.gen_hidden, dropout=0.0)
     results = {}
-    for adapter in ("cora", "lora"):
+    for method in ("cora", "tallrec"):
         llm, _ = load_llm(LLMConfig(name=args.llm, seed=args.seed))
-        model = CoRAModel(llm, resolve_answer_token(tok), args.dim, args.dim, InjectionConfig(adapter=adapter), gen)
+        model = CoRAModel(llm, resolve_answer_token(tok), args.dim, args.dim, InjectionConfig(), gen, method=method)
         t = time.time()
         fit(model, train, epochs=args.epochs, batch_size=args.batch_size, pad_id=tok.pad_token_id,
             optim=OptimConfig(lr_peak=args.lr, lr_end=args.lr / 10, warmup_steps=10), seed=args.seed,
-            log=lambda m, a=adapter: print(f"[demo] {a}: {m}", file=sys.stderr))
+            log=lambda m, a=method: print(f"[demo] {a}: {m}", file=sys.stderr))
         scores = predict(model, test, batch_size=64, pad_id=tok.pad_token_id)
         res = evaluate(test.labels, scores, test.users)
         res["train_seconds"] = round(time.time() - t, 1)
-        results["cora" if adapter == "cora" else "lora_without_cf"] = res
+        results["cora" if method == "cora" else "lora_without_cf"] = res
     print(json.dumps({"test": results}, indent=2))
     return 0
 

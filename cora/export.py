@@ -1,7 +1,7 @@
 """A trained CoRA adapter in one process, without DeepSpeed: the frozen LLM (loaded as configured)
 plus the exported generator and P.
 
-    EXPORT_DIR/config.json          {"llm": {...}, "injection": {...}, "generator": {...}, "cf_dim": d}
+    EXPORT_DIR/config.json          {"method": "cora", "llm": {...}, "injection": {...}, "generator": {...}, "cf_dim": d}
     EXPORT_DIR/adapter.safetensors  the trainable tensors only (names as in CoRAModel.named_parameters)
 """
 
@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from .generator import GeneratorConfig
 from .injection import InjectionConfig
 from .llm import LLMConfig, load_llm, resolve_answer_token
+from .methods import method_of
 from .scoring import CoRAModel
 
 
@@ -24,7 +25,8 @@ def build_model(cfg: dict) -> tuple[CoRAModel, object]:
     frozen LLM is loaded as configured (presets are built from their seed: the weights a run trained with)."""
     llm, tok = load_llm(LLMConfig(**cfg["llm"]))
     return CoRAModel(llm, resolve_answer_token(tok), cfg["cf_dim"], cfg["cf_dim"],
-                     InjectionConfig(**cfg.get("injection", {})), GeneratorConfig(**cfg.get("generator", {}))), tok
+                     InjectionConfig(**cfg.get("injection", {})), GeneratorConfig(**cfg.get("generator", {})),
+                     method=method_of(cfg)), tok
 
 
 def load_exported(export_dir: str | Path) -> tuple[CoRAModel, object]:

@@ -65,7 +65,8 @@ class InjectionConfig:
     per_layer: bool = False
     """One generated A per decoder layer instead of one A shared by all layers (the paper's default)."""
     adapter: Literal["cora", "lora"] = "cora"
-    """'cora': per-sample A from the generator; 'lora': a learned A per module (no CF input)."""
+    """'cora': per-sample A from the generator; 'lora': a learned A per module (no CF input). Set by the
+    method (cora.methods: CoRA uses 'cora', TALLRec 'lora'); a config need not write it."""
 
     def validate(self) -> list[str]:
         problems = []

@@ -1,6 +1,7 @@
-"""Ranking metrics for CTR-style evaluation: AUC, user-averaged AUC (UAUC), warm/cold split.
+"""Metrics for recommender evaluation: AUC, user-averaged AUC (UAUC), warm/cold split, and the
+top-K ranking metrics Recall@K, NDCG@K and MRR over candidate sets.
 
-Plain numpy, fully vectorised (no Python loop over samples or users).
+Plain numpy, fully vectorised (no Python loop over samples, users or queries).
 
 Both AUCs use the Mann-Whitney form.  With the n = n_pos + n_neg scores ranked
 ascending (1-based; tied scores all receive the average of the ranks they span)
@@ -12,6 +13,8 @@ which equals P(s_pos > s_neg) + 0.5 * P(s_pos == s_neg) over all positive/negati
 pairs, i.e. exactly the area under the ROC curve with ties drawn as diagonals
 (what ``sklearn.metrics.roc_auc_score`` computes).  Twice an average rank is an
 integer, so rank sums are accumulated exactly in int64 and divided once.
+
+The ranking metrics (:func:`ranking`) are stated in its docstring.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["auc", "uauc", "evaluate", "UAUCResult"]
+__all__ = ["auc", "uauc", "evaluate", "ranking", "UAUCResult"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ def _as_1d(x, name: str) -> np.ndarray:
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}; pass a flat array (e.g. x.ravel()).")
     if a.size == 0:
-        raise ValueError(f"{name} is empty; AUC needs at least one positive and one negative sample.")
+        raise ValueError(f"{name} is empty; the metrics need at least one positive and one negative sample.")
     return a
 
 
@@ -73,19 +76,19 @@ def _scores(x) -> np.ndarray:
     nonfinite = ~np.isfinite(s)
     if nonfinite.any():
         raise ValueError(f"scores contain {int(nonfinite.sum())} non-finite values (NaN/inf) out of {len(s)}; "
-                         "fix the model output or drop those rows before computing AUC.")
+                         "fix the model output or drop those rows before computing metrics.")
     return s
 
 
-def _user_index(x) -> tuple[np.ndarray, int]:
-    """Map arbitrary (int or str) user ids to 0..U-1 via np.unique(return_inverse)."""
-    u = _as_1d(x, "users")
+def _id_index(x, name: str = "users", what: str = "user") -> tuple[np.ndarray, int]:
+    """Map arbitrary (int or str) ids (of users, or queries) to 0..U-1 via np.unique(return_inverse)."""
+    u = _as_1d(x, name)
     if u.dtype.kind == "f" and np.isnan(u).any():
-        raise ValueError(f"users contain {int(np.isnan(u).sum())} NaN ids; every row needs a user id.")
+        raise ValueError(f"{name} contain {int(np.isnan(u).sum())} NaN ids; every row needs a {what} id.")
     try:
         uniq, inv = np.unique(u, return_inverse=True)
     except TypeError as e:  # e.g. an object array mixing str and None
-        raise ValueError(f"users could not be sorted/compared ({e}); use a single id type (int or str).") from e
+        raise ValueError(f"{name} could not be sorted/compared ({e}); use a single id type (int or str).") from e
     return inv.reshape(-1).astype(np.int64), len(uniq)
 
 
@@ -160,7 +163,7 @@ def uauc(users, labels, scores) -> UAUCResult:
     """
     y, s = _labels(labels), _scores(scores)
     _check_len(y, s, "labels", "scores")
-    uid, n_users = _user_index(users)
+    uid, n_users = _id_index(users)
     _check_len(uid, y, "users", "labels")
     auc_u, valid = _uauc_core(uid, n_users, y, s)
     n_ok = int(valid.sum())
@@ -206,7 +209,7 @@ def evaluate(labels, scores, users, cold=None) -> dict:
     """
     y, s = _labels(labels), _scores(scores)
     _check_len(y, s, "labels", "scores")
-    uid, _ = _user_index(users)
+    uid, _ = _id_index(users)
     _check_len(uid, y, "users", "labels")
     out = _summary(uid, y, s)
     if cold is None:
@@ -219,4 +222,100 @@ def evaluate(labels, scores, users, cold=None) -> dict:
         c = c.astype(bool)
     out["warm"] = _summary(uid[~c], y[~c], s[~c])
     out["cold"] = _summary(uid[c], y[c], s[c])
+    return out
+
+
+# ----------------------------------------------------------------------------- ranking over candidate sets
+def _ks(ks) -> tuple[int, ...]:
+    ks = tuple(ks)
+    bad = [k for k in ks if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1]
+    if not ks or bad:
+        raise ValueError(f"ks must be a non-empty sequence of integers >= 1, got {ks!r}; e.g. ks=(1, 5, 10).")
+    return tuple(sorted({int(k) for k in ks}))
+
+
+def _query_problem(q_raw, qid: np.ndarray, n_q: int, npos: np.ndarray, count: np.ndarray) -> str | None:
+    bad = np.flatnonzero((npos != 1) | (count - npos < 1))
+    if not len(bad):
+        return None
+    first = np.unique(qid, return_index=True)[1]          # first row of each query
+    names = np.asarray(q_raw)[first[bad[:5]]].tolist()
+    shown = ", ".join(f"{q!r} ({npos[b]} positive(s) of {count[b]} rows)" for q, b in zip(names, bad[:5]))
+    return (f"{len(bad)} of {n_q} queries do not have exactly one positive and at least one negative: "
+            f"{shown}{', ...' if len(bad) > 5 else ''}; a query is one positive (label 1) with its "
+            f"negative candidates (label 0) under one query id.")
+
+
+def _tie_ranks(qid: np.ndarray, n_q: int, y: np.ndarray, s: np.ndarray):
+    """Per query: (g, t) = negatives scored above / equal to the positive (validated input)."""
+    pos_score = np.empty(n_q)
+    pos_score[qid[y == 1]] = s[y == 1]
+    neg = y == 0
+    ps = pos_score[qid]
+    g = np.bincount(qid[neg & (s > ps)], minlength=n_q)
+    t = np.bincount(qid[neg & (s == ps)], minlength=n_q)
+    return g, t
+
+
+def ranking(queries, labels, scores, ks=(1, 5, 10), users=None) -> dict:
+    """Recall@K, NDCG@K and MRR of one positive among its candidates, averaged over queries.
+
+    A query is the rows sharing a query id: exactly one positive (label 1) and >= 1 negatives
+    (label 0), e.g. a test positive and N sampled negatives (``cora prepare --rank-negatives N``),
+    or all items.  With g negatives scored strictly higher than the positive and t tied with it, the
+    positive's rank r (1-based, best first) is uniform on {g+1, ..., g+t+1} under uniformly random
+    tie-breaking; each metric is its exact expectation over that, with m = t + 1:
+
+        Recall@K = P(r <= K)                    = clip(K - g, 0, m) / m     (= HitRate@K: one positive)
+        NDCG@K   = E[1{r <= K} / log2(r + 1)]   = (D(min(g+m, K)) - D(min(g, K))) / m
+        MRR      = E[1 / r]                     = (H(g+m) - H(g)) / m
+
+    where D(n) = sum_{r=1..n} 1/log2(r+1) and H(n) = sum_{r=1..n} 1/r (ideal DCG is 1 with one
+    positive, so NDCG = DCG).  Without ties this is the usual value; a constant scorer gets the
+    value of a random order instead of an optimistic or pessimistic one.
+
+    Returns "recall@K", "ndcg@K" for each K, "mrr" (means over queries), "n_queries" and
+    "n_candidates" (mean rows per query, the positive included).  With ``users`` (one id per row,
+    equal within a query) also "user_recall@K", "user_ndcg@K", "user_mrr" (mean over each user's
+    queries, then over users) and "n_users".  Raises ValueError for misaligned input, labels
+    outside {0,1}, non-finite scores, bad ``ks``, a query with other than one positive or with no
+    negative (naming the first few), or a query spanning several users.  The result is JSON-safe.
+    """
+    y, s = _labels(labels), _scores(scores)
+    _check_len(y, s, "labels", "scores")
+    qid, n_q = _id_index(queries, "queries", "query")
+    _check_len(qid, y, "queries", "labels")
+    ks = _ks(ks)
+    count = np.bincount(qid, minlength=n_q)
+    npos = np.bincount(qid, weights=y, minlength=n_q).astype(np.int64)
+    msg = _query_problem(queries, qid, n_q, npos, count)
+    if msg:
+        raise ValueError(msg)
+    g, t = _tie_ranks(qid, n_q, y, s)
+    m = t + 1
+    n_max = int(count.max())
+    r = np.arange(1, n_max + 1)
+    harmonic = np.r_[0.0, np.cumsum(1.0 / r)]                   # H(0..n_max)
+    dcg = np.r_[0.0, np.cumsum(1.0 / np.log2(r + 1))]            # D(0..n_max)
+    per_query = {f"recall@{k}": np.clip(k - g, 0, m) / m for k in ks}
+    per_query.update({f"ndcg@{k}": (dcg[np.minimum(g + m, k)] - dcg[np.minimum(g, k)]) / m for k in ks})
+    per_query["mrr"] = (harmonic[g + m] - harmonic[g]) / m
+    out = {name: float(v.mean()) for name, v in per_query.items()}
+    out.update(n_queries=n_q, n_candidates=float(count.mean()))
+    if users is None:
+        return out
+    uid, _ = _id_index(users)
+    _check_len(uid, y, "users", "labels")
+    q_user = np.empty(n_q, dtype=np.int64)
+    q_user[qid] = uid
+    split = np.flatnonzero(q_user[qid] != uid)
+    if len(split):
+        first, n_bad = np.asarray(queries)[split[0]].tolist(), len(np.unique(qid[split]))
+        raise ValueError(f"query {first!r} spans several users ({n_bad} such queries); a query is one user's "
+                         f"candidates: give each user's queries their own ids.")
+    uniq, q_user = np.unique(q_user, return_inverse=True)        # users that have queries, 0..U-1
+    n_per_user = np.bincount(q_user)
+    for name, v in per_query.items():
+        out[f"user_{name}"] = float((np.bincount(q_user, weights=v) / n_per_user).mean())
+    out["n_users"] = len(uniq)
     return out

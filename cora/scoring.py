@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cora.generator import CollaborativeWeightsGenerator, GeneratorConfig
-from cora.injection import Injection, InjectionConfig
+from cora.generator import GeneratorConfig
+from cora.injection import InjectionConfig
+from cora.methods import get_method
 from cora.prompts import pad_prompts
 
 FIELDS = ("input_ids", "lengths", "user_emb", "item_emb", "labels", "weights")
@@ -89,11 +90,13 @@ def answer_row(llm: nn.Module, token_id: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 class CoRAModel(nn.Module):
-    """Frozen LLM scored at the answer token; trainable: generator and P (or LoRA's A and P)."""
+    """Frozen LLM scored at the answer token, plus what its method (``cora.methods``) adds and trains:
+    CoRA's generator and P, or TALLRec's LoRA A and P. ``method`` None: the injection's adapter says it
+    ('cora' -> CoRA, 'lora' -> TALLRec)."""
 
     def __init__(self, llm: nn.Module, answer_token_id: int, user_dim: int, item_dim: int,
                  injection: InjectionConfig | None = None, generator: GeneratorConfig | None = None,
-                 answer_weight: tuple[torch.Tensor, torch.Tensor | None] | None = None):
+                 answer_weight: tuple[torch.Tensor, torch.Tensor | None] | None = None, method: str | None = None):
         super().__init__()
         injection = injection or InjectionConfig()
         llm.requires_grad_(False)
@@ -101,12 +104,8 @@ class CoRAModel(nn.Module):
         w, b = answer_weight if answer_weight is not None else answer_row(llm, answer_token_id)
         self.register_buffer("answer_w", w, persistent=False)
         self.register_buffer("answer_b", b, persistent=False)
-        self.injection = Injection(llm, injection)   # adds the trainable P (and A) parameters
-        self.generator = None
-        if injection.adapter == "cora":
-            self.generator = CollaborativeWeightsGenerator(
-                generator or GeneratorConfig(), user_dim, item_dim, self.injection.widths,
-                injection.rank, self.injection.num_layers, injection.per_layer)
+        self.method = get_method(method or ("tallrec" if injection.adapter == "lora" else "cora"))
+        self.method.attach(self, injection, generator, user_dim, item_dim)
 
     @property
     def backbone(self) -> nn.Module:
@@ -114,18 +113,14 @@ class CoRAModel(nn.Module):
         return self.llm.base_model
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        params = list(self.injection.parameters())
-        if self.generator is not None:
-            params += list(self.generator.parameters())
-        return params
+        return self.method.trainable(self)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """The raw "Yes" logit at each prompt's answer position, (B,)."""
         if batch.input_ids.shape[0] == 0:
             raise ValueError("empty batch: 0 samples")
-        if self.generator is not None:
-            self.injection.set_weights(self.generator.weights(batch.user_emb, batch.item_emb))
-        hidden = self.backbone(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # (B, T, d)
+        inputs = self.method.inputs(self, batch)
+        hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         h = hidden[rows, batch.lengths.to(hidden.device) - 1]                 # (B, d) answer position
         logit = h @ self.answer_w.to(h.dtype)                                 # (B,)

@@ -110,6 +110,9 @@ class RunConfig:
 class TrainConfig:
     """Everything `cora train` needs."""
 
+    method: Literal["cora", "tallrec"] = "cora"
+    """The method trained on the frozen LLM (cora.methods): 'cora' (the generator's per-sample A from the
+    CF embeddings) or 'tallrec' (LoRA on the same prompt, no CF input)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data and CF inputs."""
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -124,3 +127,11 @@ class TrainConfig:
     """DeepSpeed ZeRO-3."""
     run: RunConfig = field(default_factory=RunConfig)
     """The job."""
+
+    def validate(self) -> list[str]:
+        from cora.methods import get_method
+        adapter = get_method(self.method).adapter
+        if self.injection.adapter not in ("cora", adapter):
+            return [f"injection.adapter={self.injection.adapter!r} contradicts method={self.method!r} (which uses "
+                    f"{adapter!r}); the method sets the adapter: for LoRA without CF input set method=tallrec"]
+        return []

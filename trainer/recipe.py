@@ -138,7 +138,7 @@ class Recipe:
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         yes = resolve_answer_token(tok)
         model = CoRAModel(llm, yes, self.h.cf_dim, self.h.cf_dim, cfg.injection, cfg.generator,
-                          answer_weight=eng.gathered_answer_row(llm, yes))
+                          answer_weight=eng.gathered_answer_row(llm, yes), method=cfg.method)
         engine, _, _ = eng.initialize(model, ds, cfg.optim, self.h.total_steps)
         return model, engine
 
@@ -262,6 +262,7 @@ class Recipe:
         if self.rank != 0 or not self.h.run_dir:
             return
         model_config = {k: to_dict(getattr(self.cfg, k)) for k in ("llm", "injection", "generator")}
+        model_config["method"] = self.cfg.method
         export_trainable(weights, Path(self.h.run_dir, "export"), dict(model_config, cf_dim=self.h.cf_dim))
         if preds is not None:
             import pyarrow as pa

@@ -157,7 +157,7 @@ def checkpoint_uri(cfg: TrainConfig) -> str:
 
 
 # what must not change when a run is resumed (the trainable state and the data cursors depend on them)
-RESUME_KEYS = ("data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
+RESUME_KEYS = ("method", "data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
                "generator", "engine.micro_batch_size", "engine.gradient_accumulation", "engine.global_batch_size",
                "run.workers", "run.seed")
 

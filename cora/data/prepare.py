@@ -3,6 +3,10 @@
     cora prepare --source movielens --input ml-1m/ --out data/ml1m
     cora prepare --source csv --input log.csv --out data/mine --columns user=uid,item=sku,rating=stars,timestamp=ts
     cora prepare --source synthetic --out data/synth --users 2000 --items 1000 --interactions 100000
+    cora prepare --source movielens --input ml-1m/ --out data/ml1m --rank-negatives 99 --seed 0
+
+--rank-negatives N adds the rank split: each test positive with N negatives the user never interacted
+with, drawn from --seed (see cora/data/candidates.py).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import protocol, sources
+from . import candidates, protocol, sources
 from .accounting import Accounting
 from .schema import SCHEMA_VERSION, DatasetError
 from ..fileio import sha256
@@ -111,6 +115,8 @@ def _options(args, defaults: dict) -> dict:
         opts.update(columns=sources.parse_columns(args.columns), time_unit=args.time_unit)
     if args.source == "synthetic":
         opts["synthetic"] = {k: getattr(args, k) for k in SyntheticSpec.__dataclass_fields__}
+    if args.rank_negatives:             # absent otherwise: directories prepared before keep their fingerprint
+        opts["rank"] = {"negatives": args.rank_negatives, "seed": args.seed}
     return opts
 
 
@@ -149,6 +155,9 @@ def prepare(args, progress: bool = True) -> dict:
         return done
     prep = protocol.apply(raw, acc, opts["label_rule"], opts["split"], args.history_stored)
     counts = acc.check(len(prep.frame))
+    rank, rank_record = None, None
+    if args.rank_negatives:
+        rank, rank_record = candidates.rank_split(prep.frame, len(prep.items), args.rank_negatives, args.seed)
     if raw.item_file:
         counts["item_file"] = raw.item_file
     manifest = {"schema_version": SCHEMA_VERSION, "source": args.source,
@@ -157,9 +166,11 @@ def prepare(args, progress: bool = True) -> dict:
                 "history_stored": args.history_stored, "history_in_prompt": args.history_in_prompt,
                 "samples_per_shard": args.samples_per_shard, "counts": counts,
                 "id_maps": {"users": "users.parquet", "items": "items.parquet"}}
+    if rank is not None:
+        manifest["rank"] = rank_record
     manifest = write_dataset(prep, out, manifest, samples_per_shard=args.samples_per_shard,
                              history_in_prompt=args.history_in_prompt, overwrite=args.overwrite,
-                             progress=progress)
+                             progress=progress, rank=rank)
     print(f"[prepare] wrote {out}: " + ", ".join(f"{s} {c['rows']}" for s, c in manifest["counts"]["splits"].items())
           + f"; dropped {counts['dropped'] or 'none'}; {time.time() - t0:.1f}s", file=sys.stderr)
     return manifest
@@ -167,7 +178,8 @@ def prepare(args, progress: bool = True) -> dict:
 
 def _validate(args) -> None:
     problems = [f"--{k.replace('_', '-')} must be >= {lo}, got {getattr(args, k)}"
-                for k, lo in (("samples_per_shard", 1), ("history_stored", 0), ("history_in_prompt", 0))
+                for k, lo in (("samples_per_shard", 1), ("history_stored", 0), ("history_in_prompt", 0),
+                              ("rank_negatives", 0))
                 if getattr(args, k) < lo]
     if args.history_in_prompt > args.history_stored:
         problems.append(f"--history-in-prompt {args.history_in_prompt} exceeds --history-stored "
@@ -195,10 +207,15 @@ def add_parser(sub) -> None:
     p.add_argument("--on-bad-row", choices=["drop", "error"], default="drop",
                    help="drop (and count) unreadable rows, or stop at the first")
     p.add_argument("--allow-pickle", action="store_true", help="read CoLLM .pkl files (runs code from them)")
+    p.add_argument("--rank-negatives", type=int, default=0, metavar="N",
+                   help="also write the rank split: each test positive with N negatives the user never "
+                        "interacted with, drawn from --seed (0: no rank split)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, different --out")
     p.add_argument("--no-progress", action="store_true")
     for name, f in SyntheticSpec.__dataclass_fields__.items():
-        p.add_argument(f"--{name}", type=type(f.default), default=f.default, help=f"synthetic: {name}")
+        p.add_argument(f"--{name}", type=type(f.default), default=f.default,
+                       help="synthetic: seed; also seeds the --rank-negatives draws" if name == "seed"
+                       else f"synthetic: {name}")
     p.set_defaults(func=run)
 
 

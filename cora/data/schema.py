@@ -3,13 +3,16 @@
     DATA_DIR/
       dataset.json              schema version, source, rule, counts (every input row accounted for),
                                 split boundaries, shard lists, sha256 of every file below
-      train.parquet             one row per sample, columns INTERACTION_COLUMNS, sorted by timestamp
+      train.parquet             one row per sample, columns INTERACTIONS, sorted by timestamp
       valid.parquet
       test.parquet
+      rank.parquet              only with --rank-negatives N: each test positive with N sampled negatives,
+                                columns RANK = INTERACTIONS + query (see candidates.py)
       items.parquet             item (dense id), raw_id (the source's id, as text), title
       users.parquet             user (dense id), raw_id
       shards/<split>-NNNNNN.tar WebDataset shards of the same samples (SHARD_FIELDS, as one .json
-                                member per sample, key = the zero-padded sample_id)
+                                member per sample, key = the zero-padded sample_id; rank shards
+                                add "query")
 
 Dense ids are 0..n-1 in order of first appearance in time; ``sample_id`` is unique across splits.
 ``history`` holds the user's earlier positive items (most recent last, at most ``history_stored``);
@@ -26,6 +29,7 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "valid", "test")
+RANK_SPLIT = "rank"                  # optional; readers of SPLITS never see it
 
 INTERACTIONS = pa.schema([
     ("sample_id", pa.int64()),
@@ -38,6 +42,7 @@ INTERACTIONS = pa.schema([
     ("cold_user", pa.bool_()),
     ("cold_item", pa.bool_()),
 ])
+RANK = INTERACTIONS.append(pa.field("query", pa.int64()))      # query = sample_id of the test positive
 ITEMS = pa.schema([("item", pa.int32()), ("raw_id", pa.string()), ("title", pa.string())])
 USERS = pa.schema([("user", pa.int32()), ("raw_id", pa.string())])
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..fileio import FILES_VERSION, file_entry, file_problem, write_atomically
 from .protocol import Prepared
-from .schema import INTERACTIONS, ITEMS, SPLITS, USERS, DatasetError, read_manifest
+from .schema import INTERACTIONS, ITEMS, RANK, RANK_SPLIT, SPLITS, USERS, DatasetError, read_manifest
 
 
 def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
@@ -30,20 +30,24 @@ def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
 def write_shards(frame: pd.DataFrame, titles: np.ndarray, split: str, shard_dir: Path,
                  per_shard: int, in_prompt: int, progress: bool) -> list[str]:
     """``<split>-NNNNNN.tar`` files of ``per_shard`` samples each (the last may hold fewer); one
-    ``<sample_id>.json`` member per sample; mtime 0, so equal data gives byte-identical shards."""
+    ``<sample_id>.json`` member per sample (plus "query" when the frame has that column: the rank
+    split); mtime 0, so equal data gives byte-identical shards."""
     names = []
     cols = [frame[c].to_numpy() for c in ("sample_id", "user", "item", "label", "timestamp", "history",
                                            "cold_user", "cold_item")]
+    cols.append(frame["query"].to_numpy() if "query" in frame else np.full(len(frame), None))
     bar = tqdm(total=len(frame), desc=f"shards {split}", unit="sample", file=sys.stderr,
                disable=not progress, leave=False)
     for start in range(0, len(frame), per_shard):
         name = f"{split}-{start // per_shard:06d}.tar"
         with wds.TarWriter(str(shard_dir / name), mtime=0, encoder=False) as sink:
-            for sid, u, i, y, ts, hist, cu, ci in zip(*(c[start:start + per_shard] for c in cols)):
+            for sid, u, i, y, ts, hist, cu, ci, q in zip(*(c[start:start + per_shard] for c in cols)):
                 sample = {"sample_id": int(sid), "user": int(u), "item": int(i), "label": int(y),
                           "timestamp": int(ts), "history": hist.tolist(), "title": titles[i],
                           "history_titles": titles[hist[-in_prompt:]].tolist() if in_prompt else [],
                           "cold_user": bool(cu), "cold_item": bool(ci)}
+                if q is not None:
+                    sample["query"] = int(q)
                 sink.write({"__key__": f"{sid:012d}", "json": json.dumps(sample).encode()})
         bar.update(min(per_shard, len(frame) - start))
         names.append(f"shards/{name}")
@@ -51,20 +55,25 @@ def write_shards(frame: pd.DataFrame, titles: np.ndarray, split: str, shard_dir:
     return names
 
 
+def counts(f: pd.DataFrame) -> dict:
+    """dataset.json's counts of one split."""
+    cold = f["cold_user"] | f["cold_item"]
+    return {"rows": len(f), "positives": int(f["label"].sum()), "users": int(f["user"].nunique()),
+            "items": int(f["item"].nunique()), "warm": int((~cold).sum()), "cold": int(cold.sum()),
+            "empty_history": int((f["history"].map(len) == 0).sum())}
+
+
 def split_counts(frame: pd.DataFrame) -> dict:
-    out = {}
-    for split in SPLITS:
-        f = frame[frame["split"] == split]
-        cold = f["cold_user"] | f["cold_item"]
-        out[split] = {"rows": len(f), "positives": int(f["label"].sum()), "users": int(f["user"].nunique()),
-                      "items": int(f["item"].nunique()), "warm": int((~cold).sum()), "cold": int(cold.sum()),
-                      "empty_history": int((f["history"].map(len) == 0).sum())}
-    return out
+    return {split: counts(frame[frame["split"] == split]) for split in SPLITS}
 
 
 def write_dataset(prep: Prepared, out: Path, manifest: dict, *, samples_per_shard: int,
-                  history_in_prompt: int, overwrite: bool, progress: bool) -> dict:
-    """Write everything under a temporary directory, then move it to ``out``; returns dataset.json."""
+                  history_in_prompt: int, overwrite: bool, progress: bool,
+                  rank: pd.DataFrame | None = None) -> dict:
+    """Write everything under a temporary directory, then move it to ``out``; returns dataset.json.
+
+    ``rank``: the rank split (candidates.rank_split), written like the others as rank.parquet and
+    shards/rank-NNNNNN.tar, or None."""
     result = {}
 
     def write(tmp: Path) -> None:
@@ -74,9 +83,9 @@ def write_dataset(prep: Prepared, out: Path, manifest: dict, *, samples_per_shar
         (tmp / "shards").mkdir()
         titles = prep.items["title"].to_numpy(dtype=object)
         shards = {}
-        for split in SPLITS:
-            f = prep.frame[prep.frame["split"] == split]
-            pq.write_table(_table(f, INTERACTIONS), tmp / f"{split}.parquet")
+        frames = [(split, prep.frame[prep.frame["split"] == split], INTERACTIONS) for split in SPLITS]
+        for split, f, schema in frames + ([(RANK_SPLIT, rank, RANK)] if rank is not None else []):
+            pq.write_table(_table(f, schema), tmp / f"{split}.parquet")
             shards[split] = write_shards(f, titles, split, tmp / "shards", samples_per_shard,
                                          history_in_prompt, progress)
         pq.write_table(_table(prep.items, ITEMS), tmp / "items.parquet")
@@ -86,6 +95,8 @@ def write_dataset(prep: Prepared, out: Path, manifest: dict, *, samples_per_shar
                       split_boundaries=prep.boundaries, shards=shards,
                       files_version=FILES_VERSION, files={str(p.relative_to(tmp)): file_entry(p) for p in files})
         result["counts"]["splits"] = split_counts(prep.frame)
+        if rank is not None:
+            result["counts"]["splits"][RANK_SPLIT] = counts(rank)
         (tmp / "dataset.json").write_text(json.dumps(result, indent=1))   # last: marks it complete
 
     write_atomically(out, write)

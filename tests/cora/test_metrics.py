@@ -1,13 +1,15 @@
-"""Tests for cora.metrics against sklearn references."""
+"""Tests for cora.metrics against sklearn references and brute-force ranking."""
 
 import dataclasses
+import itertools
 import json
+import math
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cora.metrics import UAUCResult, auc, evaluate, uauc
+from cora.metrics import UAUCResult, auc, evaluate, ranking, uauc
 
 
 def _random_case(rng, tie_decimals=None):
@@ -236,3 +238,146 @@ def test_evaluate_rejects_bad_cold_mask():
         evaluate([0, 1, 1], [0.2, 0.4, 0.1], [1, 1, 1], cold=[True, False])
     with pytest.raises(ValueError, match="cold must be a boolean mask"):
         evaluate([0, 1, 1], [0.2, 0.4, 0.1], [1, 1, 1], cold=[0, 2, 1])
+
+
+# ----------------------------------------------------------------------------- ranking vs brute force
+def _brute_query(labels, scores, ks):
+    """Every order of the candidates that sorts the scores descending (ties in all orders), equally likely."""
+    n = len(scores)
+    vals = {**{f"recall@{k}": [] for k in ks}, **{f"ndcg@{k}": [] for k in ks}, "mrr": []}
+    for perm in itertools.permutations(range(n)):
+        if any(scores[perm[i]] < scores[perm[i + 1]] for i in range(n - 1)):
+            continue
+        rank = 1 + [labels[j] for j in perm].index(1)
+        for k in ks:
+            vals[f"recall@{k}"].append(float(rank <= k))
+            vals[f"ndcg@{k}"].append(1 / math.log2(rank + 1) if rank <= k else 0.0)
+        vals["mrr"].append(1 / rank)
+    return {name: sum(v) / len(v) for name, v in vals.items()}
+
+
+def _brute_ranking(queries, labels, scores, ks, users=None):
+    queries, labels, scores = map(np.asarray, (queries, labels, scores))
+    per_q = {q: _brute_query(labels[queries == q].tolist(), scores[queries == q].tolist(), ks)
+             for q in np.unique(queries)}
+    names = list(next(iter(per_q.values())))
+    out = {name: float(np.mean([v[name] for v in per_q.values()])) for name in names}
+    if users is not None:
+        users = np.asarray(users)
+        q_user = {q: users[queries == q][0] for q in per_q}
+        by_user = {u: [q for q in per_q if q_user[q] == u] for u in set(q_user.values())}
+        for name in names:
+            out[f"user_{name}"] = float(np.mean([np.mean([per_q[q][name] for q in qs]) for qs in by_user.values()]))
+    return out
+
+
+def _assert_close(got, ref):
+    for name, v in ref.items():
+        assert got[name] == pytest.approx(v, abs=1e-12), name
+
+
+def test_ranking_hand_made_ties():
+    # query 0: positive tied with one negative, one negative below -> rank 1 or 2
+    # query 1: positive below one negative, tied with two -> rank 2, 3 or 4 of 4
+    # query 2: positive strictly first
+    q = [0, 0, 0, 1, 1, 1, 1, 2, 2]
+    y = [1, 0, 0, 0, 1, 0, 0, 1, 0]
+    s = [0.5, 0.5, 0.1, 0.9, 0.3, 0.3, 0.3, 2.0, -1.0]
+    out = ranking(q, y, s, ks=(1, 2, 3))
+    d = lambda r: 1 / math.log2(r + 1)  # noqa: E731
+    assert out["recall@1"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert out["recall@2"] == pytest.approx((1 + 1 / 3 + 1) / 3)
+    assert out["recall@3"] == pytest.approx((1 + 2 / 3 + 1) / 3)
+    assert out["mrr"] == pytest.approx(((1 + 1 / 2) / 2 + (1 / 2 + 1 / 3 + 1 / 4) / 3 + 1) / 3)
+    assert out["ndcg@3"] == pytest.approx(((d(1) + d(2)) / 2 + (d(2) + d(3)) / 3 + 1) / 3)
+    assert (out["n_queries"], out["n_candidates"]) == (3, 3.0)
+    _assert_close(out, _brute_ranking(q, y, s, (1, 2, 3)))
+
+
+def test_ranking_positive_tied_with_all_negatives():
+    n = 6
+    out = ranking(np.zeros(n, int), [0, 0, 1, 0, 0, 0], np.full(n, 0.25), ks=(1, 3, 6))
+    assert out["recall@1"] == pytest.approx(1 / 6) and out["recall@3"] == pytest.approx(0.5)
+    assert out["recall@6"] == 1.0
+    assert out["mrr"] == pytest.approx(sum(1 / r for r in range(1, 7)) / 6)
+    assert out["ndcg@3"] == pytest.approx(sum(1 / math.log2(r + 1) for r in range(1, 4)) / 6)
+    _assert_close(out, _brute_ranking(np.zeros(n, int), [0, 0, 1, 0, 0, 0], np.full(n, 0.25), (1, 3, 6)))
+
+
+def test_ranking_user_with_one_query_counts_as_much_as_a_busy_user():
+    # user "a": one query, positive first; user "b": three queries, positive last of 2 each time
+    q = [10, 10, 20, 20, 30, 30, 40, 40]
+    y = [1, 0, 1, 0, 1, 0, 1, 0]
+    s = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    users = ["a", "a", "b", "b", "b", "b", "b", "b"]
+    out = ranking(q, y, s, ks=(1,), users=users)
+    assert out["recall@1"] == pytest.approx(0.25) and out["user_recall@1"] == pytest.approx(0.5)
+    assert out["mrr"] == pytest.approx((1 + 3 * 0.5) / 4) and out["user_mrr"] == pytest.approx(0.75)
+    assert (out["n_queries"], out["n_users"], out["n_candidates"]) == (4, 2, 2.0)
+    _assert_close(out, _brute_ranking(q, y, s, (1,), users))
+
+
+def test_ranking_k_larger_than_the_candidate_count():
+    q, y, s = [0, 0, 0], [0, 0, 1], [3.0, 2.0, 1.0]             # the positive is last of 3
+    out = ranking(q, y, s, ks=(3, 100))
+    assert out["recall@100"] == out["recall@3"] == 1.0
+    assert out["ndcg@100"] == out["ndcg@3"] == pytest.approx(1 / math.log2(4))
+    assert out["mrr"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ranking_random_queries_with_many_ties_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    q, y, s, users = [], [], [], []
+    for qi in range(60):
+        n = int(rng.integers(2, 7))                              # 1 positive + 1..5 negatives
+        lab = np.zeros(n, int)
+        lab[rng.integers(n)] = 1
+        q += [f"q{qi}"] * n
+        y += lab.tolist()
+        s += rng.integers(0, 3, n).tolist()                      # three values: ties everywhere
+        users += [int(rng.integers(0, 12))] * n
+    p = rng.permutation(len(q))                                  # rows of a query need not be adjacent
+    q, y, s, users = (np.asarray(a)[p] for a in (q, y, s, users))
+    out = ranking(q, y, s, ks=(1, 2, 5, 10), users=users)
+    _assert_close(out, _brute_ranking(q, y, s, (1, 2, 5, 10), users))
+    assert out["n_queries"] == 60 and out["n_users"] == len(np.unique(users))
+    json.dumps(out)
+
+
+def test_ranking_rejects_bad_queries_naming_them():
+    with pytest.raises(ValueError, match=r"2 of 3 queries do not have exactly one positive and at least one "
+                                         r"negative: 'b' \(2 positive\(s\) of 3 rows\), 'c' \(1 positive\(s\) of 1 rows\)"):
+        ranking(["a", "a", "b", "b", "b", "c"], [1, 0, 1, 1, 0, 1], np.arange(6.0))
+    with pytest.raises(ValueError, match=r"1 of 1 queries .* 7 \(0 positive\(s\) of 2 rows\)"):
+        ranking([7, 7], [0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"7 of 7 queries .*, \.\.\.; a query is one positive"):
+        ranking(np.arange(7), np.ones(7), np.arange(7.0))
+
+
+def test_ranking_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"2 non-finite values"):
+        ranking([0, 0, 0], [1, 0, 0], [0.1, np.nan, np.inf])
+    with pytest.raises(ValueError, match=r"scores must be 1-D, got shape \(1, 2\)"):
+        ranking([0, 0], [1, 0], [[0.1, 0.2]])
+    with pytest.raises(ValueError, match=r"queries has 3 elements but labels has 2"):
+        ranking([0, 0, 0], [1, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"users has 1 elements but labels has 2"):
+        ranking([0, 0], [1, 0], [0.1, 0.2], users=[5])
+    with pytest.raises(ValueError, match=r"labels must all be 0 or 1"):
+        ranking([0, 0], [2, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"queries contain 1 NaN ids"):
+        ranking([0.0, np.nan], [1, 0], [0.1, 0.2])
+    for ks in ((), (0, 5), (2.5,), (True,)):
+        with pytest.raises(ValueError, match=r"ks must be a non-empty sequence of integers >= 1"):
+            ranking([0, 0], [1, 0], [0.1, 0.2], ks=ks)
+    with pytest.raises(ValueError, match=r"query 3 spans several users \(1 such queries\)"):
+        ranking([3, 3, 4, 4], [1, 0, 1, 0], [0.1, 0.2, 0.3, 0.4], users=[1, 2, 1, 1])
+
+
+def test_ranking_without_users_is_json_native_and_keyed_by_k():
+    out = ranking([0, 0, 1, 1], [1, 0, 0, 1], [0.2, 0.1, 0.2, 0.1], ks=[10, 1, 10])
+    assert list(out) == ["recall@1", "recall@10", "ndcg@1", "ndcg@10", "mrr", "n_queries", "n_candidates"]
+    assert type(out["n_queries"]) is int and all(type(out[k]) is float for k in out if k != "n_queries")
+    assert out["recall@1"] == 0.5 and out["mrr"] == 0.75
+    json.dumps(out)

@@ -65,8 +65,8 @@ def test_killed_then_resumed_from_s3_equals_an_uninterrupted_run(inputs, tmp_pat
     assert all(s > resumed for s in redone)
 
 
-def test_lora_with_accumulation_2_restarted_after_a_kill_trains_each_sample_once(inputs, tmp_path, capsys):
-    """The LoRA baseline (injection.adapter=lora) with 2 micro-batches per optimiser step, its worker
+def test_tallrec_with_accumulation_2_restarted_after_a_kill_trains_each_sample_once(inputs, tmp_path, capsys):
+    """The TALLRec baseline (method=tallrec: LoRA, no CF input) with 2 micro-batches per optimiser step, its worker
     killed mid-epoch and restarted by Ray Train: steps, checkpoints and TensorBoard count optimiser steps,
     checkpoints fall on window ends, the epoch's samples are each trained once, the export is scored alike
     by `cora eval`, and a resume with a changed optim.lr_peak follows the new schedule exactly."""
@@ -75,7 +75,7 @@ def test_lora_with_accumulation_2_restarted_after_a_kill_trains_each_sample_once
     from cora.optim import OptimConfig, lr_at
     from trainer.checkpoint import latest_committed, list_checkpoints, read_commit
     run = tmp_path / "run"
-    lora = ("injection.adapter=lora", "engine.gradient_accumulation=2")
+    lora = ("method=tallrec", "engine.gradient_accumulation=2")
     killer = Killer(str(run / "checkpoints"), after_step=6)
     assert main(args(inputs, run, *lora, "run.max_failures=1", "run.checkpoint_every=3")) == 0
     assert killer.killed_at is not None

@@ -1,0 +1,71 @@
+"""cora.methods: one strategy per method, chosen by name; CoRA unchanged by the abstraction."""
+
+import pytest
+import torch
+
+from cora.config import ConfigError, from_dict
+from cora.export import build_model
+from cora.injection import InjectionConfig
+from cora.methods import METHODS, get_method, method_of
+from cora.scoring import CoRAModel, collate
+from trainer.config import TrainConfig
+
+from .conftest import SMALL_GEN, tiny
+
+
+def _batch(tokenizer, n=4):
+    g = torch.Generator().manual_seed(0)
+    prompts = [tokenizer(f"prompt {i} #Answer:").input_ids for i in range(n)]
+    return collate(prompts, torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g),
+                   torch.ones(n), tokenizer.pad_token_id)
+
+
+def test_cora_is_the_default_and_builds_exactly_what_it_built_before(yes_id):
+    torch.manual_seed(5)
+    implicit = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(), SMALL_GEN)
+    torch.manual_seed(5)
+    explicit = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(), SMALL_GEN, method="cora")
+    assert implicit.method.name == explicit.method.name == "cora"
+    a, b = dict(implicit.named_parameters()), dict(explicit.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    names = {n for n, p in implicit.named_parameters() if p.requires_grad}
+    assert {id(p) for p in implicit.trainable_parameters()} == {id(p) for n, p in implicit.named_parameters()
+                                                                if n in names}
+    assert any(n.startswith("generator.") for n in names) and not any("lora_A" in n for n in names)
+
+
+def test_tallrec_trains_lora_a_and_p_and_ignores_the_cf_embeddings(tokenizer, yes_id):
+    model = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(), SMALL_GEN, method="tallrec").eval()
+    assert model.generator is None and not get_method("tallrec").uses_cf
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_P")) for n in trainable)
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for n, p in model.named_parameters()
+                                                             if n in trainable}
+    with torch.no_grad():
+        for m in model.injection.modules:
+            m.lora_P.normal_()
+        batch = _batch(tokenizer)
+        other = _batch(tokenizer)
+        other.user_emb, other.item_emb = -batch.user_emb, batch.item_emb * 3     # other CF input, same prompts
+        assert torch.equal(model(batch), model(other))
+
+
+def test_unknown_methods_and_contradicting_adapters_are_refused():
+    with pytest.raises(ValueError, match="unknown method 'collm2'; available: cora, tallrec"):
+        get_method("collm2")
+    with pytest.raises(ConfigError) as err:
+        from_dict(TrainConfig, {"method": "cora", "injection": {"adapter": "lora"}})
+    assert "contradicts method='cora'" in str(err.value) and "set method=tallrec" in str(err.value)
+    with pytest.raises(ConfigError, match="method"):
+        from_dict(TrainConfig, {"method": "laser"})
+    assert from_dict(TrainConfig, {"method": "tallrec"}).method == "tallrec"
+    assert sorted(METHODS) == ["cora", "tallrec"]
+
+
+def test_saved_configs_name_their_method_and_older_ones_are_read_by_their_adapter(yes_id):
+    assert method_of({"method": "tallrec"}) == "tallrec"
+    assert method_of({"injection": {"adapter": "lora"}}) == "tallrec"     # an export from before methods
+    assert method_of({"injection": {"adapter": "cora"}}) == method_of({}) == "cora"
+    model, _ = build_model({"method": "tallrec", "llm": {"name": "tiny-llama"}, "injection": {}, "generator": {},
+                            "cf_dim": 8})
+    assert model.method.name == "tallrec" and model.generator is None
