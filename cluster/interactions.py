@@ -6,7 +6,8 @@ and keeps up to ``prefetch`` ready batches in a queue ahead of the trainer.
 
 A batch is a dict of numpy arrays: ``input_ids`` (B, T) right-padded, ``lengths`` (B,),
 ``user_emb`` / ``item_emb`` (B, d), ``labels`` (B,), ``weights`` (B,; 0 for a padding sample),
-``sample_ids``, ``users`` (B,), ``cold`` (B,), and ``lookup_s``: the seconds the embedding lookups
+``sample_ids``, ``users`` (B,), ``cold`` (B,), ``queries`` (B,; the rank split's query id, -1
+elsewhere), and ``lookup_s``: the seconds the embedding lookups
 for this batch took (logged by the trainer as ``time/embedding_lookup_s``).
 
 Restarts: the actors are started with ``max_restarts`` (default -1: always come back, as the
@@ -245,7 +246,8 @@ class InteractionShard:
                 "labels": np.array([s["label"] for s in samples], dtype=np.float32),
                 "weights": np.array([0.0 if s.get("_padding") else 1.0 for s in samples], dtype=np.float32),
                 "sample_ids": np.array([s["sample_id"] for s in samples], dtype=np.int64), "users": users,
-                "cold": np.array([s["cold_user"] or s["cold_item"] for s in samples])}
+                "cold": np.array([s["cold_user"] or s["cold_item"] for s in samples]),
+                "queries": np.array([s.get("query", -1) for s in samples], dtype=np.int64)}
 
     def pid(self) -> int:
         import os

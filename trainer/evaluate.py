@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cora.metrics import evaluate as metrics
+from cora.metrics import ranking
 
 
 class Progress:
@@ -71,7 +72,8 @@ def predict(engine, actor, epoch: int = 0) -> dict[str, np.ndarray]:
     from cluster.client import BatchIterator
 
     from cora.scoring import Batch
-    keep: dict[str, list] = {k: [] for k in ("sample_ids", "users", "labels", "cold", "scores")}
+    fields = ("sample_ids", "users", "labels", "cold", "queries")
+    keep: dict[str, list] = {k: [] for k in fields + ("scores",)}
     it = BatchIterator(actor, epoch)
     rank = dist.get_rank() if dist.is_initialized() else 0
     progress = Progress(it.info["split"], len(it), it.info["world_size"]) if rank == 0 else None
@@ -80,7 +82,7 @@ def predict(engine, actor, epoch: int = 0) -> dict[str, np.ndarray]:
         for raw in it:
             real = raw["weights"] > 0
             scores = engine(Batch.from_arrays(raw, engine.device)).float().cpu().numpy()   # (B,)
-            for k in ("sample_ids", "users", "labels", "cold"):
+            for k in fields:
                 keep[k].append(raw[k][real])
             keep["scores"].append(scores[real])
             if progress is not None:
@@ -92,13 +94,18 @@ def predict(engine, actor, epoch: int = 0) -> dict[str, np.ndarray]:
 
 
 def evaluate(engine, actor, epoch: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
-    """(metrics over the whole split, all ranks' predictions) on every rank."""
+    """(metrics over the whole split, all ranks' predictions) on every rank. The rank split (every row
+    in a query: a test positive and its recorded negatives) also gets its ranking metrics
+    (``cora.metrics.ranking``: Recall@K, NDCG@K, MRR per query and per user) under "ranking"."""
     import torch.distributed as dist
     mine = predict(engine, actor, epoch)
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     allp = {k: np.concatenate([p[k] for p in parts]) for k in mine}
-    return metrics(allp["labels"], allp["scores"], allp["users"], cold=allp["cold"]), allp
+    result = metrics(allp["labels"], allp["scores"], allp["users"], cold=allp["cold"])
+    if len(allp["queries"]) and (allp["queries"] >= 0).all():
+        result["ranking"] = ranking(allp["queries"], allp["labels"], allp["scores"], users=allp["users"])
+    return result, allp
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -37,6 +37,8 @@ class Handover:
     """Per rank, for validation (empty: no validation, no early stopping)."""
     test: list = field(default_factory=list)
     """Per rank, for the test split (empty: no test metrics, no baseline)."""
+    rank: list = field(default_factory=list)
+    """Per rank, for the rank split (test positives with recorded negatives; empty: no ranking metrics)."""
     cf_dim: int = 0
     """Width of the CF user and item embeddings."""
     total_steps: int = 1
@@ -252,11 +254,16 @@ class Recipe:
         s.best_auc, s.stale = valid["auc"], 0
         test, preds = evaluate(self.engine, self.h.test[self.rank]) if self.h.test else (None, None)
         s.best = {"epoch": epoch, "valid": valid, "test": test}
-        self._export(preds)
+        ranked = None
+        if self.h.rank:
+            ranks, ranked = evaluate(self.engine, self.h.rank[self.rank])
+            s.best["ranking"] = dict(ranks["ranking"], auc=ranks["auc"])
+        self._export(preds, ranked)
         return True
 
-    def _export(self, preds: dict | None) -> None:
-        """RUN/export (the adapter, for one-process use) and RUN/test_predictions.parquet."""
+    def _export(self, preds: dict | None, ranked: dict | None = None) -> None:
+        """RUN/export (the adapter, for one-process use), RUN/test_predictions.parquet and, with a rank
+        split, RUN/rank_predictions.parquet."""
         from .evaluate import export_trainable, trainable_state
         weights = trainable_state(self.model)                     # collective: every rank gathers
         if self.rank != 0 or not self.h.run_dir:
@@ -264,10 +271,11 @@ class Recipe:
         model_config = {k: to_dict(getattr(self.cfg, k)) for k in ("llm", "injection", "generator")}
         model_config["method"] = self.cfg.method
         export_trainable(weights, Path(self.h.run_dir, "export"), dict(model_config, cf_dim=self.h.cf_dim))
-        if preds is not None:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-            pq.write_table(pa.table(preds), Path(self.h.run_dir, "test_predictions.parquet"))
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        for name, table in (("test", preds), ("rank", ranked)):
+            if table is not None:
+                pq.write_table(pa.table(table), Path(self.h.run_dir, f"{name}_predictions.parquet"))
 
     def save(self, cursor: dict | None, best: bool = False, valid_auc: float | None = None) -> None:
         """A checkpoint of this moment (a collective; the upload goes on in the background)."""
@@ -292,6 +300,7 @@ class Recipe:
         """RUN/metrics.json: the best validation and its test metrics, every evaluation, where ranks ran."""
         s = self.state
         summary = {"valid": s.best["valid"] if s.best else None, "test": s.best["test"] if s.best else None,
+                   "ranking": s.best.get("ranking") if s.best else None,
                    "best_epoch": s.best["epoch"] if s.best else None, "evaluations": s.evals, "steps": s.step,
                    "no_injection_test": s.no_injection, "resumed_from": s.resumed_from, "worker_nodes": nodes}
         Path(self.h.run_dir).mkdir(parents=True, exist_ok=True)

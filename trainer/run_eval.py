@@ -206,6 +206,9 @@ def evaluate_run(run: str | Path, split: str = "test", batch_size: int = 32, pro
     scores = _score(model, tok, enc, frame, titles, emb, batch_size, device, progress, f"eval {split}")
     labels, users = frame["label"].to_numpy(), frame["user"].to_numpy()
     result = evaluate(labels, scores, users, cold=(frame["cold_user"] | frame["cold_item"]).to_numpy())
+    if "query" in frame:                 # the rank split: each test positive among its recorded negatives
+        from cora.metrics import ranking
+        result["ranking"] = ranking(frame["query"].to_numpy(), labels, scores, users=users)
     suffix = "" if source == "export" else f"-{source.split()[-1]}"
     pq.write_table(pa.table({"sample_id": frame["sample_id"], "user": users, "item": frame["item"],
                              "label": labels, "score": scores}), run / f"predictions-{split}{suffix}.parquet")
@@ -216,7 +219,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="score a split with a trained run (one process, no DeepSpeed)",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a run directory written by `cora train`")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--split", default="test", choices=["train", "valid", "test", "rank"],
+                   help="rank: the candidate split of `cora prepare --rank-negatives` (adds ranking metrics)")
     p.add_argument("--checkpoint", default=None, metavar="NAME|latest|best",
                    help="the generator and P of a committed checkpoint of the run (default: RUN/export)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -40,8 +40,11 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
     common = {"embeddings": client, "seed": cfg.run.seed, "num_cpus": 0.1, "max_history": cfg.data.max_history,
               "max_length": cfg.data.max_length, "prefetch": cfg.data.prefetch, "sasrec_history": 25 if sasrec else 0,
               "tokenizer": "smollm2" if cfg.llm.name in PRESETS or cfg.llm.name in REAL_PRESETS else cfg.llm.name}
+    from cora.data.schema import read_manifest
     micro = cfg.engine.micro_batch_size
     batch = {"train": micro, "valid": cfg.data.eval_batch(micro), "test": cfg.data.eval_batch(micro)}
+    if "rank" in read_manifest(cfg.data.data_dir)["shards"]:       # prepared with --rank-negatives
+        batch["rank"] = cfg.data.eval_batch(micro)
     return {split: start_interaction_shards(cfg.data.data_dir, split, cfg.run.workers, batch_size=batch[split],
                                             **common) for split in batch}, client
 
@@ -56,7 +59,8 @@ def handover(cfg: TrainConfig, actors: dict, cf_dim: int):
     micro = plan.steps_per_epoch(rows, cfg.run.workers, cfg.engine.micro_batch_size)
     steps = -(-micro // cfg.engine.accumulation(cfg.run.workers)) * cfg.run.epochs  # an epoch ends on a step
     run_dir = Path(cfg.run.run_dir).absolute()
-    return Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], cf_dim=cf_dim,
+    return Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], rank=actors.get("rank", []),
+                    cf_dim=cf_dim,
                     total_steps=max(1, steps), run_dir=str(run_dir),
                     checkpoint_uri=checkpoint_uri(cfg), staging_dir=str(run_dir / ".staging"))
 
@@ -205,7 +209,8 @@ def clear_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
 
     from .checkpoint import clear
     clear(checkpoint_uri(cfg))
-    for m in RUN_MARKERS + ("tensorboard", "ray", "test_predictions.parquet", "samples", ".staging"):
+    for m in RUN_MARKERS + ("tensorboard", "ray", "test_predictions.parquet", "rank_predictions.parquet", "samples",
+                            ".staging"):
         path = run_dir / m
         if path.is_dir():
             shutil.rmtree(path)
@@ -289,6 +294,6 @@ def _main(args, out) -> int:
               f"allowed): {e}\ncora train: the committed checkpoints stay in {checkpoint_uri(cfg)}; continue the "
               f"run with the same command and run.resume=auto", file=sys.stderr)
         return 1
-    print(json.dumps({k: metrics[k] for k in ("valid", "test", "no_injection_test", "best_epoch", "steps", "seconds",
-                                           "llm")}, indent=1), file=out)
+    print(json.dumps({k: metrics.get(k) for k in ("valid", "test", "ranking", "no_injection_test", "best_epoch",
+                                               "steps", "seconds", "llm")}, indent=1), file=out)
     return 0

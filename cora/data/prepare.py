@@ -102,7 +102,8 @@ def read_source(args, acc: Accounting) -> sources.RawData:
     if args.source == "movielens":
         return sources.read_movielens(path, acc)
     if args.source == "collm":
-        return sources.read_collm(path, acc, args.allow_pickle)
+        return sources.read_collm(path, acc, args.allow_pickle,
+                                  {s: getattr(args, f"{s}_file", None) for s in ("train", "valid", "test")})
     return sources.read_tabular(path, args.source, acc, args.columns, args.time_unit)
 
 
@@ -207,6 +208,10 @@ def add_parser(sub) -> None:
     p.add_argument("--on-bad-row", choices=["drop", "error"], default="drop",
                    help="drop (and count) unreadable rows, or stop at the first")
     p.add_argument("--allow-pickle", action="store_true", help="read CoLLM .pkl files (runs code from them)")
+    for split in ("train", "valid", "test"):
+        p.add_argument(f"--{split}-file", metavar="NAME",
+                       help=f"collm: the {split} file in --input (default: the only one, or the full split "
+                            f"beside CoLLM's subsets, e.g. valid_ood2.pkl rather than valid_small_ood2.pkl)")
     p.add_argument("--rank-negatives", type=int, default=0, metavar="N",
                    help="also write the rank split: each test positive with N negatives the user never "
                         "interacted with, drawn from --seed (0: no rank split)")

@@ -218,15 +218,39 @@ def read_tabular(path: Path, fmt: str, acc: Accounting, columns: str | None, tim
 _COLLM_REQUIRED = ("uid", "iid", "label", "timestamp", "his", "title")
 
 
-def read_collm(path: Path, acc: Accounting, allow_pickle: bool) -> RawData:
-    """CoLLM's split files as they are: <split>*.parquet or <split>*.pkl (pickled pandas frames)."""
+# CoLLM ships subsets beside the full splits (ml-1m: valid_small_ood2.pkl, a 5,200-row subset of
+# valid_ood2.pkl that its LLM runs validate on; some releases add test_warm_cold_ood2.pkl)
+_COLLM_SUBSETS = ("small", "warm_cold")
+
+
+def collm_split_file(path: Path, split: str, chosen: str | None = None) -> Path:
+    """The file of ``split`` in a CoLLM folder: ``chosen`` (a file name in it) when given; else the only
+    ``<split>*.parquet|pkl`` file, or among several the one that is not a derived subset (a name with
+    'small' or 'warm_cold'). Which file was used is printed when there was a choice."""
+    import sys
+    found = sorted(p for p in path.glob(f"{split}*") if p.suffix in (".parquet", ".pkl", ".pickle"))
+    names = [p.name for p in found]
+    if chosen is not None:
+        if chosen not in names:
+            raise DatasetError(f"--{split}-file {chosen}: no such {split} file in {path}; found {names}")
+        return path / chosen
+    full = [p for p in found if not any(s in p.stem for s in _COLLM_SUBSETS)] if len(found) > 1 else found
+    if len(full) != 1:
+        raise DatasetError(f"--input {path}: expected one {split} file ({split}*.parquet or {split}*.pkl) or one "
+                           f"besides CoLLM's subsets (names with {' or '.join(_COLLM_SUBSETS)}), found {names}; "
+                           f"choose one with --{split}-file NAME")
+    if len(found) > 1:
+        print(f"[prepare] {split}: using {full[0].name} (the full split; not "
+              f"{', '.join(n for n in names if n != full[0].name)}; choose with --{split}-file)", file=sys.stderr)
+    return full[0]
+
+
+def read_collm(path: Path, acc: Accounting, allow_pickle: bool, files: dict[str, str] | None = None) -> RawData:
+    """CoLLM's split files as they are: <split>*.parquet or <split>*.pkl (pickled pandas frames);
+    ``files``: {split: file name} chosen by the user (``--valid-file``, ``--test-file``, ``--train-file``)."""
     frames, inputs = [], []
     for split in SPLITS:
-        found = sorted(p for p in path.glob(f"{split}*") if p.suffix in (".parquet", ".pkl", ".pickle"))
-        if len(found) != 1:
-            raise DatasetError(f"--input {path}: expected exactly one {split} file ({split}*.parquet or "
-                               f"{split}*.pkl), found {[p.name for p in found]}")
-        p = found[0]
+        p = collm_split_file(path, split, (files or {}).get(split))
         if p.suffix != ".parquet" and not allow_pickle:
             raise DatasetError(f"{p} is a pickle; unpickling runs code from the file. If you trust it, pass "
                                f"--allow-pickle, or convert it to Parquet first")

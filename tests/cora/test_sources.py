@@ -161,6 +161,29 @@ def test_collm_pickles_need_explicit_permission(tmp_path):
     assert ds["counts"]["kept"] == 36
 
 
+def test_collm_folder_as_shipped_uses_the_full_valid_split_unless_told(tmp_path, capsys):
+    """CoLLM's ml-1m folder holds valid_ood2.pkl and valid_small_ood2.pkl (a subset of it): the full one is
+    used and named; --valid-file picks another; a folder with two candidates of equal standing is refused."""
+    d = tmp_path / "collm"
+    d.mkdir()
+    frames = collm_frames()
+    for split, f in frames.items():
+        f.to_parquet(d / f"{split}_ood2.parquet")
+    frames["valid"].iloc[:5].to_parquet(d / "valid_small_ood2.parquet")
+    capsys.readouterr()
+    ds = prepare(tmp_path / "out", "--source", "collm", "--input", d)
+    assert ds["counts"]["splits"]["valid"]["rows"] == 12
+    assert "valid: using valid_ood2.parquet (the full split; not valid_small_ood2.parquet" in capsys.readouterr().err
+    ds = prepare(tmp_path / "small", "--source", "collm", "--input", d, "--valid-file", "valid_small_ood2.parquet")
+    assert ds["counts"]["splits"]["valid"]["rows"] == 5
+    assert prepare(tmp_path / "nope", "--source", "collm", "--input", d, "--valid-file", "valid.pkl") == 2
+    assert "--valid-file valid.pkl: no such valid file" in capsys.readouterr().err
+    frames["valid"].to_parquet(d / "valid_other.parquet")
+    assert prepare(tmp_path / "two", "--source", "collm", "--input", d) == 2
+    err = capsys.readouterr().err
+    assert "expected one valid file" in err and "choose one with --valid-file NAME" in err
+
+
 def test_unknown_rules_are_refused_with_the_accepted_forms(tmp_path, capsys):
     args = ("--source", "synthetic", "--users", 20, "--items", 20, "--interactions", 200)
     assert prepare(tmp_path / "a", *args, "--label-rule", "stars>3") == 2

@@ -88,7 +88,7 @@ def test_a_cuda_run_without_gpus_and_a_join_without_a_token_are_refused_before_r
 def test_cora_train_end_to_end(tmp_path, capsys):
     data, cf, run = tmp_path / "data", tmp_path / "cf", tmp_path / "run"
     assert main(["prepare", "--source", "synthetic", "--out", str(data), "--users", "60", "--items", "40",
-                 "--interactions", "800", "--samples-per-shard", "40", "--no-progress"]) == 0
+                 "--interactions", "800", "--samples-per-shard", "40", "--rank-negatives", "5", "--no-progress"]) == 0
     assert main(["train-cf", "--data", str(data), "--model", "mf", "--out", str(cf), "--dim", "16",
                  "--epochs", "3", "--no-progress"]) == 0
     capsys.readouterr()
@@ -104,6 +104,13 @@ def test_cora_train_end_to_end(tmp_path, capsys):
     assert (preds["labels"].to_numpy() == test.loc[preds["sample_ids"], "label"].to_numpy()).all()
     assert abs(roc_auc_score(preds["labels"], preds["scores"]) - printed["test"]["auc"]) < 1e-9
     assert (run / "export" / "adapter.safetensors").is_file()
+    # the rank split (each test positive among 5 recorded negatives), scored on both ranks and gathered
+    from cora.metrics import ranking
+    queries = pq.read_table(data / "rank.parquet").column("query").to_numpy()
+    ranked = pq.read_table(run / "rank_predictions.parquet").to_pandas()
+    assert sorted(ranked["queries"]) == sorted(queries) and printed["ranking"]["n_queries"] == len(set(queries))
+    again = ranking(ranked["queries"], ranked["labels"], ranked["scores"], users=ranked["users"])
+    assert {k: printed["ranking"][k] for k in again} == again and 0 < printed["ranking"]["mrr"] <= 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ea = EventAccumulator(glob.glob(str(run / "tensorboard" / "*"))[0])
     ea.Reload()
@@ -120,6 +127,11 @@ def test_cora_train_end_to_end(tmp_path, capsys):
     assert evaluated["n"] == printed["test"]["n"]
     assert abs(evaluated["auc"] - printed["test"]["auc"]) < 1e-4 and abs(evaluated["uauc"] - printed["test"]["uauc"]) < 1e-4
     assert (run / "predictions-test.parquet").is_file()
+    assert main(["eval", "--run", str(run), "--split", "rank", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    one = json.loads(out[out.rindex("\n{\n") + 1:] if "\n{\n" in out else out)["ranking"]
+    assert one["n_queries"] == printed["ranking"]["n_queries"]
+    assert abs(one["mrr"] - printed["ranking"]["mrr"]) <= 1 / one["n_queries"]     # one order flip at most
     # the best committed checkpoint holds the same generator and P as the export: the same scores
     assert main(["eval", "--run", str(run), "--checkpoint", "best", "--no-progress"]) == 0
     out = capsys.readouterr().out
