@@ -13,6 +13,8 @@ Every method is scored the same way (the raw "Yes" logit at the answer position,
 
     cora     per-sample A from the collaborative weights generator (CF user + item embeddings), P trained
     tallrec  ordinary LoRA (a learned A and P per module) on the same prompt: no CF input (TALLRec)
+    collm    CF embeddings mapped into two token slots of CoLLM's prompt; the mapping trains, the LoRA of
+             its TALLRec stage is frozen (one process so far: not yet a `cora train` method)
 
 The no-injection baseline is not a method: it is any method's model before training (P = 0), which
 ``cora train`` scores once as ``no_injection_test``.
@@ -20,9 +22,10 @@ The no-injection baseline is not a method: it is any method's model before train
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from .generator import CollaborativeWeightsGenerator, GeneratorConfig
@@ -37,6 +40,9 @@ class Method:
     """Whether the scores depend on the CF embeddings of the batch."""
     adapter: ClassVar[str] = "cora"
     """The injection variant (``InjectionConfig.adapter``) the method uses."""
+    template: ClassVar[str] = ""
+    """Prefix of the prompt template family (``cora/prompt_templates.json``): "" the TALLRec-style text
+    prompt of the domain, "collm-" the one with embedding slots."""
 
     def attach(self, model: nn.Module, injection: InjectionConfig, generator: GeneratorConfig | None,
                user_dim: int, item_dim: int) -> None:
@@ -74,7 +80,56 @@ class TALLRec(Method):
     name, uses_cf, adapter = "tallrec", False, "lora"
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (CoRA, TALLRec)}
+@dataclass
+class CoLLMConfig:
+    """CoLLM's mapping of CF embeddings into the LLM's token-embedding space (zyang1580/CoLLM)."""
+
+    mid_times: int = 10
+    """Hidden width of the mapping MLP, in multiples of the CF width (CoLLM: proj_mid_times 10)."""
+
+    def validate(self) -> list[str]:
+        return [] if self.mid_times >= 1 else [f"mid_times must be >= 1, got {self.mid_times}"]
+
+
+class CoLLM(Method):
+    """CoLLM's stage 2: the prompt carries one slot for the user and one for the target item (its
+    ``collm-<domain>`` templates); their input embeddings are replaced by the CF user and item
+    embeddings mapped by one shared MLP (Linear(d_cf, mid x d_cf) -> ReLU -> Linear(-> d_model)), which is
+    what trains. The LoRA A and P come from its TALLRec stage and stay frozen."""
+
+    name, uses_cf, adapter = "collm", True, "lora"
+    template = "collm-"
+
+    def __init__(self, cfg: CoLLMConfig | None = None):
+        self.cfg = cfg or CoLLMConfig()
+
+    def attach(self, model, injection, generator, user_dim, item_dim):
+        super().attach(model, injection, generator, user_dim, item_dim)
+        if user_dim != item_dim:
+            raise ValueError(f"CoLLM maps users and items with one MLP: their CF widths must agree, got user "
+                             f"{user_dim}, item {item_dim}")
+        width = model.llm.get_input_embeddings().embedding_dim
+        mid = user_dim * self.cfg.mid_times
+        model.mapper = nn.Sequential(nn.Linear(user_dim, mid), nn.ReLU(), nn.Linear(mid, width))
+        for p in model.injection.parameters():        # the TALLRec stage's LoRA, frozen in this stage
+            p.requires_grad_(False)
+
+    def trainable(self, model):
+        return list(model.mapper.parameters())
+
+    def inputs(self, model, batch):
+        if batch.slots is None or batch.slots.shape[-1] != 2:
+            got = None if batch.slots is None else tuple(batch.slots.shape)
+            raise ValueError(f"CoLLM needs each prompt's user and target-item slot positions (batch.slots of shape "
+                             f"(B, 2), got {got}): encode with a collm-<domain> template")
+        embeds = model.llm.get_input_embeddings()(batch.input_ids)                   # (B, T, d)
+        cf = torch.stack([batch.user_emb, batch.item_emb], dim=1)                    # (B, 2, d_cf)
+        mapped = model.mapper(cf.to(model.mapper[0].weight.dtype)).to(embeds.dtype)  # (B, 2, d)
+        index = batch.slots.to(embeds.device).unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+        return {"inputs_embeds": embeds.scatter(1, index, mapped)}
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (CoRA, TALLRec, CoLLM)}
 
 
 def get_method(name: str) -> Method:

@@ -11,6 +11,7 @@ title are never cut.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,18 +21,33 @@ import numpy as np
 TEMPLATES_FILE = Path(__file__).with_name("prompt_templates.json")
 
 
+SLOTS = ("user_id", "target_id")
+"""Embedding slots a template may hold (CoLLM's ID features): one token each, whose input embedding a
+method replaces (the user's and the target item's mapped CF embeddings)."""
+_MARK = re.compile("\x00(" + "|".join(SLOTS) + ")\x00")
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     template: str
-    """Text with {history} and {target} placeholders; must end where the answer is to be read."""
+    """Text with {history} and {target} placeholders (and optionally {user_id}, {target_id} slots); must end
+    where the answer is to be read."""
     quote: str = '"{}"'
     """How one title is written (a format string with one {})."""
     separator: str = ", "
     """Between history titles."""
 
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The embedding slots of the template, in the order they appear."""
+        return tuple(sorted((s for s in SLOTS if "{" + s + "}" in self.template),
+                            key=lambda s: self.template.index("{" + s + "}")))
+
     def render(self, history: Sequence[str], target: str) -> str:
+        """The prompt text; a slot is rendered as a marker (NUL, its name, NUL) that the encoder replaces."""
         listed = self.separator.join(self.quote.format(t) for t in history)
-        return self.template.format(history=listed, target=self.quote.format(target))
+        return self.template.format(history=listed, target=self.quote.format(target),
+                                    **{s: f"\x00{s}\x00" for s in SLOTS})
 
 
 def load_templates(path: str | Path = TEMPLATES_FILE) -> dict[str, PromptTemplate]:
@@ -67,14 +83,35 @@ class PromptEncoder:
 
     def encode(self, history: Sequence[str], target: str) -> list[int]:
         """Token ids of the prompt; ``history`` is ordered oldest first."""
+        return self.encode_with_slots(history, target)[0]
+
+    def encode_with_slots(self, history: Sequence[str], target: str) -> tuple[list[int], list[int]]:
+        """(token ids, the position of each of the template's slots, in ``template.slots`` order). The text
+        between slots is tokenised piece by piece and each slot is one ``slot_token`` (its embedding is
+        replaced by the method; the token itself is never read)."""
         recent = list(history)[-self.max_history:] if self.max_history else []
         for start in range(len(recent) + 1):  # drop the oldest titles first
-            ids = self.prefix + self.tokenizer(self.template.render(recent[start:], target),
-                                               add_special_tokens=False).input_ids
+            ids, where = self._tokens(self.template.render(recent[start:], target))
             if len(ids) <= self.max_length:
-                return ids
+                return ids, [where[s] for s in self.template.slots]
         raise ValueError(f"the prompt without any history is {len(ids)} tokens, over max_length="
                          f"{self.max_length} (target title {target[:60]!r}); raise max_length")
+
+    @property
+    def slot_token(self) -> int:
+        tok = self.tokenizer
+        return next(t for t in (tok.unk_token_id, tok.eos_token_id, 0) if t is not None)
+
+    def _tokens(self, text: str) -> tuple[list[int], dict[str, int]]:
+        pieces = _MARK.split(text)            # text, slot name, text, slot name, ..., text
+        ids, where = list(self.prefix), {}
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                where[piece] = len(ids)
+                ids.append(self.slot_token)
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False).input_ids
+        return ids, where
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -22,10 +22,10 @@ from torch import nn
 
 from cora.generator import GeneratorConfig
 from cora.injection import InjectionConfig
-from cora.methods import get_method
+from cora.methods import Method, get_method
 from cora.prompts import pad_prompts
 
-FIELDS = ("input_ids", "lengths", "user_emb", "item_emb", "labels", "weights")
+FIELDS = ("input_ids", "lengths", "user_emb", "item_emb", "labels", "weights", "slots")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Batch:
     item_emb: torch.Tensor    # (B, di)
     labels: torch.Tensor | None = None   # (B,) float in {0, 1}
     weights: torch.Tensor | None = None  # (B,) float: 0 for a padding sample (the epoch plan's), else 1
+    slots: torch.Tensor | None = None    # (B, S) long: positions of the template's embedding slots (CoLLM)
 
     def to(self, device) -> "Batch":
         """The batch on ``device``. From the CPU to CUDA the host tensors are staged in pinned (page-locked)
@@ -61,12 +62,12 @@ class Batch:
 
 
 def collate(prompts: Sequence[Sequence[int]], user_emb, item_emb, labels=None, pad_id: int = 0,
-            weights=None) -> Batch:
-    """Right-pad token id lists into a Batch."""
+            weights=None, slots=None) -> Batch:
+    """Right-pad token id lists into a Batch (``slots``: each prompt's slot positions, for CoLLM)."""
     ids, lengths = pad_prompts(prompts, pad_id)
     as_t = lambda x: None if x is None else torch.as_tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
     return Batch(torch.from_numpy(ids), torch.from_numpy(lengths), as_t(user_emb), as_t(item_emb), as_t(labels),
-                 as_t(weights))
+                 as_t(weights), None if slots is None else torch.as_tensor(np.asarray(slots), dtype=torch.long))
 
 
 def bce_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,7 +97,8 @@ class CoRAModel(nn.Module):
 
     def __init__(self, llm: nn.Module, answer_token_id: int, user_dim: int, item_dim: int,
                  injection: InjectionConfig | None = None, generator: GeneratorConfig | None = None,
-                 answer_weight: tuple[torch.Tensor, torch.Tensor | None] | None = None, method: str | None = None):
+                 answer_weight: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 method: "str | Method | None" = None):
         super().__init__()
         injection = injection or InjectionConfig()
         llm.requires_grad_(False)
@@ -104,7 +106,9 @@ class CoRAModel(nn.Module):
         w, b = answer_weight if answer_weight is not None else answer_row(llm, answer_token_id)
         self.register_buffer("answer_w", w, persistent=False)
         self.register_buffer("answer_b", b, persistent=False)
-        self.method = get_method(method or ("tallrec" if injection.adapter == "lora" else "cora"))
+        if not isinstance(method, Method):
+            method = get_method(method or ("tallrec" if injection.adapter == "lora" else "cora"))
+        self.method = method
         self.method.attach(self, injection, generator, user_dim, item_dim)
 
     @property

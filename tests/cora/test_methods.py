@@ -51,7 +51,7 @@ def test_tallrec_trains_lora_a_and_p_and_ignores_the_cf_embeddings(tokenizer, ye
 
 
 def test_unknown_methods_and_contradicting_adapters_are_refused():
-    with pytest.raises(ValueError, match="unknown method 'collm2'; available: cora, tallrec"):
+    with pytest.raises(ValueError, match="unknown method 'collm2'; available: cora, tallrec, collm"):
         get_method("collm2")
     with pytest.raises(ConfigError) as err:
         from_dict(TrainConfig, {"method": "cora", "injection": {"adapter": "lora"}})
@@ -59,7 +59,7 @@ def test_unknown_methods_and_contradicting_adapters_are_refused():
     with pytest.raises(ConfigError, match="method"):
         from_dict(TrainConfig, {"method": "laser"})
     assert from_dict(TrainConfig, {"method": "tallrec"}).method == "tallrec"
-    assert sorted(METHODS) == ["cora", "tallrec"]
+    assert sorted(METHODS) == ["collm", "cora", "tallrec"]
 
 
 def test_saved_configs_name_their_method_and_older_ones_are_read_by_their_adapter(yes_id):
@@ -69,3 +69,34 @@ def test_saved_configs_name_their_method_and_older_ones_are_read_by_their_adapte
     model, _ = build_model({"method": "tallrec", "llm": {"name": "tiny-llama"}, "injection": {}, "generator": {},
                             "cf_dim": 8})
     assert model.method.name == "tallrec" and model.generator is None
+
+
+def test_collm_writes_the_mapped_cf_embeddings_into_its_two_slots_and_trains_only_the_mapping(tokenizer, yes_id):
+    from cora.prompts import PromptEncoder, get_template
+    enc = PromptEncoder(tokenizer, get_template("collm-movies"), max_history=3, max_length=256)
+    assert get_method("collm").template + "movies" == "collm-movies"
+    encoded = [enc.encode_with_slots(["A", "B"][:k], f"Target {k}") for k in range(3)]
+    g = torch.Generator().manual_seed(0)
+    user, item = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    batch = collate([ids for ids, _ in encoded], user, item, torch.ones(3), tokenizer.pad_token_id,
+                    slots=[slots for _, slots in encoded])
+    model = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(), method="collm")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("mapper.") for n in trainable)
+    inputs = model.method.inputs(model, batch)["inputs_embeds"]
+    plain = model.llm.get_input_embeddings()(batch.input_ids)
+    mapped = model.mapper(torch.stack([user, item], 1))
+    for row, (_, (u, t)) in enumerate(encoded):
+        assert torch.equal(inputs[row, u], mapped[row, 0]) and torch.equal(inputs[row, t], mapped[row, 1])
+        others = [k for k in range(inputs.shape[1]) if k not in (u, t)]
+        assert torch.equal(inputs[row, others], plain[row, others])      # every other token untouched
+    loss, _ = model.loss(batch)
+    loss.backward()
+    assert all(p.grad is not None for p in model.mapper.parameters())
+    assert all(p.grad is None for p in model.injection.parameters())  # the TALLRec stage's LoRA is frozen
+    other = collate([ids for ids, _ in encoded], -user, item, torch.ones(3), tokenizer.pad_token_id,
+                    slots=[slots for _, slots in encoded])
+    with torch.no_grad():
+        assert not torch.equal(model(batch), model(other))              # the score reads the CF input
+    with pytest.raises(ValueError, match="encode with a collm-<domain> template"):
+        model(_batch(tokenizer, 3))

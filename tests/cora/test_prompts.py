@@ -15,7 +15,7 @@ def test_movie_template_is_the_papers_text():
 
 
 def test_unknown_domain_and_bad_template_file(tmp_path):
-    with pytest.raises(ValueError, match="unknown prompt domain 'games'.*books, items, movies"):
+    with pytest.raises(ValueError, match="unknown prompt domain 'games'.*books, collm-books, collm-items, collm-movies, items, movies"):
         get_template("games")
     bad = tmp_path / "t.json"
     bad.write_text('{"x": {"template": "no placeholders"}}')
@@ -53,3 +53,22 @@ def test_too_long_even_without_history(tokenizer):
     enc = PromptEncoder(tokenizer, PromptTemplate("Q {history} {target} A:"), max_length=5)
     with pytest.raises(ValueError, match="without any history is .* tokens, over max_length=5"):
         enc.encode(["x"], "a very long target title that cannot fit")
+
+
+@pytest.mark.parametrize("domain", ["movies", "books", "items"])
+def test_text_templates_tokenise_as_one_text_and_slot_templates_mark_their_slots(domain):
+    """Encoding piece by piece (for CoLLM's slots) leaves the text-only prompts exactly as before: the
+    whole rendered text tokenised at once. A slot template puts one slot token at each slot."""
+    from cora.llm import load_tokenizer
+    from cora.prompts import PromptEncoder, get_template
+    tok = load_tokenizer("smollm2")
+    history, target = ["Heat (1995)", "Up, and Away"], 'Say "Anything" (1989)'
+    text = PromptEncoder(tok, get_template(domain))
+    ids, slots = text.encode_with_slots(history, target)
+    assert slots == [] and ids == text.prefix + tok(get_template(domain).render(history, target),
+                                                   add_special_tokens=False).input_ids
+    slotted = PromptEncoder(tok, get_template(f"collm-{domain}"))
+    ids, slots = slotted.encode_with_slots(history, target)
+    assert len(slots) == 2 and slots[0] < slots[1] and [ids[s] for s in slots] == [slotted.slot_token] * 2
+    before_target = tok.decode(ids[slots[0] + 1:slots[1]])
+    assert '"Say "Anything" (1989)" with the feature' in before_target
