@@ -7,14 +7,17 @@ A method says:
 - ``attach``: what it adds to the frozen LLM inside ``CoRAModel`` (an injection, a generator, ...);
 - ``trainable``: which of those parameters train;
 - ``inputs``: how a ``Batch`` becomes the backbone's inputs (CoRA also installs this batch's A here);
-- ``name``: what exports and checkpoints record (``"method"``) so that the model can be rebuilt.
+- ``exported``: the tensors an export holds (the trainable ones, and any frozen ones the method
+  brought in, such as CoLLM's stage-1 LoRA), so that an export alone rebuilds the model;
+- ``name``: what exports and checkpoints record (``"method"``) so that the model can be rebuilt
+  (``make_method`` builds the strategy from such a saved config, with its section, e.g. ``collm``).
 
 Every method is scored the same way (the raw "Yes" logit at the answer position, ``CoRAModel.forward``).
 
     cora     per-sample A from the collaborative weights generator (CF user + item embeddings), P trained
     tallrec  ordinary LoRA (a learned A and P per module) on the same prompt: no CF input (TALLRec)
     collm    CF embeddings mapped into two token slots of CoLLM's prompt; the mapping trains, the LoRA of
-             its TALLRec stage is frozen (one process so far: not yet a `cora train` method)
+             its TALLRec stage (a tallrec run's export, ``collm.lora_from``) is loaded and frozen
 
 The no-injection baseline is not a method: it is any method's model before training (P = 0), which
 ``cora train`` scores once as ``no_injection_test``.
@@ -22,7 +25,9 @@ The no-injection baseline is not a method: it is any method's model before train
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -57,6 +62,14 @@ class Method:
         """The backbone's keyword inputs for ``batch``."""
         return {"input_ids": batch.input_ids}
 
+    def exported(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The tensors an export writes (by ``model.named_parameters()`` name): the trainable ones."""
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def section(self) -> dict | None:
+        """The method's own config section as an export records it (None: it has none)."""
+        return None
+
 
 class CoRA(Method):
     name, uses_cf, adapter = "cora", True, "cora"
@@ -86,9 +99,40 @@ class CoLLMConfig:
 
     mid_times: int = 10
     """Hidden width of the mapping MLP, in multiples of the CF width (CoLLM: proj_mid_times 10)."""
+    lora_from: str | None = None
+    """CoLLM's first stage: the export directory of a method=tallrec run (RUN/export) whose LoRA A and P are
+    loaded and frozen. None: no first stage (the LoRA's P stays zero, so only the mapping acts)."""
 
     def validate(self) -> list[str]:
         return [] if self.mid_times >= 1 else [f"mid_times must be >= 1, got {self.mid_times}"]
+
+
+def read_lora(export_dir: str | Path, injection: InjectionConfig, llm_name: str | None = None) -> dict:
+    """The LoRA A and P of a TALLRec export (all its tensors, by ``CoRAModel.named_parameters`` name), checked to
+    fit ``injection`` (and the LLM ``llm_name``); a ValueError says what does not fit and what to do."""
+    from safetensors.torch import load_file
+    export_dir = Path(export_dir)
+    files = [export_dir / "config.json", export_dir / "adapter.safetensors"]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"collm.lora_from={str(export_dir)!r} lacks {', '.join(missing)}: point it at the export "
+                         f"directory of a method=tallrec run (RUN/export, written at its best validation)")
+    saved = json.loads(files[0].read_text())
+    if method_of(saved) != "tallrec":
+        raise ValueError(f"collm.lora_from={str(export_dir)!r} is an export of method {method_of(saved)!r}; CoLLM's "
+                         f"first stage is a method=tallrec run (train one, then point collm.lora_from at RUN/export)")
+    problems = []
+    if llm_name is not None and saved.get("llm", {}).get("name") != llm_name:
+        problems.append(f"llm.name {saved.get('llm', {}).get('name')!r} (this run: {llm_name!r})")
+    defaults = InjectionConfig()
+    for key in ("rank", "alpha", "targets"):
+        mine, theirs = getattr(injection, key), saved.get("injection", {}).get(key, getattr(defaults, key))
+        if mine != theirs:
+            problems.append(f"injection.{key} {theirs!r} (this run: {mine!r})")
+    if problems:
+        raise ValueError(f"collm.lora_from={str(export_dir)!r} was trained with {'; '.join(problems)}: CoLLM loads its "
+                         f"LoRA as is, so set this run's values to the TALLRec run's (or train TALLRec with these)")
+    return load_file(str(files[1]))
 
 
 class CoLLM(Method):
@@ -103,6 +147,9 @@ class CoLLM(Method):
     def __init__(self, cfg: CoLLMConfig | None = None):
         self.cfg = cfg or CoLLMConfig()
 
+    def section(self):
+        return {"mid_times": self.cfg.mid_times, "lora_from": None}    # an export carries the LoRA itself
+
     def attach(self, model, injection, generator, user_dim, item_dim):
         super().attach(model, injection, generator, user_dim, item_dim)
         if user_dim != item_dim:
@@ -111,11 +158,25 @@ class CoLLM(Method):
         width = model.llm.get_input_embeddings().embedding_dim
         mid = user_dim * self.cfg.mid_times
         model.mapper = nn.Sequential(nn.Linear(user_dim, mid), nn.ReLU(), nn.Linear(mid, width))
+        if self.cfg.lora_from:                         # the TALLRec stage's LoRA (before ZeRO-3 partitions it)
+            lora = read_lora(self.cfg.lora_from, injection)
+            mine = _injection_params(model)
+            shapes = {n: tuple(t.shape) for n, t in lora.items()}
+            if shapes != {n: tuple(p.shape) for n, p in mine.items()}:
+                diff = sorted(set(shapes.items()) ^ {(n, tuple(p.shape)) for n, p in mine.items()})[:3]
+                raise ValueError(f"collm.lora_from={self.cfg.lora_from!r}: its LoRA tensors do not fit this model "
+                                 f"(e.g. {diff}); was it trained with the same llm and injection?")
+            with torch.no_grad():
+                for n, p in mine.items():
+                    p.copy_(lora[n])
         for p in model.injection.parameters():        # the TALLRec stage's LoRA, frozen in this stage
             p.requires_grad_(False)
 
     def trainable(self, model):
         return list(model.mapper.parameters())
+
+    def exported(self, model):
+        return {**_injection_params(model), **{n: p for n, p in model.named_parameters() if n.startswith("mapper.")}}
 
     def inputs(self, model, batch):
         if batch.slots is None or batch.slots.shape[-1] != 2:
@@ -129,6 +190,12 @@ class CoLLM(Method):
         return {"inputs_embeds": embeds.scatter(1, index, mapped)}
 
 
+def _injection_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The injection's LoRA A and P by ``model.named_parameters()`` name (they live in the LLM's layers)."""
+    ids = {id(p) for p in model.injection.parameters()}
+    return {n: p for n, p in model.named_parameters() if id(p) in ids}
+
+
 METHODS: dict[str, type[Method]] = {m.name: m for m in (CoRA, TALLRec, CoLLM)}
 
 
@@ -136,6 +203,15 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     return METHODS[name]()
+
+
+def make_method(config: dict) -> Method:
+    """The strategy a config names (a TrainConfig as a dict, an export's or a checkpoint's saved config),
+    with its own section (``collm``) when it has one."""
+    name = method_of(config)
+    if name == "collm":
+        return CoLLM(CoLLMConfig(**(config.get("collm") or {})))
+    return get_method(name)
 
 
 def method_of(config: dict) -> str:

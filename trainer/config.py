@@ -9,6 +9,7 @@ from typing import Literal
 from cora.generator import GeneratorConfig
 from cora.injection import InjectionConfig
 from cora.llm import LLMConfig
+from cora.methods import CoLLMConfig
 from cora.optim import OptimConfig
 
 from .engine import EngineConfig
@@ -110,9 +111,10 @@ class RunConfig:
 class TrainConfig:
     """Everything `cora train` needs."""
 
-    method: Literal["cora", "tallrec"] = "cora"
+    method: Literal["cora", "tallrec", "collm"] = "cora"
     """The method trained on the frozen LLM (cora.methods): 'cora' (the generator's per-sample A from the
-    CF embeddings) or 'tallrec' (LoRA on the same prompt, no CF input)."""
+    CF embeddings), 'tallrec' (LoRA on the same prompt, no CF input) or 'collm' (the CF embeddings mapped
+    into two token slots of CoLLM's prompt; LoRA from a tallrec run, frozen: see the collm section)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data and CF inputs."""
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -120,7 +122,9 @@ class TrainConfig:
     injection: InjectionConfig = field(default_factory=InjectionConfig)
     """Where and how the per-sample update is injected."""
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    """The collaborative weights generator."""
+    """The collaborative weights generator (method=cora)."""
+    collm: CoLLMConfig = field(default_factory=CoLLMConfig)
+    """CoLLM's mapping and its first stage (method=collm)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW and the warm-up + cosine schedule."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -134,4 +138,7 @@ class TrainConfig:
         if self.injection.adapter not in ("cora", adapter):
             return [f"injection.adapter={self.injection.adapter!r} contradicts method={self.method!r} (which uses "
                     f"{adapter!r}); the method sets the adapter: for LoRA without CF input set method=tallrec"]
+        if self.collm.lora_from and self.method != "collm":
+            return [f"collm.lora_from={self.collm.lora_from!r} is set but method={self.method!r}: it is CoLLM's first "
+                    f"stage; set method=collm, or drop collm.lora_from"]
         return []

@@ -100,3 +100,66 @@ def test_collm_writes_the_mapped_cf_embeddings_into_its_two_slots_and_trains_onl
         assert not torch.equal(model(batch), model(other))              # the score reads the CF input
     with pytest.raises(ValueError, match="encode with a collm-<domain> template"):
         model(_batch(tokenizer, 3))
+
+
+def test_collm_loads_its_first_stage_lora_frozen_and_its_export_rebuilds_it_alone(tmp_path, tokenizer):
+    """collm.lora_from: the TALLRec export's LoRA A and P are loaded into CoLLM's injection and frozen; CoLLM's
+    export carries them with the mapping, so it rebuilds the scoring model without the first stage's files."""
+    import shutil
+
+    from cora.export import load_exported
+    from cora.methods import make_method
+    from cora.prompts import PromptEncoder, get_template
+    from trainer.evaluate import export_trainable
+
+    from ..conftest import write_tallrec_export
+    lora = write_tallrec_export(tmp_path / "tallrec")
+    cfg = {"method": "collm", "collm": {"lora_from": str(tmp_path / "tallrec")}, "llm": {"name": "tiny-llama"},
+           "injection": {}, "generator": {}, "cf_dim": 8}
+    model, _ = build_model(cfg)
+    params = dict(model.named_parameters())
+    assert lora and all(torch.equal(params[n], t) and not params[n].requires_grad for n, t in lora.items())
+    exported = model.method.exported(model)
+    assert set(exported) == set(lora) | {n for n in params if n.startswith("mapper.")}
+    with torch.no_grad():
+        for p in model.mapper.parameters():
+            p.add_(0.1)
+    enc = PromptEncoder(tokenizer, get_template("collm-movies"), max_history=3, max_length=256)
+    encoded = [enc.encode_with_slots(["A", "B"][:k], f"Target {k}") for k in range(3)]
+    g = torch.Generator().manual_seed(3)
+    batch = collate([e[0] for e in encoded], torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g),
+                    None, tokenizer.pad_token_id, slots=[e[1] for e in encoded])
+    section = make_method(cfg).section()
+    assert section == {"mid_times": 10, "lora_from": None}
+    export_trainable({n: p.detach().clone() for n, p in exported.items()}, tmp_path / "collm",
+                     dict(cfg, collm=section))
+    shutil.rmtree(tmp_path / "tallrec")                       # the export alone is enough
+    again, _ = load_exported(tmp_path / "collm")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(batch), again(batch))
+        without = build_model(dict(cfg, collm={}))[0].eval()   # no first stage: P = 0, the LoRA does nothing
+        without.mapper.load_state_dict(model.mapper.state_dict())
+        assert not torch.equal(without(batch), again(batch))
+
+
+def test_a_first_stage_that_does_not_fit_is_refused_with_what_differs(tmp_path):
+    from cora.methods import read_lora
+
+    from ..conftest import write_tallrec_export
+    with pytest.raises(ValueError, match=r"lacks config.json, adapter.safetensors: point it at the export"):
+        read_lora(tmp_path / "nothing", InjectionConfig())
+    write_tallrec_export(tmp_path / "r8", rank=8, alpha=16)
+    with pytest.raises(ValueError, match=r"injection.rank 8 \(this run: 16\); injection.alpha 16 \(this run: 32.0\)"):
+        read_lora(tmp_path / "r8", InjectionConfig())
+    with pytest.raises(ValueError, match=r"llm.name 'tiny-llama' \(this run: 'tiny-qwen2'\)"):
+        read_lora(tmp_path / "r8", InjectionConfig(rank=8, alpha=16), "tiny-qwen2")
+    assert read_lora(tmp_path / "r8", InjectionConfig(rank=8, alpha=16), "tiny-llama")
+    cora_export = {"method": "cora", "llm": {"name": "tiny-llama"}, "injection": {}, "generator": {}, "cf_dim": 8}
+    (tmp_path / "cora").mkdir()
+    (tmp_path / "cora" / "config.json").write_text(__import__("json").dumps(cora_export))
+    (tmp_path / "cora" / "adapter.safetensors").write_bytes((tmp_path / "r8" / "adapter.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="is an export of method 'cora'; CoLLM's first stage is a method=tallrec run"):
+        read_lora(tmp_path / "cora", InjectionConfig())
+    with pytest.raises(ConfigError, match="collm.lora_from='x' is set but method='cora'"):
+        from_dict(TrainConfig, {"collm": {"lora_from": "x"}})
+    assert from_dict(TrainConfig, {"method": "collm", "collm": {"lora_from": "x"}}).collm.lora_from == "x"
