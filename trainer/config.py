@@ -9,7 +9,7 @@ from typing import Literal
 from cora.generator import GeneratorConfig
 from cora.injection import InjectionConfig
 from cora.llm import LLMConfig
-from cora.methods import CoLLMConfig
+from cora.methods import CoLLMConfig, RecCocktailConfig
 from cora.optim import OptimConfig
 
 from .engine import EngineConfig
@@ -111,10 +111,11 @@ class RunConfig:
 class TrainConfig:
     """Everything `cora train` needs."""
 
-    method: Literal["cora", "tallrec", "collm"] = "cora"
+    method: Literal["cora", "tallrec", "collm", "reccocktail"] = "cora"
     """The method trained on the frozen LLM (cora.methods): 'cora' (the generator's per-sample A from the
-    CF embeddings), 'tallrec' (LoRA on the same prompt, no CF input) or 'collm' (the CF embeddings mapped
-    into two token slots of CoLLM's prompt; LoRA from a tallrec run, frozen: see the collm section)."""
+    CF embeddings), 'tallrec' (LoRA on the same prompt, no CF input), 'collm' (the CF embeddings mapped
+    into two token slots of CoLLM's prompt; LoRA from a tallrec run, frozen: see the collm section) or
+    'reccocktail' (two tallrec LoRAs mixed by weights learned without labels: the reccocktail section)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data and CF inputs."""
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -125,6 +126,8 @@ class TrainConfig:
     """The collaborative weights generator (method=cora)."""
     collm: CoLLMConfig = field(default_factory=CoLLMConfig)
     """CoLLM's mapping and its first stage (method=collm)."""
+    reccocktail: RecCocktailConfig = field(default_factory=RecCocktailConfig)
+    """RecCocktail's two LoRAs and their merge (method=reccocktail)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW and the warm-up + cosine schedule."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -138,7 +141,16 @@ class TrainConfig:
         if self.injection.adapter not in ("cora", adapter):
             return [f"injection.adapter={self.injection.adapter!r} contradicts method={self.method!r} (which uses "
                     f"{adapter!r}); the method sets the adapter: for LoRA without CF input set method=tallrec"]
+        problems = []
         if self.collm.lora_from and self.method != "collm":
-            return [f"collm.lora_from={self.collm.lora_from!r} is set but method={self.method!r}: it is CoLLM's first "
-                    f"stage; set method=collm, or drop collm.lora_from"]
-        return []
+            problems.append(f"collm.lora_from={self.collm.lora_from!r} is set but method={self.method!r}: it is "
+                            f"CoLLM's first stage; set method=collm, or drop collm.lora_from")
+        cocktail = {k: getattr(self.reccocktail, k) for k in ("base_from", "ingredient_from")}
+        if self.method != "reccocktail" and any(cocktail.values()):
+            problems.append(f"reccocktail.base_from/ingredient_from are set but method={self.method!r}; set "
+                            f"method=reccocktail, or drop them")
+        if self.method == "reccocktail":
+            problems += [f"method=reccocktail needs reccocktail.{k}: the export directory of a method=tallrec run on "
+                         f"the {'source domains' if k == 'base_from' else 'target domain'}' data"
+                         for k, v in cocktail.items() if not v]
+        return problems

@@ -150,10 +150,13 @@ def preflight(cfg: TrainConfig) -> None:
                             f"engine.micro_batch_size x run.workers = {e.micro_batch_size} x {cfg.run.workers} = "
                             f"{per_step}; choose a global batch of {per_step * max(1, e.global_batch_size // per_step)} "
                             f"or {per_step * (e.global_batch_size // per_step + 1)}, or change the micro-batch")
-    if cfg.method == "collm" and cfg.collm.lora_from:
-        from cora.methods import read_lora
+    from cora.methods import read_lora
+    stages = {"collm": {"collm.lora_from": cfg.collm.lora_from},
+              "reccocktail": {f"reccocktail.{k}": getattr(cfg.reccocktail, k) for k in ("base_from", "ingredient_from")}}
+    for key, path in stages.get(cfg.method, {}).items():
         try:
-            read_lora(cfg.collm.lora_from, cfg.injection, cfg.llm.name)
+            if path:
+                read_lora(path, cfg.injection, cfg.llm.name, key=key)
         except ValueError as e:
             problems.append(str(e))
     problems += check_device(cfg)
@@ -169,7 +172,7 @@ def checkpoint_uri(cfg: TrainConfig) -> str:
 
 
 # what must not change when a run is resumed (the trainable state and the data cursors depend on them)
-RESUME_KEYS = ("method", "collm", "data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
+RESUME_KEYS = ("method", "collm", "reccocktail", "data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
                "generator", "engine.micro_batch_size", "engine.gradient_accumulation", "engine.global_batch_size",
                "run.workers", "run.seed")
 
