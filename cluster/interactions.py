@@ -1,7 +1,8 @@
 """InteractionShard actors: each owns a slice of a split's WebDataset shards and feeds one trainer rank.
 
 Per epoch (see ``plan.py`` for the exact-once assignment) an actor orders its samples, builds the
-prompts (tokenizer loaded once per actor), looks up the CF embeddings from the EmbeddingServers,
+prompts (tokenizer loaded once per actor; each sample with the template of its domain: the sample's
+"domain" in a multi-domain directory, else dataset.json's), looks up the CF embeddings from the EmbeddingServers,
 and keeps up to ``prefetch`` ready batches in a queue ahead of the trainer.
 
 A batch is a dict of numpy arrays: ``input_ids`` (B, T) right-padded, ``lengths`` (B,),
@@ -42,7 +43,7 @@ import ray
 import webdataset as wds
 from ray.util.metrics import Counter, Gauge
 
-from cora.data.schema import read_manifest
+from cora.data.schema import manifest_domains, read_manifest
 from cora.prompts import pad_prompts
 
 from . import plan
@@ -86,7 +87,7 @@ class InteractionShard:
         ``template``: the method's template family prefix (``Method.template``: "collm-" for CoLLM's prompt
         with embedding slots), put before the domain."""
         from cora.llm import load_tokenizer
-        from cora.prompts import PromptEncoder, get_template
+        from cora.prompts import domain_encoders
         manifest = read_manifest(data_dir)
         self.split, self.rank, self.world_size = split, rank, world_size
         self.batch_size, self.seed, self.prefetch = batch_size, seed, prefetch
@@ -106,8 +107,12 @@ class InteractionShard:
         self.steps = plan.steps_per_epoch(self.total, world_size, batch_size)
         tok = load_tokenizer(tokenizer)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.encoder = PromptEncoder(tok, get_template(template + (domain or manifest["domain"])), max_history,
-                                     max_length)
+        # one encoder per domain: a multi-domain directory's samples each name theirs ("domain"); a
+        # ``domain`` given here is used for every sample instead
+        self.domain = domain
+        self.encoders = domain_encoders(tok, template, [domain] if domain else manifest_domains(manifest),
+                                        max_history, max_length)
+        self.slots = next(iter(self.encoders.values())).template.slots
         self.embeddings, self.sasrec_history = embeddings, sasrec_history
         self.peer_names, self.peers = peers, {}
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -242,9 +247,9 @@ class InteractionShard:
             user_emb = self.embeddings.lookup("user", users)
         item_emb = item_wait()
         lookup_s = time.perf_counter() - t0
-        encoded = [self.encoder.encode_with_slots(s["history_titles"], s["title"]) for s in samples]
+        encoded = [self._encoder(s).encode_with_slots(s["history_titles"], s["title"]) for s in samples]
         ids, lengths = pad_prompts([e[0] for e in encoded], self.pad_id)
-        extra = {"slots": np.array([e[1] for e in encoded], dtype=np.int64)} if self.encoder.template.slots else {}
+        extra = {"slots": np.array([e[1] for e in encoded], dtype=np.int64)} if self.slots else {}
         return {"input_ids": ids, "lengths": lengths, "user_emb": user_emb, "item_emb": item_emb, **extra,
                 "lookup_s": np.float64(lookup_s),
                 "labels": np.array([s["label"] for s in samples], dtype=np.float32),
@@ -252,6 +257,16 @@ class InteractionShard:
                 "sample_ids": np.array([s["sample_id"] for s in samples], dtype=np.int64), "users": users,
                 "cold": np.array([s["cold_user"] or s["cold_item"] for s in samples]),
                 "queries": np.array([s.get("query", -1) for s in samples], dtype=np.int64)}
+
+    def _encoder(self, sample: dict):
+        """The prompt encoder of ``sample``'s domain (the directory's one domain when it names none)."""
+        if self.domain or "domain" not in sample:
+            return next(iter(self.encoders.values()))
+        enc = self.encoders.get(sample["domain"])
+        if enc is None:
+            raise DataError(f"sample {sample['sample_id']} has domain {sample['domain']!r}, which dataset.json's "
+                            f"domains ({', '.join(self.encoders)}) do not list; prepare the data again")
+        return enc
 
     def pid(self) -> int:
         import os

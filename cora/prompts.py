@@ -1,7 +1,8 @@
 """TALLRec-style prompts (text only, no ID tokens), with per-domain templates kept as data.
 
 The templates live in ``prompt_templates.json`` beside this module (``movies``, ``books``,
-``items``); a user may pass their own JSON file of the same shape. A prompt lists the user's at most
+``items``, and method families such as ``collm-movies``: a family prefix ends with "-", a domain name
+has none); a user may pass their own JSON file of the same shape. A prompt lists the user's at most
 ``max_history`` most recent positive titles, each quoted, joined by ", ", then asks about the target
 title and ends with ``#Answer:``, whose last token is the answer position. When the prompt is longer
 than ``max_length`` tokens, the oldest history titles are dropped first; the question and the target
@@ -67,6 +68,24 @@ def get_template(domain: str, path: str | Path = TEMPLATES_FILE) -> PromptTempla
     if domain not in templates:
         raise ValueError(f"unknown prompt domain {domain!r}; {path} defines {', '.join(sorted(templates))}")
     return templates[domain]
+
+
+def text_domains(path: str | Path = TEMPLATES_FILE) -> list[str]:
+    """The domains of the file: its template names without a family prefix (no "-"), sorted."""
+    return sorted(d for d in load_templates(path) if "-" not in d)
+
+
+def domain_encoders(tokenizer, family: str, domains: Sequence[str], max_history: int = 10,
+                    max_length: int = 512) -> dict[str, "PromptEncoder"]:
+    """One encoder per domain, with the template ``family + domain`` (``Method.template`` + domain): the
+    prompts of a multi-domain directory, each sample with its own domain's. Their templates must have
+    the same embedding slots, since a batch of them carries one slot layout."""
+    encoders = {d: PromptEncoder(tokenizer, get_template(family + d), max_history, max_length) for d in domains}
+    layouts = {d: e.template.slots for d, e in encoders.items()}
+    if len(set(layouts.values())) > 1:
+        raise ValueError(f"the templates {', '.join(family + d for d in layouts)} have different embedding slots "
+                         f"({layouts}); give every domain's template of the family the same slots")
+    return encoders
 
 
 class PromptEncoder:

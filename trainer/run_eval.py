@@ -11,7 +11,9 @@ run.checkpoint_uri (default RUN/checkpoints): a name (step-000000120, or the ste
 (the newest that verifies) or ``best`` (the newest saved at a better valid AUC); its files are checked
 against its manifest before use, and its own saved config rebuilds the model. The CF embeddings come
 from the run's cf_dir, a path or an object-storage URI (s3:// with CORA_S3_ENDPOINT, gs://, file://);
-SASRec user vectors from each sample's history. Progress (samples/s, ETA) goes to stderr.
+SASRec user vectors from each sample's history. Each row's prompt is the template of its domain (a
+multi-domain data directory's "domain" column, else dataset.json's domain) in the method's family.
+Progress (samples/s, ETA) goes to stderr.
 """
 
 from __future__ import annotations
@@ -160,25 +162,46 @@ def load_model(run: Path, run_config: dict, checkpoint: str | None = None) -> tu
 
 # ---------------------------------------------------------------- scoring
 
-def _score(model, tok, enc, frame, titles, emb: tuple, batch_size: int, device: str, progress: bool,
-           desc: str) -> np.ndarray:
-    """The "Yes" logit of every row of ``frame``, (N,) float32, ``batch_size`` rows per forward."""
+def _score(model, tok, encoders: dict, domains: np.ndarray, frame, titles, emb: tuple, batch_size: int, device: str,
+           progress: bool, desc: str) -> np.ndarray:
+    """The "Yes" logit of every row of ``frame``, (N,) float32, ``batch_size`` rows per forward; row k's
+    prompt is built by ``encoders[domains[k]]``."""
     from tqdm import tqdm
 
     from cora.scoring import collate
     user_emb, item_emb = emb
+    slotted = bool(next(iter(encoders.values())).template.slots)
     scores = np.empty(len(frame), dtype=np.float32)
     bar = tqdm(total=len(frame), desc=desc, unit="sample", file=sys.stderr, disable=not progress)
     with torch.no_grad(), bar:
         for s in range(0, len(frame), batch_size):
             rows = frame.iloc[s:s + batch_size]
+            encs = [encoders[d] for d in domains[s:s + batch_size]]
             encoded = [enc.encode_with_slots(list(titles[np.asarray(h, dtype=np.int64)][-enc.max_history:])
-                                             if len(h) else [], titles[i]) for h, i in zip(rows["history"], rows["item"])]
+                                             if len(h) else [], titles[i])
+                       for enc, h, i in zip(encs, rows["history"], rows["item"])]
             batch = collate([e[0] for e in encoded], user_emb[s:s + batch_size], item_emb[s:s + batch_size], None,
-                            tok.pad_token_id, slots=[e[1] for e in encoded] if enc.template.slots else None)
+                            tok.pad_token_id, slots=[e[1] for e in encoded] if slotted else None)
             scores[s:s + len(rows)] = model(batch.to(device)).cpu().numpy()
             bar.update(len(rows))
     return scores
+
+
+def _encoders(tok, family: str, manifest: dict, frame, data_cfg: dict) -> tuple[dict, np.ndarray]:
+    """(one PromptEncoder per domain of the data directory, the domain of each row of ``frame``): a
+    multi-domain directory's rows carry theirs ("domain"), a single-domain one's all take dataset.json's."""
+    from cora.data.schema import manifest_domains
+    from cora.prompts import domain_encoders
+    held = manifest_domains(manifest)
+    encoders = domain_encoders(tok, family, held, data_cfg["max_history"], data_cfg["max_length"])
+    if "domain" not in frame:
+        return encoders, np.full(len(frame), held[0], dtype=object)
+    domains = frame["domain"].to_numpy(dtype=object)
+    unknown = sorted(set(domains) - set(held))
+    if unknown:
+        raise DatasetError(f"rows of domain(s) {', '.join(map(repr, unknown))}, which dataset.json's domains "
+                           f"({', '.join(held)}) do not list; prepare the data again")
+    return encoders, domains
 
 
 def evaluate_run(run: str | Path, split: str = "test", batch_size: int = 32, progress: bool = True,
@@ -186,7 +209,6 @@ def evaluate_run(run: str | Path, split: str = "test", batch_size: int = 32, pro
     """Score ``split`` with the run's export (or ``checkpoint``) on ``device``; metrics plus "source"."""
     from cora.data.schema import read_manifest
     from cora.metrics import evaluate
-    from cora.prompts import PromptEncoder, get_template
     check_device(device)
     if batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
@@ -202,10 +224,9 @@ def evaluate_run(run: str | Path, split: str = "test", batch_size: int = 32, pro
     model.to(device)
     frame = pq.read_table(Path(data_dir, f"{split}.parquet")).to_pandas()
     titles = pq.read_table(Path(data_dir, "items.parquet")).column("title").to_numpy(zero_copy_only=False)
-    enc = PromptEncoder(tok, get_template(model.method.template + manifest["domain"]), cfg["data"]["max_history"],
-                        cfg["data"]["max_length"])
+    encoders, domains = _encoders(tok, model.method.template, manifest, frame, cfg["data"])
     emb = cf_embeddings(cf_dir, frame)
-    scores = _score(model, tok, enc, frame, titles, emb, batch_size, device, progress, f"eval {split}")
+    scores = _score(model, tok, encoders, domains, frame, titles, emb, batch_size, device, progress, f"eval {split}")
     labels, users = frame["label"].to_numpy(), frame["user"].to_numpy()
     result = evaluate(labels, scores, users, cold=(frame["cold_user"] | frame["cold_item"]).to_numpy())
     if "query" in frame:                 # the rank split: each test positive among its recorded negatives

@@ -23,6 +23,9 @@ REASONS = {
     "unresolved_item": "the item id is not in the item file",
     "duplicate": "same user, item and timestamp as an earlier row",
     "outside_time_window": "the time is outside every split of the split rule",
+    # multi-domain preparation only (--target-domain; see domains.py): not bad rows, so never an error
+    "target_item_overlap": "a source-domain row whose item id is also an item of the target domain",
+    "other_directory": "the row's domain belongs to the other directory (OUT/source or OUT/target)",
 }
 
 
@@ -50,6 +53,15 @@ class Accounting:
                                f"drop and count such rows instead")
         self.dropped[reason] += count
         self.examples.setdefault(reason, example)
+
+    def exclude(self, reason: str, count: int, example: str = "") -> None:
+        """Set aside ``count`` rows that are not bad (a multi-domain rule): counted like a drop, but
+        never an error under on_bad='error'."""
+        if reason not in REASONS:
+            raise KeyError(f"unknown drop reason {reason!r}")
+        if count > 0:
+            self.dropped[reason] += count
+            self.examples.setdefault(reason, example)
 
     def drop_mask(self, reason: str, bad: np.ndarray, describe) -> np.ndarray:
         """Drop the rows where ``bad`` is true; ``describe(i)`` names row i. Returns the keep mask."""

@@ -4,9 +4,17 @@
     cora prepare --source csv --input log.csv --out data/mine --columns user=uid,item=sku,rating=stars,timestamp=ts
     cora prepare --source synthetic --out data/synth --users 2000 --items 1000 --interactions 100000
     cora prepare --source movielens --input ml-1m/ --out data/ml1m --rank-negatives 99 --seed 0
+    cora prepare --source synthetic --domains movies,books,items --target-domain items --out data/cocktail
+    cora prepare --source csv --input log.csv --out data/cocktail2 \
+                 --columns user=uid,item=sku,rating=stars,timestamp=ts,title=name,domain=category \
+                 --domain-map Books=books,Movies_and_TV=movies --target-domain books
 
 --rank-negatives N adds the rank split: each test positive with N negatives the user never interacted
 with, drawn from --seed (see cora/data/candidates.py).
+
+--target-domain D (multi-domain data, for RecCocktail) writes two prepared directories, OUT/source (the
+other domains' samples, mixed) and OUT/target (D's samples), with shared users and a per-sample domain
+(see cora/data/domains.py); --rank-negatives then applies to OUT/target only.
 """
 
 from __future__ import annotations
@@ -22,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import candidates, protocol, sources
+from . import candidates, domains, protocol, sources
 from .accounting import Accounting
 from .schema import SCHEMA_VERSION, DatasetError
-from ..fileio import sha256
+from ..fileio import sha256, write_atomically
 from .write import write_dataset
 
 SOURCES = ("movielens", "collm", "parquet", "csv", "synthetic")
@@ -39,11 +47,11 @@ class SyntheticSpec:
     from then on."""
 
     users: int = 1000
-    """Number of users."""
+    """Number of users (shared by all domains of a multi-domain dataset)."""
     items: int = 500
-    """Number of items."""
+    """Number of items (per domain, with --domains)."""
     interactions: int = 50_000
-    """Number of (user, item) interactions, all distinct pairs."""
+    """Number of (user, item) interactions, all distinct pairs (per domain, with --domains)."""
     factors: int = 16
     """Size of the planted latent factors."""
     noise: float = 0.3
@@ -56,8 +64,7 @@ class SyntheticSpec:
     """Everything is drawn from this seed (the same spec gives byte-identical output)."""
 
 
-def synthetic(spec: SyntheticSpec, acc: Accounting) -> sources.RawData:
-    from ..synthetic import WORDS
+def check_spec(spec: SyntheticSpec) -> None:
     if min(spec.users, spec.items, spec.interactions, spec.factors, spec.days) < 1:
         raise DatasetError(f"synthetic sizes must be >= 1, got {asdict(spec)}")
     if spec.rule not in ("dot", "additive"):
@@ -65,6 +72,11 @@ def synthetic(spec: SyntheticSpec, acc: Accounting) -> sources.RawData:
     if spec.interactions > spec.users * spec.items:
         raise DatasetError(f"--interactions {spec.interactions} exceeds users x items = "
                            f"{spec.users * spec.items} distinct pairs")
+
+
+def synthetic(spec: SyntheticSpec, acc: Accounting) -> sources.RawData:
+    from ..synthetic import WORDS
+    check_spec(spec)
     rng = np.random.default_rng(spec.seed)
     uf = rng.standard_normal((spec.users, spec.factors))
     vf = rng.standard_normal((spec.items, spec.factors))
@@ -91,9 +103,14 @@ def synthetic(spec: SyntheticSpec, acc: Accounting) -> sources.RawData:
         "label_rule": "label", "split": "time:0.8,0.1,0.1", "domain": "items", "variant": "synthetic"})
 
 
-def read_source(args, acc: Accounting) -> sources.RawData:
+def read_source(args, acc: Accounting, multi: domains.Request | None = None) -> sources.RawData:
+    """The raw interactions; ``multi``: a multi-domain preparation (rows carry their domain)."""
     if args.source == "synthetic":
-        return synthetic(SyntheticSpec(**{k: getattr(args, k) for k in SyntheticSpec.__dataclass_fields__}), acc)
+        spec = SyntheticSpec(**{k: getattr(args, k) for k in SyntheticSpec.__dataclass_fields__})
+        if multi is not None:
+            check_spec(spec)
+            return domains.synthetic_domains(spec, multi.domains, acc)
+        return synthetic(spec, acc)
     if args.input is None:
         raise DatasetError(f"--source {args.source} needs --input PATH")
     path = Path(args.input)
@@ -104,20 +121,30 @@ def read_source(args, acc: Accounting) -> sources.RawData:
     if args.source == "collm":
         return sources.read_collm(path, acc, args.allow_pickle,
                                   {s: getattr(args, f"{s}_file", None) for s in ("train", "valid", "test")})
-    return sources.read_tabular(path, args.source, acc, args.columns, args.time_unit)
+    return sources.read_tabular(path, args.source, acc, args.columns, args.time_unit, domain=multi is not None)
 
 
-def _options(args, defaults: dict) -> dict:
+def _options(args, defaults: dict, multi: bool = False) -> dict:
     opts = {"source": args.source, "label_rule": args.label_rule or defaults["label_rule"],
             "split": args.split or defaults["split"], "domain": args.domain or defaults["domain"],
             "history_stored": args.history_stored, "history_in_prompt": args.history_in_prompt,
             "samples_per_shard": args.samples_per_shard, "on_bad_row": args.on_bad_row}
     if args.source in ("parquet", "csv"):
-        opts.update(columns=sources.parse_columns(args.columns), time_unit=args.time_unit)
+        opts.update(columns=sources.parse_columns(args.columns, domain=multi), time_unit=args.time_unit)
     if args.source == "synthetic":
         opts["synthetic"] = {k: getattr(args, k) for k in SyntheticSpec.__dataclass_fields__}
     if args.rank_negatives:             # absent otherwise: directories prepared before keep their fingerprint
         opts["rank"] = {"negatives": args.rank_negatives, "seed": args.seed}
+    return opts
+
+
+def _domain_options(args, defaults: dict, req: domains.Request, found: list[str]) -> dict:
+    """A multi-domain preparation's options: the single-domain ones without "domain", plus the domains."""
+    opts = _options(args, defaults, multi=True)
+    del opts["domain"]
+    opts.update(domains=found, target_domain=req.target)
+    if args.source in ("parquet", "csv"):
+        opts["domain_map"] = req.domain_map
     return opts
 
 
@@ -139,10 +166,14 @@ def _check_out(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
 
 
 def prepare(args, progress: bool = True) -> dict:
-    """Run the whole pipeline; returns dataset.json's content."""
+    """Run the whole pipeline; returns dataset.json's content ({"source": ..., "target": ...} for a
+    multi-domain preparation)."""
     t0 = time.time()
     out = Path(args.out)
     _validate(args)
+    req = domains.request(args)
+    if req is not None:
+        return prepare_domains(args, req, progress)
     acc = Accounting(args.on_bad_row)
     raw = read_source(args, acc)
     opts = _options(args, raw.defaults)
@@ -161,12 +192,7 @@ def prepare(args, progress: bool = True) -> dict:
         rank, rank_record = candidates.rank_split(prep.frame, len(prep.items), args.rank_negatives, args.seed)
     if raw.item_file:
         counts["item_file"] = raw.item_file
-    manifest = {"schema_version": SCHEMA_VERSION, "source": args.source,
-                "variant": raw.defaults.get("variant"), "domain": opts["domain"], "fingerprint": fingerprint,
-                "inputs": inputs, "options": opts, "label_rule": opts["label_rule"], "split_rule": opts["split"],
-                "history_stored": args.history_stored, "history_in_prompt": args.history_in_prompt,
-                "samples_per_shard": args.samples_per_shard, "counts": counts,
-                "id_maps": {"users": "users.parquet", "items": "items.parquet"}}
+    manifest = _manifest(args, raw, opts, inputs, fingerprint, counts)
     if rank is not None:
         manifest["rank"] = rank_record
     manifest = write_dataset(prep, out, manifest, samples_per_shard=args.samples_per_shard,
@@ -175,6 +201,95 @@ def prepare(args, progress: bool = True) -> dict:
     print(f"[prepare] wrote {out}: " + ", ".join(f"{s} {c['rows']}" for s, c in manifest["counts"]["splits"].items())
           + f"; dropped {counts['dropped'] or 'none'}; {time.time() - t0:.1f}s", file=sys.stderr)
     return manifest
+
+
+def _manifest(args, raw: sources.RawData, opts: dict, inputs: list, fingerprint: str, counts: dict) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "source": args.source,
+            "variant": raw.defaults.get("variant"), "domain": opts.get("domain"), "fingerprint": fingerprint,
+            "inputs": inputs, "options": opts, "label_rule": opts["label_rule"], "split_rule": opts["split"],
+            "history_stored": args.history_stored, "history_in_prompt": args.history_in_prompt,
+            "samples_per_shard": args.samples_per_shard, "counts": counts,
+            "id_maps": {"users": "users.parquet", "items": "items.parquet"}}
+
+
+def _check_pair(out: Path, fingerprints: dict, overwrite: bool) -> dict | None:
+    """Like _check_out, for OUT of a multi-domain preparation: {part: dataset.json} when OUT holds exactly
+    this source/target pair already."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    old = {}
+    for name in domains.PARTS:
+        path = out / name / "dataset.json"
+        old[name] = json.loads(path.read_text()) if path.is_file() else {}
+    if sorted(p.name for p in out.iterdir()) == sorted(domains.PARTS) and \
+            all(old[n].get("fingerprint") == fingerprints[n] for n in domains.PARTS):
+        return old
+    if not overwrite:
+        raise DatasetError(f"--out {out} already holds something else than this source/target pair; choose another "
+                           f"--out, or pass --overwrite to replace it")
+    return None
+
+
+def prepare_domains(args, req: domains.Request, progress: bool) -> dict:
+    """A multi-domain preparation (see domains.py): OUT/source and OUT/target, written together
+    (OUT is renamed into place when both are complete); returns {part: dataset.json}."""
+    t0, out = time.time(), Path(args.out)
+    acc = Accounting(args.on_bad_row)
+    raw = read_source(args, acc, req)
+    found = req.domains or domains.resolve(raw, req, sources.parse_columns(args.columns, domain=True)["domain"])
+    overlap = domains.remove_overlap(raw, req.target, acc)
+    opts = _domain_options(args, raw.defaults, req, found)
+    inputs = [{"file": str(p), "bytes": p.stat().st_size, "sha256": sha256(p)} for p in raw.inputs]
+    fingerprints = {n: hashlib.sha256(json.dumps([[i["sha256"] for i in inputs], opts, n], sort_keys=True).encode())
+                    .hexdigest() for n in domains.PARTS}
+    done = _check_pair(out, fingerprints, args.overwrite)
+    if done is not None:
+        print(f"[prepare] {out} already holds this source/target pair (same inputs and options); nothing to do",
+              file=sys.stderr)
+        return done
+    prep = protocol.apply(raw, acc, opts["label_rule"], opts["split"], args.history_stored)
+    dropped = acc.check(len(prep.frame))["dropped"]
+    sources_ = [d for d in found if d != req.target]
+    parts = {"source": domains.part(prep, sources_, "source"), "target": domains.part(prep, [req.target], "target")}
+    manifests = {}
+
+    def write(tmp: Path) -> None:
+        for name, here in parts.items():
+            other = "target" if name == "source" else "source"
+            held = sources_ if name == "source" else [req.target]
+            m = _manifest(args, raw, opts, inputs, fingerprints[name], domains.part_counts(acc, here, parts[other], other))
+            m.update(domain=held[0] if len(held) == 1 else None, domains=held)
+            m["counts"]["domains"] = domains.domain_counts(here.frame)
+            m["multi_domain"] = _multi_record(args, name, other, req, found, overlap)
+            rank = None
+            if name == "target" and args.rank_negatives:
+                rank, m["rank"] = candidates.rank_split(here.frame, len(here.items), args.rank_negatives, args.seed)
+            manifests[name] = write_dataset(here, tmp / name, m, samples_per_shard=args.samples_per_shard,
+                                            history_in_prompt=args.history_in_prompt, overwrite=False,
+                                            progress=progress, rank=rank)
+
+    write_atomically(out, write)
+    for name, m in manifests.items():
+        print(f"[prepare] wrote {out / name} ({', '.join(m['domains'])}): " + ", ".join(
+            f"{s} {c['rows']}" for s, c in m["counts"]["splits"].items()), file=sys.stderr)
+    print(f"[prepare] dropped {dropped or 'none'}; {time.time() - t0:.1f}s", file=sys.stderr)
+    return manifests
+
+
+def _multi_record(args, name: str, other: str, req: domains.Request, found: list[str], overlap: dict) -> dict:
+    """dataset.json's "multi_domain": which part this is, what the parts share, what was removed."""
+    record = {"part": name, "other_part": f"../{other}", "target_domain": req.target,
+              "source_domains": [d for d in found if d != req.target], "all_domains": found,
+              "overlap": overlap, "shared": domains.SHARED,
+              "rank_split": "OUT/target only" if args.rank_negatives else None}
+    if args.source == "synthetic":
+        record["synthetic"] = {
+            "seed": args.seed, "users": args.users, "factors": args.factors, "rule": args.rule, "noise": args.noise,
+            "days": args.days, "items_per_domain": args.items, "interactions_per_domain": args.interactions,
+            "draws": "user factors and arrival times: numpy.random.default_rng(seed); per domain d: item factors, "
+                     "pairs, noise, times and titles: numpy.random.default_rng([seed, zlib.crc32(d)])",
+            "titles": {d: domains.TITLE_FORMATS.get(d, domains.OTHER_FORMAT) for d in found}}
+    return record
 
 
 def _validate(args) -> None:
@@ -198,9 +313,16 @@ def add_parser(sub) -> None:
     p.add_argument("--input", help="file or directory to read (not for synthetic)")
     p.add_argument("--out", required=True, help="the data directory to create")
     p.add_argument("--domain", choices=["movies", "books", "items"], help="prompt template domain")
+    p.add_argument("--target-domain", metavar="DOMAIN",
+                   help="multi-domain data: write OUT/source (the other domains) and OUT/target (this one)")
+    p.add_argument("--domains", metavar="D1,D2,...",
+                   help="synthetic multi-domain data: the domains (with --target-domain), e.g. movies,books,items")
+    p.add_argument("--domain-map", metavar="VALUE=DOMAIN,...",
+                   help="csv/parquet multi-domain data: map the domain column's values to prompt domains")
     p.add_argument("--label-rule", help="rating>=4 (MovieLens default), rating==5, ..., or label")
     p.add_argument("--split", help="months:A-B,C-D,E-F | time:F1,F2,F3 | given (see README)")
-    p.add_argument("--columns", help="parquet/csv column mapping, e.g. user=uid,item=iid,rating=r,timestamp=t,title=name")
+    p.add_argument("--columns", help="parquet/csv column mapping, e.g. user=uid,item=iid,rating=r,timestamp=t,title=name "
+                                     "(+ domain=COLUMN with --target-domain)")
     p.add_argument("--time-unit", default="s", choices=list(sources.TIME_UNITS), help="unit of numeric timestamps")
     p.add_argument("--history-stored", type=int, default=50, help="earlier positives kept per sample")
     p.add_argument("--history-in-prompt", type=int, default=10, help="most recent titles used in prompts")
@@ -226,6 +348,10 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     manifest = prepare(args, progress=not args.no_progress)
-    print(json.dumps({"out": str(args.out), "counts": manifest["counts"], "num_users": manifest["num_users"],
-                      "num_items": manifest["num_items"]}, indent=1))
+    summary = lambda m: {"counts": m["counts"], "num_users": m["num_users"], "num_items": m["num_items"]}  # noqa: E731
+    if set(manifest) == set(domains.PARTS):                 # a multi-domain preparation: {part: dataset.json}
+        print(json.dumps({"out": str(args.out), **{n: dict(summary(m), domains=m["domains"])
+                                                   for n, m in manifest.items()}}, indent=1))
+    else:
+        print(json.dumps({"out": str(args.out), **summary(manifest)}, indent=1))
     return 0

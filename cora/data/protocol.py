@@ -15,7 +15,9 @@ Split rules (``--split``):
 
 History of a sample: the user's positive items strictly earlier in (timestamp, input order), across
 all splits (a test sample may list positives from the valid period: they happened before it), most
-recent last, at most ``history_stored`` kept. The input's own lists are kept for ``collm``.
+recent last, at most ``history_stored`` kept. The input's own lists are kept for ``collm``. A frame
+with a "domain" column (a multi-domain input, see domains.py) keeps it, and a history holds the
+earlier positives of the user in the sample's own domain only (its prompt names that domain's items).
 """
 
 from __future__ import annotations
@@ -178,7 +180,11 @@ def apply(raw, acc: Accounting, label_rule: str, split: str, history_stored: int
         hist = [h[-history_stored:] if history_stored else h[:0] for h in hist]
     else:
         item, item_raw = dense_ids(f["item"], False)
-        hist = histories(user, item, f["label"].to_numpy(), history_stored)
+        group = user
+        if "domain" in f:                 # histories per (user, domain): the key user * D + domain code
+            code, names = pd.factorize(f["domain"], sort=True)
+            group = user * len(names) + code
+        hist = histories(group, item, f["label"].to_numpy(), history_stored)
     for split in SPLITS:
         if not (f["split"] == split).any():
             raise DatasetError(f"split {split!r} is empty after filtering (split rule {split!r}: "
@@ -191,6 +197,8 @@ def apply(raw, acc: Accounting, label_rule: str, split: str, history_stored: int
         "history": hist,
         "cold_user": ~np.isin(user, user[train]), "cold_item": ~np.isin(item, item[train]),
         "split": f["split"].to_numpy()})
+    if "domain" in f:
+        out["domain"] = f["domain"].to_numpy(dtype=object)
     titles = raw.titles
     items = pd.DataFrame({"item": np.arange(len(item_raw), dtype=np.int32), "raw_id": item_raw.astype(str),
                           "title": [titles.get(r, f"item {r}") for r in item_raw]})

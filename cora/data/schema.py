@@ -8,7 +8,7 @@
       test.parquet
       rank.parquet              only with --rank-negatives N: each test positive with N sampled negatives,
                                 columns RANK = INTERACTIONS + query (see candidates.py)
-      items.parquet             item (dense id), raw_id (the source's id, as text), title
+      items.parquet             item (dense id), raw_id (the source's id, as text), title (+ domain)
       users.parquet             user (dense id), raw_id
       shards/<split>-NNNNNN.tar WebDataset shards of the same samples (SHARD_FIELDS, as one .json
                                 member per sample, key = the zero-padded sample_id; rank shards
@@ -18,6 +18,11 @@ Dense ids are 0..n-1 in order of first appearance in time; ``sample_id`` is uniq
 ``history`` holds the user's earlier positive items (most recent last, at most ``history_stored``);
 prompts use the last ``history_in_prompt`` of them. ``cold_user`` / ``cold_item``: the user / item has
 no interaction in train; a sample is warm when neither is true.
+
+A directory of a multi-domain preparation (``cora prepare --target-domain``, see domains.py) adds a
+``domain`` column (string) to every split table and to items.parquet, and "domain" to every shard
+sample: the prompt template of that sample. Its dataset.json lists them in "domains" ("domain" is
+the one domain when there is one, else null); ``manifest_domains`` reads either kind of directory.
 """
 
 from __future__ import annotations
@@ -44,12 +49,23 @@ INTERACTIONS = pa.schema([
 ])
 RANK = INTERACTIONS.append(pa.field("query", pa.int64()))      # query = sample_id of the test positive
 ITEMS = pa.schema([("item", pa.int32()), ("raw_id", pa.string()), ("title", pa.string())])
+DOMAIN = pa.field("domain", pa.string())   # multi-domain directories only: appended to the schemas above
 USERS = pa.schema([("user", pa.int32()), ("raw_id", pa.string())])
 
 # Fields of one WebDataset sample (the member "<key>.json"): enough to build the prompt and look up
 # the CF embeddings without any other table.
 SHARD_FIELDS = ("sample_id", "user", "item", "label", "timestamp", "history", "title",
                 "history_titles", "cold_user", "cold_item")
+
+
+def with_domain(schema: pa.Schema) -> pa.Schema:
+    """``schema`` of a multi-domain directory's table (the per-sample or per-item domain appended)."""
+    return schema.append(DOMAIN)
+
+
+def manifest_domains(manifest: dict) -> list[str]:
+    """The prompt domains a prepared directory holds: dataset.json's "domains", or its one "domain"."""
+    return list(manifest.get("domains") or [manifest["domain"]])
 
 
 class DatasetError(ValueError):
@@ -59,6 +75,10 @@ class DatasetError(ValueError):
 def read_manifest(data_dir: str | Path) -> dict:
     """dataset.json of a prepared directory, with a clear error when it is not one."""
     path = Path(data_dir) / "dataset.json"
+    if not path.is_file() and all((Path(data_dir) / p / "dataset.json").is_file() for p in ("source", "target")):
+        raise DatasetError(f"{data_dir} holds a multi-domain preparation (cora prepare --target-domain), not one "
+                           f"data directory; use {Path(data_dir) / 'source'} (the source domains) or "
+                           f"{Path(data_dir) / 'target'} (the target domain)")
     if not path.is_file():
         raise DatasetError(f"{data_dir} is not a prepared data directory (no dataset.json); "
                            f"create it with `cora prepare --source ... --out {data_dir}`")

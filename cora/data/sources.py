@@ -164,20 +164,25 @@ def read_movielens(path: Path, acc: Accounting) -> RawData:
                    defaults={"label_rule": "rating>=4", "split": split, "domain": "movies", "variant": variant})
 
 
-def parse_columns(spec: str | None) -> dict[str, str]:
-    """'user=uid,item=iid,...' -> {'user': 'uid', ...}; our names default to themselves."""
-    mapping = {c: c for c in COLUMNS}
+def parse_columns(spec: str | None, domain: bool = False) -> dict[str, str]:
+    """'user=uid,item=iid,...' -> {'user': 'uid', ...}; our names default to themselves. ``domain``: a
+    multi-domain input, whose mapping has 'domain' too."""
+    names = COLUMNS + ("domain",) if domain else COLUMNS
+    mapping = {c: c for c in names}
     for part in filter(None, (spec or "").split(",")):
         ours, _, theirs = part.partition("=")
-        if ours.strip() not in COLUMNS or not theirs.strip():
+        if ours.strip() not in names or not theirs.strip():
             raise DatasetError(f"--columns entry {part!r}: expected NAME=COLUMN with NAME one of "
-                               f"{', '.join(COLUMNS)}")
+                               f"{', '.join(names)}")
         mapping[ours.strip()] = theirs.strip()
     return mapping
 
 
-def read_tabular(path: Path, fmt: str, acc: Accounting, columns: str | None, time_unit: str) -> RawData:
-    """A user's own log as Parquet or CSV (a file or a directory of files), with a column mapping."""
+def read_tabular(path: Path, fmt: str, acc: Accounting, columns: str | None, time_unit: str,
+                 domain: bool = False) -> RawData:
+    """A user's own log as Parquet or CSV (a file or a directory of files), with a column mapping.
+    ``domain``: also read the domain column (a multi-domain input; its values are checked by
+    domains.resolve); a row with an empty domain is a malformed row."""
     files = sorted(path.glob(f"*.{fmt}")) if path.is_dir() else [path]
     if not files or not all(p.is_file() for p in files):
         raise DatasetError(f"--input {path}: no .{fmt} file found")
@@ -188,14 +193,14 @@ def read_tabular(path: Path, fmt: str, acc: Accounting, columns: str | None, tim
         tables = [pq.read_table(p) for p in files]
     f = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
     acc.read(len(f))
-    m = parse_columns(columns)
+    m = parse_columns(columns, domain)
     has_rating = m["rating"] in f.columns
-    need = ["user", "item", "timestamp"] + (["rating"] if has_rating else ["label"])
+    need = ["user", "item", "timestamp"] + (["rating"] if has_rating else ["label"]) + (["domain"] if domain else [])
     missing = [f"{k} (column {m[k]!r})" for k in need if m[k] not in f.columns]
     if missing:
         raise DatasetError(f"{files[0].name}: missing {', '.join(missing)}; columns present: "
                            f"{', '.join(map(str, f.columns))}; map yours with --columns user=...,item=...,"
-                           f"rating=... (or label=...),timestamp=...,title=...")
+                           f"rating=... (or label=...),timestamp=...,title=...{',domain=...' if domain else ''}")
     out = pd.DataFrame({k: f[m[k]] for k in ("user", "item", "timestamp")})
     out["rating"] = f[m["rating"]] if has_rating else None
     if m["label"] in f.columns:
@@ -203,6 +208,11 @@ def read_tabular(path: Path, fmt: str, acc: Accounting, columns: str | None, tim
     out["line"] = [f"{files[0].name if len(files) == 1 else path.name} row {i + 1}" for i in range(len(f))]
     empty = (out["user"].isna() | out["item"].isna()).to_numpy()
     out = out[acc.drop_mask("malformed_row", empty, lambda i: f"{out['line'].iloc[i]}: user/item empty")]
+    if domain:
+        values = f.loc[out.index, m["domain"]]
+        empty = (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+        out = out[acc.drop_mask("malformed_row", empty, lambda i: f"{out['line'].iloc[i]}: domain empty")]
+        out = out.assign(domain=f.loc[out.index, m["domain"]].astype(str).str.strip())
     out["user"], out["item"] = out["user"].astype(str), out["item"].astype(str)
     titles = {}
     if m["title"] in f.columns:

@@ -20,10 +20,14 @@ from tqdm import tqdm
 
 from ..fileio import FILES_VERSION, file_entry, file_problem, write_atomically
 from .protocol import Prepared
-from .schema import INTERACTIONS, ITEMS, RANK, RANK_SPLIT, SPLITS, USERS, DatasetError, read_manifest
+from .schema import (INTERACTIONS, ITEMS, RANK, RANK_SPLIT, SPLITS, USERS, DatasetError, read_manifest,
+                     with_domain)
 
 
 def _table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    """``frame`` as ``schema``; a frame with a "domain" column (a multi-domain directory) keeps it, last."""
+    if "domain" in frame:
+        schema = with_domain(schema)
     return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
 
 
@@ -31,23 +35,26 @@ def write_shards(frame: pd.DataFrame, titles: np.ndarray, split: str, shard_dir:
                  per_shard: int, in_prompt: int, progress: bool) -> list[str]:
     """``<split>-NNNNNN.tar`` files of ``per_shard`` samples each (the last may hold fewer); one
     ``<sample_id>.json`` member per sample (plus "query" when the frame has that column: the rank
-    split); mtime 0, so equal data gives byte-identical shards."""
+    split; and "domain" when it has that one: a multi-domain directory); mtime 0, so equal data gives
+    byte-identical shards."""
     names = []
     cols = [frame[c].to_numpy() for c in ("sample_id", "user", "item", "label", "timestamp", "history",
                                            "cold_user", "cold_item")]
-    cols.append(frame["query"].to_numpy() if "query" in frame else np.full(len(frame), None))
+    cols += [frame[c].to_numpy() if c in frame else np.full(len(frame), None) for c in ("query", "domain")]
     bar = tqdm(total=len(frame), desc=f"shards {split}", unit="sample", file=sys.stderr,
                disable=not progress, leave=False)
     for start in range(0, len(frame), per_shard):
         name = f"{split}-{start // per_shard:06d}.tar"
         with wds.TarWriter(str(shard_dir / name), mtime=0, encoder=False) as sink:
-            for sid, u, i, y, ts, hist, cu, ci, q in zip(*(c[start:start + per_shard] for c in cols)):
+            for sid, u, i, y, ts, hist, cu, ci, q, dom in zip(*(c[start:start + per_shard] for c in cols)):
                 sample = {"sample_id": int(sid), "user": int(u), "item": int(i), "label": int(y),
                           "timestamp": int(ts), "history": hist.tolist(), "title": titles[i],
                           "history_titles": titles[hist[-in_prompt:]].tolist() if in_prompt else [],
                           "cold_user": bool(cu), "cold_item": bool(ci)}
                 if q is not None:
                     sample["query"] = int(q)
+                if dom is not None:
+                    sample["domain"] = str(dom)
                 sink.write({"__key__": f"{sid:012d}", "json": json.dumps(sample).encode()})
         bar.update(min(per_shard, len(frame) - start))
         names.append(f"shards/{name}")

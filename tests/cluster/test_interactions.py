@@ -239,3 +239,49 @@ def test_ids_outside_the_table_surface_in_the_trainer(ray_local, data_dir, tmp_p
     actors = _actors(data_dir, client)
     with pytest.raises(ray.exceptions.RayTaskError, match="user id \\d+ is outside the table \\(ids 0..2\\)"):
         _run(actors, epoch=0)
+
+
+@pytest.fixture(scope="module")
+def multi_dir(tmp_path_factory):
+    """OUT/source of a multi-domain preparation (movies and books samples), sized so the served tables
+    (50 users, 40 items) cover its ids."""
+    from trainer.cli import main
+    out = tmp_path_factory.mktemp("cluster-domains") / "data"
+    assert main(["prepare", "--source", "synthetic", "--domains", "movies,books,items", "--target-domain", "items",
+                 "--out", str(out), "--users", "50", "--items", "20", "--interactions", "150",
+                 "--samples-per-shard", "40", "--no-progress"]) == 0
+    return out / "source"
+
+
+@pytest.mark.parametrize("family", ["", "collm-"])
+def test_each_sample_is_prompted_with_its_domains_template(served, multi_dir, family):
+    """The prompt (and CoLLM's slots) of every sample of a mixed-domain directory is its own domain's
+    template of the method's family, token for token."""
+    from cora.llm import load_tokenizer
+    from cora.prompts import PromptEncoder, get_template
+    client, _, _ = served
+    manifest = read_manifest(str(multi_dir))
+    assert manifest["num_users"] <= 50 and manifest["num_items"] <= 40
+    actors = _actors(multi_dir, client, template=family)
+    per_rank, _ = _run(actors, epoch=0)
+    paths, _ = split_shards(manifest, str(multi_dir), "train")
+    by_id = {s["sample_id"]: s for s in (json.loads(x["json"]) for x in wds.WebDataset(paths, shardshuffle=False))}
+    tok = load_tokenizer("smollm2")
+    enc = {d: PromptEncoder(tok, get_template(family + d), 10, 256) for d in ("movies", "books")}
+    seen = []
+    for batches in per_rank:
+        for b in batches:
+            assert ("slots" in b) == bool(family)
+            for k, (sid, w) in enumerate(zip(b["sample_ids"], b["weights"])):
+                if w == 0:
+                    continue
+                s = by_id[int(sid)]
+                ids, slots = enc[s["domain"]].encode_with_slots(s["history_titles"], s["title"])
+                assert b["input_ids"][k, :b["lengths"][k]].tolist() == ids, (s["domain"], sid)
+                if family:
+                    assert b["slots"][k].tolist() == slots
+                seen.append(s["domain"])
+    assert sorted(seen) == sorted(s["domain"] for s in by_id.values())   # every sample, both domains
+    assert set(seen) == {"movies", "books"}
+    for a in actors:
+        ray.kill(a)

@@ -213,3 +213,64 @@ def test_cora_eval_reads_the_cf_dir_and_the_checkpoints_from_object_storage(run,
     (remote / "config.json").write_text(json.dumps(cfg))
     rc, _, err = cora_eval(capsys, "--run", str(remote), "--no-progress")
     assert rc == 2 and f"s3://cf-bucket/{tmp_path.name}/nothing/item_embeddings.parquet is missing" in err
+
+
+# ----------------------------------------------------------------------------- a multi-domain data directory
+
+@pytest.fixture(scope="module")
+def multi_run(tmp_path_factory):
+    """RUN on OUT/source of a multi-domain preparation (movies and books samples, mixed), with a real MF
+    CF_DIR and an export of random P; no training."""
+    tmp = tmp_path_factory.mktemp("run_eval_domains")
+    data, cf, run = tmp / "data", tmp / "cf", tmp / "run"
+    assert main(["prepare", "--source", "synthetic", "--domains", "movies,books,items", "--target-domain", "items",
+                 "--out", str(data), "--users", "20", "--items", "15", "--interactions", "120", "--no-progress"]) == 0
+    assert main(["train-cf", "--data", str(data / "source"), "--model", "mf", "--out", str(cf), "--dim", str(CF_DIM),
+                 "--epochs", "1", "--no-progress"]) == 0
+    cfg = from_dict(TrainConfig, {
+        "data": {"data_dir": str(data / "source"), "cf_dir": str(cf), "max_length": 256},
+        "llm": {"name": "tiny-llama"},
+        "generator": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
+        "run": {"run_dir": str(run)}})
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    torch.manual_seed(0)
+    llm, tok = load_llm(LLMConfig(name="tiny-llama"))
+    model = CoRAModel(llm, resolve_answer_token(tok), CF_DIM, CF_DIM, cfg.injection, cfg.generator)
+    randomise_p(model, seed=3)
+    export_trainable(trainable(model), run / "export",
+                     dict({k: to_dict(getattr(cfg, k)) for k in ("llm", "injection", "generator")}, cf_dim=CF_DIM))
+    return run
+
+
+def reference_scores(run, domain_of) -> np.ndarray:
+    """The test rows scored one at a time, each prompt built with the template ``domain_of(row)``."""
+    from cora.prompts import PromptEncoder, get_template
+    from cora.scoring import collate
+    cfg = json.loads((run / "config.json").read_text())
+    data = Path(cfg["data"]["data_dir"])
+    frame = pq.read_table(data / "test.parquet").to_pandas()
+    titles = pq.read_table(data / "items.parquet").column("title").to_numpy(zero_copy_only=False)
+    model, tok, _ = load_model(run, cfg)
+    users, items = cf_embeddings(cfg["data"]["cf_dir"], frame)
+    out = []
+    with torch.no_grad():
+        for k, row in enumerate(frame.itertuples()):
+            enc = PromptEncoder(tok, get_template(domain_of(row)), cfg["data"]["max_history"], 256)
+            ids = enc.encode([titles[i] for i in row.history], titles[row.item])
+            out.append(float(model(collate([ids], users[k:k + 1], items[k:k + 1], None, tok.pad_token_id))[0]))
+    return np.array(out, dtype=np.float32)
+
+
+def test_each_row_of_a_multi_domain_dir_is_prompted_with_its_domains_template(multi_run, capsys):
+    rc, result, err = cora_eval(capsys, "--run", str(multi_run), "--no-progress", "--batch-size", "7")
+    test = pq.read_table(Path(json.loads((multi_run / "config.json").read_text())["data"]["data_dir"],
+                                  "test.parquet")).to_pandas()
+    assert rc == 0 and result["n"] == len(test), err
+    assert set(test["domain"]) == {"movies", "books"}                  # both domains are scored here
+    got = scores(multi_run / "predictions-test.parquet")
+    np.testing.assert_allclose(got, reference_scores(multi_run, lambda row: row.domain), atol=1e-4)
+    movies_only = reference_scores(multi_run, lambda row: "movies")     # one template for all: other scores
+    books = (test["domain"] == "books").to_numpy()
+    assert np.abs(got[books] - movies_only[books]).min() > 1e-3
+    np.testing.assert_allclose(got[~books], movies_only[~books], atol=1e-4)
