@@ -8,7 +8,8 @@ and keeps up to ``prefetch`` ready batches in a queue ahead of the trainer.
 A batch is a dict of numpy arrays: ``input_ids`` (B, T) right-padded, ``lengths`` (B,),
 ``user_emb`` / ``item_emb`` (B, d), ``labels`` (B,), ``weights`` (B,; 0 for a padding sample),
 ``sample_ids``, ``users`` (B,), ``cold`` (B,), ``queries`` (B,; the rank split's query id, -1
-elsewhere), ``slots`` (B, S; only with a template that has embedding slots: CoLLM's), and ``lookup_s``: the seconds the embedding lookups
+elsewhere), ``items`` (B,), ``slots`` (B, S; only with a template that has embedding slots: CoLLM's),
+``history_emb`` (B, H, d) and ``history_pad`` (B, H) (only with ``history_items``: Laser's), and ``lookup_s``: the seconds the embedding lookups
 for this batch took (logged by the trainer as ``time/embedding_lookup_s``).
 
 Restarts: the actors are started with ``max_restarts`` (default -1: always come back, as the
@@ -82,10 +83,11 @@ class InteractionShard:
     def __init__(self, data_dir: str, split: str, rank: int, world_size: int, *, batch_size: int, seed: int,
                  embeddings, tokenizer: str = "smollm2", domain: str | None = None, max_history: int = 10,
                  max_length: int = 512, prefetch: int = 4, sasrec_history: int = 0,
-                 peers: list[str] | None = None, template: str = ""):
+                 peers: list[str] | None = None, template: str = "", history_items: int = 0):
         """``peers``: the actor names of all ranks of the group (rank order), resolved when first needed;
         ``template``: the method's template family prefix (``Method.template``: "collm-" for CoLLM's prompt
-        with embedding slots), put before the domain."""
+        with embedding slots), put before the domain; ``history_items``: when > 0, each batch also carries the
+        CF embeddings of each sample's last ``history_items`` history items (Laser's M-Former input)."""
         from cora.llm import load_tokenizer
         from cora.prompts import domain_encoders
         manifest = read_manifest(data_dir)
@@ -113,7 +115,7 @@ class InteractionShard:
         self.encoders = domain_encoders(tok, template, [domain] if domain else manifest_domains(manifest),
                                         max_history, max_length)
         self.slots = next(iter(self.encoders.values())).template.slots
-        self.embeddings, self.sasrec_history = embeddings, sasrec_history
+        self.embeddings, self.sasrec_history, self.history_items = embeddings, sasrec_history, history_items
         self.peer_names, self.peers = peers, {}
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         # ended until start_epoch: a next_batch left over from before a restart gets None, takes no batch
@@ -246,11 +248,20 @@ class InteractionShard:
         else:
             user_emb = self.embeddings.lookup("user", users)
         item_emb = item_wait()
+        if self.history_items:
+            from cora.laser import history_embeddings
+            hist_emb, hist_pad = history_embeddings([s["history"] for s in samples],
+                                                    lambda ids: self.embeddings.lookup("item", ids), self.history_items,
+                                                    item_emb.shape[1])
+            extra_cf = {"history_emb": hist_emb, "history_pad": hist_pad}
+        else:
+            extra_cf = {}
         lookup_s = time.perf_counter() - t0
         encoded = [self._encoder(s).encode_with_slots(s["history_titles"], s["title"]) for s in samples]
         ids, lengths = pad_prompts([e[0] for e in encoded], self.pad_id)
         extra = {"slots": np.array([e[1] for e in encoded], dtype=np.int64)} if self.slots else {}
-        return {"input_ids": ids, "lengths": lengths, "user_emb": user_emb, "item_emb": item_emb, **extra,
+        return {"input_ids": ids, "lengths": lengths, "user_emb": user_emb, "item_emb": item_emb, **extra, **extra_cf,
+                "items": items,
                 "lookup_s": np.float64(lookup_s),
                 "labels": np.array([s["label"] for s in samples], dtype=np.float32),
                 "weights": np.array([0.0 if s.get("_padding") else 1.0 for s in samples], dtype=np.float32),

@@ -12,8 +12,8 @@ for the frozen LLM, with K query experts and a top-1 router.
 
 Routing picks rows of one query tensor, never a branch of modules: every rank runs the same modules on
 every step whatever its users' experts, so ZeRO-3's all-gathers (issued per module) stay in step and
-cannot hang on top-1 routing. This module is the mechanism only; wiring Laser into ``cora train`` as a
-method (the suffix token, the item encodings, the contrastive loss) is still to do.
+cannot hang on top-1 routing. The method (the suffix token, the item table, the contrastive loss) is
+``cora.methods.Laser``; ``history_embeddings`` and ``item_batch`` build its inputs.
 """
 
 from __future__ import annotations
@@ -117,3 +117,33 @@ def balance_loss(gates: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     k = gates.shape[-1]
     share = F.one_hot(expert, k).float().mean(0)
     return k * (share * gates.float().mean(0)).sum()
+
+
+def history_embeddings(histories, lookup, length: int, dim: int):
+    """Each sample's last ``length`` history items (ids, oldest first) as CF item embeddings, left-padded:
+    (history_emb (N, length, dim) float32, zeros at padding; history_pad (N, length) bool). ``lookup``: an
+    (n_items, dim) array, or a function from an id array to its rows (the EmbeddingServers')."""
+    import numpy as np
+
+    from .cf.models import pad_history
+    ids = pad_history(histories, length)                                   # (N, L), -1 = padding
+    pad = ids < 0
+    emb = np.zeros((*ids.shape, dim), dtype=np.float32)
+    real = ids[~pad]
+    if len(real):
+        emb[~pad] = lookup(real) if callable(lookup) else np.asarray(lookup)[real]
+    return emb, pad
+
+
+def item_batch(encoders: dict, titles, domains, item_emb, ids, pad_id: int):
+    """The Batch that encodes items ``ids`` as Laser does: each item's prompt is its domain's ``laser-`` template
+    with a one-item history (its title), and the M-Former reads that one item's CF embedding."""
+    import numpy as np
+
+    from .prompts import pad_prompts
+    from .scoring import Batch
+    ids = np.asarray(ids, dtype=np.int64)
+    tokens, lengths = pad_prompts([encoders[domains[i]].encode([titles[i]], "") for i in ids], pad_id)
+    emb = torch.as_tensor(np.asarray(item_emb)[ids], dtype=torch.float32)
+    return Batch(torch.from_numpy(tokens), torch.from_numpy(lengths), emb, emb, items=torch.from_numpy(ids),
+                 history_emb=emb.unsqueeze(1), history_pad=torch.zeros(len(ids), 1, dtype=torch.bool))

@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .generator import CollaborativeWeightsGenerator, GeneratorConfig
 from .injection import Injection, InjectionConfig
+from .laser import MFormer, MFormerConfig
 
 
 class Method:
@@ -48,6 +50,11 @@ class Method:
     """Whether the scores depend on the CF embeddings of the batch."""
     adapter: ClassVar[str] = "cora"
     """The injection variant (``InjectionConfig.adapter``) the method uses."""
+    history_items: int = 0
+    """History items whose CF embeddings each batch must carry (``Batch.history_emb``; Laser's M-Former)."""
+    item_refresh_epochs: int = 0
+    """> 0: the method scores against a table of item encodings (``model.item_table``) that the trainer
+    refreshes at the start and after each of the first this-many epochs, then keeps (Laser)."""
     template: ClassVar[str] = ""
     """Prefix of the prompt template family (``cora/prompt_templates.json``): "" the TALLRec-style text
     prompt of the domain, "collm-" the one with embedding slots."""
@@ -65,6 +72,11 @@ class Method:
         """The backbone's keyword inputs for ``batch``."""
         return {"input_ids": batch.input_ids}
 
+    def score(self, model: nn.Module, batch, hidden: torch.Tensor) -> torch.Tensor:
+        """Each sample's score from the hidden state read at its answer position (B, d) -> (B,): the raw
+        "Yes" logit."""
+        return model.yes_logit(hidden)
+
     def loss(self, model: nn.Module, batch, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch from the answer position's hidden states (B, d) and the scores (B,):
         BCE-with-logits against the labels (weight-0 padding excluded)."""
@@ -80,6 +92,15 @@ class Method:
     def section(self) -> dict | None:
         """The method's own config section as an export records it (None: it has none)."""
         return None
+
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Non-trained tensors a checkpoint must hold to resume exactly (Laser's item table); the same on
+        every rank."""
+        return {}
+
+    def load_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            model.get_buffer(name).copy_(t)
 
 
 class CoRA(Method):
@@ -290,7 +311,106 @@ def answer_entropy(vocab_logits: torch.Tensor, weights: torch.Tensor | None = No
     return (per * w).sum() / w.sum().clamp(min=1.0)
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (CoRA, TALLRec, CoLLM, RecCocktail)}
+@dataclass
+class LaserConfig(MFormerConfig):
+    """Laser (arXiv 2409.01605): the M-Former's sizes (the paper's by default: 12 blocks, K = 8, L = 32),
+    the contrastive loss and the item-encoding stages."""
+
+    temperature: float = 0.05
+    """Softmax temperature of the contrastive loss over the items' cosine similarities."""
+    balance_weight: float = 0.01
+    """Weight of the Switch load-balancing loss."""
+    refresh_epochs: int = 1
+    """Stage 1: the item encodings are recomputed at the start and after each of the first this-many epochs;
+    stage 2: kept as they are."""
+    history: int = 25
+    """History items (the most recent) whose CF embeddings the M-Former reads."""
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        problems += [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("refresh_epochs", "history")
+                     if getattr(self, k) < 1]
+        return problems
+
+
+class _Token(nn.Module):
+    """One learned input embedding (Laser's suffix token), a module so that ZeRO-3 gathers it on use."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width) * 0.02)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
+class Laser(Method):
+    """Laser's Bi-Tuning: the frozen LLM reads [M-Former prefix (L tokens), the user's history prompt
+    (``laser-<domain>``), a learned suffix token]; the suffix's output hidden state is the user's
+    representation h_u. An item's h_i is the same model on a one-item history (its title; its CF
+    embedding for the M-Former), kept in ``model.item_table`` (refreshed per ``refresh_epochs``). The score
+    is cos(h_u, h_i); the loss a softmax over all items' cosines / temperature with the sample's item as
+    the target (positive samples only) plus balance_weight x the router's balance loss. Nothing of the LLM
+    trains: the M-Former and the suffix do."""
+
+    name, uses_cf, adapter = "laser", True, "lora"
+    template = "laser-"
+
+    def __init__(self, cfg: LaserConfig | None = None, num_items: int = 0):
+        self.cfg, self.num_items = cfg or LaserConfig(), num_items
+        self.history_items, self.item_refresh_epochs = self.cfg.history, self.cfg.refresh_epochs
+
+    def section(self):
+        from dataclasses import asdict
+        return dict(asdict(self.cfg), num_items=self.num_items)
+
+    def attach(self, model, injection, generator, user_dim, item_dim):
+        problems = self.cfg.validate()
+        if problems:
+            raise ValueError("invalid laser config: " + "; ".join(problems))
+        model.injection, model.generator = None, None
+        width = model.llm.get_input_embeddings().embedding_dim
+        model.mformer = MFormer(self.cfg, item_dim, width)
+        model.suffix = _Token(width)
+        model.register_buffer("item_table", torch.zeros(self.num_items, width))
+
+    def trainable(self, model):
+        return list(model.mformer.parameters()) + list(model.suffix.parameters())
+
+    def exported(self, model):
+        named = {n: p for n, p in model.named_parameters() if n.startswith(("mformer.", "suffix."))}
+        return dict(named, item_table=model.item_table)
+
+    def state(self, model):
+        return {"item_table": model.item_table}
+
+    def inputs(self, model, batch):
+        if batch.history_emb is None or batch.history_pad is None:
+            raise ValueError("Laser needs each sample's history item embeddings (batch.history_emb, history_pad): "
+                             "the data actors add them for method=laser (history_items)")
+        embeds = model.llm.get_input_embeddings()(batch.input_ids)                    # (B, T, d)
+        prefix, balance, _ = model.mformer(batch.history_emb.to(model.mformer.inp.weight.dtype), batch.history_pad)
+        model.balance = balance
+        b, t, d = embeds.shape
+        x = torch.cat([prefix.to(embeds.dtype), embeds, embeds.new_zeros(b, 1, d)], dim=1)   # (B, L + T + 1, d)
+        at = prefix.shape[1] + batch.lengths.to(x.device)                             # after the last real token
+        where = (torch.arange(x.shape[1], device=x.device) == at.unsqueeze(1)).unsqueeze(-1)
+        return {"inputs_embeds": torch.where(where, model.suffix().to(x.dtype), x), "positions": at}
+
+    def score(self, model, batch, hidden):
+        return F.cosine_similarity(hidden.float(), model.item_table[batch.items.to(hidden.device)].float(), dim=-1)
+
+    def loss(self, model, batch, hidden, logits):
+        table = F.normalize(model.item_table.float(), dim=-1)
+        sims = F.normalize(hidden.float(), dim=-1) @ table.t() / self.cfg.temperature          # (B, n_items)
+        per = F.cross_entropy(sims, batch.items.to(sims.device), reduction="none")
+        w = batch.labels.to(per.device) * (1.0 if batch.weights is None else batch.weights.to(per.device))
+        return (per * w).sum() / w.sum().clamp(min=1.0) + self.cfg.balance_weight * model.balance
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (CoRA, TALLRec, CoLLM, RecCocktail, Laser)}
 
 
 def get_method(name: str) -> Method:
@@ -299,10 +419,15 @@ def get_method(name: str) -> Method:
     return METHODS[name]()
 
 
-def make_method(config: dict) -> Method:
+def make_method(config: dict, num_items: int | None = None) -> Method:
     """The strategy a config names (a TrainConfig as a dict, an export's or a checkpoint's saved config),
-    with its own section (``collm``) when it has one."""
+    with its own section (``collm``, ``reccocktail``, ``laser``) when it has one; ``num_items``: the item
+    table's size for Laser (an export's section records it)."""
     name = method_of(config)
+    if name == "laser":
+        section = dict(config.get("laser") or {})
+        saved = section.pop("num_items", None)
+        return Laser(LaserConfig(**section), num_items if num_items is not None else saved or config.get("num_items", 0))
     if name == "collm":
         return CoLLM(CoLLMConfig(**(config.get("collm") or {})))
     if name == "reccocktail":

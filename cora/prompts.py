@@ -20,6 +20,9 @@ from typing import Sequence
 import numpy as np
 
 TEMPLATES_FILE = Path(__file__).with_name("prompt_templates.json")
+REPRESENTATION_PREFIXES = ("laser-",)
+"""Template families that describe a user (or an item, as a one-item history) without a question: no
+{target}; a method reads a representation from them, not an answer."""
 
 
 SLOTS = ("user_id", "target_id")
@@ -56,7 +59,8 @@ def load_templates(path: str | Path = TEMPLATES_FILE) -> dict[str, PromptTemplat
     out = {}
     for domain, spec in raw.items():
         tpl = PromptTemplate(**spec)
-        for field in ("{history}", "{target}"):
+        # a representation template (Laser's: the user's history, no question) needs no {target}
+        for field in ("{history}",) if domain.startswith(REPRESENTATION_PREFIXES) else ("{history}", "{target}"):
             if field not in tpl.template:
                 raise ValueError(f"{path}: template {domain!r} lacks the placeholder {field}")
         out[domain] = tpl

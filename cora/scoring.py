@@ -25,7 +25,8 @@ from cora.injection import InjectionConfig
 from cora.methods import Method, get_method
 from cora.prompts import pad_prompts
 
-FIELDS = ("input_ids", "lengths", "user_emb", "item_emb", "labels", "weights", "slots")
+FIELDS = ("input_ids", "lengths", "user_emb", "item_emb", "labels", "weights", "slots", "items", "history_emb",
+          "history_pad")
 
 
 @dataclass
@@ -39,6 +40,9 @@ class Batch:
     labels: torch.Tensor | None = None   # (B,) float in {0, 1}
     weights: torch.Tensor | None = None  # (B,) float: 0 for a padding sample (the epoch plan's), else 1
     slots: torch.Tensor | None = None    # (B, S) long: positions of the template's embedding slots (CoLLM)
+    items: torch.Tensor | None = None    # (B,) long: the target item ids (Laser's item table)
+    history_emb: torch.Tensor | None = None  # (B, H, d_cf): the history items' CF embeddings, left-padded (Laser)
+    history_pad: torch.Tensor | None = None  # (B, H) bool: True where history_emb is padding
 
     def to(self, device) -> "Batch":
         """The batch on ``device``. From the CPU to CUDA the host tensors are staged in pinned (page-locked)
@@ -119,21 +123,32 @@ class CoRAModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.method.trainable(self)
 
-    def forward(self, batch: Batch, with_loss: bool = False):
-        """The raw "Yes" logit at each prompt's answer position, (B,); with ``with_loss`` (loss, logits), the
-        loss the method trains with (``Method.loss``: BCE for all but RecCocktail's merge)."""
+    def forward(self, batch: Batch, with_loss: bool = False, represent: bool = False):
+        """The score of each prompt, (B,): the raw "Yes" logit at its answer position (``Method.score``);
+        with ``with_loss`` (loss, scores), the loss the method trains with (``Method.loss``: BCE for all but
+        RecCocktail's merge and Laser); with ``represent`` the hidden states read (B, d), for methods that
+        encode (Laser's items)."""
         if batch.input_ids.shape[0] == 0:
             raise ValueError("empty batch: 0 samples")
         inputs = self.method.inputs(self, batch)
+        positions = inputs.pop("positions", None)                              # default: the last real token
         hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        h = hidden[rows, batch.lengths.to(hidden.device) - 1]                 # (B, d) answer position
-        logit = h @ self.answer_w.to(h.dtype)                                 # (B,)
+        at = batch.lengths.to(hidden.device) - 1 if positions is None else positions.to(hidden.device)
+        h = hidden[rows, at]                                                  # (B, d) answer position
+        if represent:
+            return h
+        logit = self.method.score(self, batch, h).float()                    # (B,)
+        if not with_loss:
+            return logit
+        return self.method.loss(self, batch, h, logit), logit
+
+    def yes_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head's "Yes" logit of hidden states (B, d) -> (B,)."""
+        logit = h @ self.answer_w.to(h.dtype)
         if self.answer_b is not None:
             logit = logit + self.answer_b.to(h.dtype)
-        if not with_loss:
-            return logit.float()
-        return self.method.loss(self, batch, h, logit.float()), logit.float()
+        return logit
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(the method's training loss over the batch's weighted samples, logits)."""

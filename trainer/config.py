@@ -9,7 +9,7 @@ from typing import Literal
 from cora.generator import GeneratorConfig
 from cora.injection import InjectionConfig
 from cora.llm import LLMConfig
-from cora.methods import CoLLMConfig, RecCocktailConfig
+from cora.methods import CoLLMConfig, LaserConfig, RecCocktailConfig
 from cora.optim import OptimConfig
 
 from .engine import EngineConfig
@@ -111,11 +111,12 @@ class RunConfig:
 class TrainConfig:
     """Everything `cora train` needs."""
 
-    method: Literal["cora", "tallrec", "collm", "reccocktail"] = "cora"
+    method: Literal["cora", "tallrec", "collm", "reccocktail", "laser"] = "cora"
     """The method trained on the frozen LLM (cora.methods): 'cora' (the generator's per-sample A from the
     CF embeddings), 'tallrec' (LoRA on the same prompt, no CF input), 'collm' (the CF embeddings mapped
     into two token slots of CoLLM's prompt; LoRA from a tallrec run, frozen: see the collm section) or
-    'reccocktail' (two tallrec LoRAs mixed by weights learned without labels: the reccocktail section)."""
+    'reccocktail' (two tallrec LoRAs mixed by weights learned without labels: the reccocktail section) or
+    'laser' (an M-Former prefix and a suffix token; cosine scores against item encodings: the laser section)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data and CF inputs."""
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -128,6 +129,8 @@ class TrainConfig:
     """CoLLM's mapping and its first stage (method=collm)."""
     reccocktail: RecCocktailConfig = field(default_factory=RecCocktailConfig)
     """RecCocktail's two LoRAs and their merge (method=reccocktail)."""
+    laser: LaserConfig = field(default_factory=LaserConfig)
+    """Laser's M-Former, its contrastive loss and item-encoding stages (method=laser)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW and the warm-up + cosine schedule."""
     engine: EngineConfig = field(default_factory=EngineConfig)

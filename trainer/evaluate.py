@@ -108,13 +108,42 @@ def evaluate(engine, actor, epoch: int = 0) -> tuple[dict, dict[str, np.ndarray]
     return result, allp
 
 
+def encode_items(engine, build, n_items: int, batch_size: int) -> torch.Tensor:
+    """Every item's representation (n_items, d) on every rank: rank r encodes items r, r + W, ... in batches
+    of ``batch_size`` (``build(ids)`` makes the Batch; every rank runs the same number of forwards, each a
+    ZeRO-3 collective, padding its share with repeats), then the shares are all-gathered."""
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    per = -(-n_items // world)
+    mine = np.arange(rank, n_items, world)
+    ids = np.concatenate([mine, np.full(per - len(mine), mine[-1] if len(mine) else 0, dtype=np.int64)])
+    engine.eval()
+    with torch.no_grad():
+        parts = [engine(build(ids[s:s + batch_size]).to(engine.device), represent=True).float()
+                 for s in range(0, per, batch_size)]
+    engine.train()
+    local = torch.cat(parts) if parts else torch.zeros(0)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    if world > 1:
+        dist.all_gather(gathered, local)
+    else:
+        gathered = [local]
+    table = torch.empty(n_items, local.shape[-1], device=local.device)
+    for r, part in enumerate(gathered):
+        owned = np.arange(r, n_items, world)
+        table[torch.as_tensor(owned, device=local.device)] = part[:len(owned)]
+    return table.cpu()
+
+
 def exported_state(model) -> dict[str, torch.Tensor]:
     """The tensors the model's method exports (``Method.exported``: the trainable ones, e.g. the generator
     and P, plus frozen ones it brought in, e.g. CoLLM's stage-1 LoRA), gathered from their ZeRO-3
     partitions (a collective)."""
     import deepspeed
     named = model.method.exported(model)
-    with deepspeed.zero.GatheredParameters(list(named.values())):
+    partitioned = [p for p in named.values() if hasattr(p, "ds_id")]       # buffers (Laser's items) are whole
+    with deepspeed.zero.GatheredParameters(partitioned):
         return {n: p.detach().clone().cpu().contiguous() for n, p in named.items()}
 
 

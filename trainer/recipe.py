@@ -49,6 +49,9 @@ class Handover:
     """Where checkpoints are committed; None: no checkpoints."""
     staging_dir: str | None = None
     """Local directory where rank 0 stages a checkpoint before upload (default RUN/.staging)."""
+    items: dict | None = None
+    """For a method that scores against item encodings (Laser): every item's "titles", "domains" (its prompt
+    domain) and CF "emb" (n_items, d); None otherwise."""
     hooks: list = field(default_factory=list)
     """trainer.hooks.Hooks installed by tests and benchmarks (none in production)."""
 
@@ -126,8 +129,11 @@ class Recipe:
             from .checkpoint import Checkpointer
             run = self.cfg.run
             staging = self.h.staging_dir or str(Path(self.h.run_dir or ".", ".staging"))
-            self.ckpt = Checkpointer(self.h.checkpoint_uri, run.checkpoint_every, run.keep_last, staging,
-                                     dict(to_dict(self.cfg), cf_dim=self.h.cf_dim), self.rank)
+            saved = dict(to_dict(self.cfg), cf_dim=self.h.cf_dim)
+            if self.h.items:
+                saved["num_items"] = len(self.h.items["titles"])
+            self.ckpt = Checkpointer(self.h.checkpoint_uri, run.checkpoint_every, run.keep_last, staging, saved,
+                                     self.rank)
         self.board = Board(self.h.run_dir, self.rank)
         for hook in self.h.hooks:
             hook.after_setup(self)
@@ -141,11 +147,13 @@ class Recipe:
         cfg = self.cfg
         ds = eng.ds_config(cfg.engine, self.world)
         llm, tok = eng.build_partitioned_llm(cfg.llm, ds)
+        self.tok = tok
         if cfg.engine.activation_checkpointing:     # recompute the LLM's activations in backward (non-reentrant)
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         yes = resolve_answer_token(tok)
         model = CoRAModel(llm, yes, self.h.cf_dim, self.h.cf_dim, cfg.injection, cfg.generator,
-                          answer_weight=eng.gathered_answer_row(llm, yes), method=make_method(to_dict(cfg)))
+                          answer_weight=eng.gathered_answer_row(llm, yes),
+                          method=make_method(to_dict(cfg), num_items=len(self.h.items["titles"]) if self.h.items else None))
         engine, _, _ = eng.initialize(model, ds, cfg.optim, self.h.total_steps)
         return model, engine
 
@@ -156,10 +164,31 @@ class Recipe:
         if restored is not None:
             self.state = LoopState.from_dict(restored["loop"], resumed_from=restored["name"])
             return restored["cursors"][self.rank]
+        self.refresh_items()                      # before anything is scored (a no-op for most methods)
         if self.cfg.run.eval_baseline and self.h.test:
             from .evaluate import evaluate
             self.state.no_injection = evaluate(self.engine, self.h.test[self.rank])[0]
         return None
+
+    def refresh_items(self) -> None:
+        """Encode every item with the current weights into ``model.item_table`` (methods that score against
+        item encodings, Laser; every rank encodes a share, all ranks get the whole table)."""
+        if not self.model.method.item_refresh_epochs:
+            return
+        from cora.laser import item_batch
+        from cora.prompts import domain_encoders
+
+        from .evaluate import encode_items
+        items = self.h.items
+        domains = sorted(set(items["domains"]))
+        encoders = domain_encoders(self.tok, self.model.method.template, domains, self.cfg.data.max_history,
+                                   self.cfg.data.max_length)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        table = encode_items(self.engine, lambda ids: item_batch(encoders, items["titles"], items["domains"],
+                                                                 items["emb"], ids, pad),
+                             len(items["titles"]), self.cfg.data.eval_batch(self.cfg.engine.micro_batch_size))
+        with torch.no_grad():
+            self.model.item_table.copy_(table.to(self.model.item_table.device))
 
     # ------------------------------------------------------------------ training
     def out_of_steps(self) -> bool:
@@ -240,6 +269,8 @@ class Recipe:
     def end_epoch(self, epoch: int, cut: dict | None) -> None:
         """Evaluate, then checkpoint the position: the start of the next epoch, or ``cut`` when the step
         budget ended this one early (a resume with more steps finishes it)."""
+        if epoch < self.model.method.item_refresh_epochs:      # Laser's stage 1: encode the items again
+            self.refresh_items()
         improved = self.evaluate(epoch) if self.h.valid else False
         self.state.epoch = epoch if cut else epoch + 1
         if self.ckpt is not None:

@@ -148,6 +148,8 @@ def load_model(run: Path, run_config: dict, checkpoint: str | None = None) -> tu
     model, tok = build_model(state["config"])
     # the workers save CoRAModel.named_parameters() names (Recipe.model, not the DeepSpeed engine, whose
     # names would carry a "module." prefix): the same names as this one-process model's
+    from trainer.checkpoint.zero_state import STATE
+    extra = {n[len(STATE):]: trainable.pop(n) for n in list(trainable) if n.startswith(STATE)}
     want = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     got = {n: tuple(t.shape) for n, t in trainable.items()}
     if want != got:
@@ -155,6 +157,8 @@ def load_model(run: Path, run_config: dict, checkpoint: str | None = None) -> tu
         raise EvalError(f"{uri}/{name}/trainable.safetensors does not fit the model its own config describes "
                         f"(e.g. {diff}); it was not written by `cora train`")
     model.load_state_dict(trainable, strict=False)
+    with torch.no_grad():
+        model.method.load_state(model, extra)
     print(f"[eval] generator and P from checkpoint {name} (step {manifest['step']}"
           f"{', best' if manifest.get('best') else ''}) in {uri}", file=sys.stderr)
     return model.eval(), tok, f"checkpoint {name}"
@@ -163,9 +167,10 @@ def load_model(run: Path, run_config: dict, checkpoint: str | None = None) -> tu
 # ---------------------------------------------------------------- scoring
 
 def _score(model, tok, encoders: dict, domains: np.ndarray, frame, titles, emb: tuple, batch_size: int, device: str,
-           progress: bool, desc: str) -> np.ndarray:
-    """The "Yes" logit of every row of ``frame``, (N,) float32, ``batch_size`` rows per forward; row k's
-    prompt is built by ``encoders[domains[k]]``."""
+           progress: bool, desc: str, item_table: np.ndarray | None = None) -> np.ndarray:
+    """The score (the method's: the "Yes" logit, Laser's cosine) of every row of ``frame``, (N,) float32,
+    ``batch_size`` rows per forward; row k's prompt is built by ``encoders[domains[k]]``; ``item_table``:
+    the CF item embeddings, for a method that reads the history's (Laser)."""
     from tqdm import tqdm
 
     from cora.scoring import collate
@@ -182,6 +187,12 @@ def _score(model, tok, encoders: dict, domains: np.ndarray, frame, titles, emb: 
                        for enc, h, i in zip(encs, rows["history"], rows["item"])]
             batch = collate([e[0] for e in encoded], user_emb[s:s + batch_size], item_emb[s:s + batch_size], None,
                             tok.pad_token_id, slots=[e[1] for e in encoded] if slotted else None)
+            batch.items = torch.as_tensor(rows["item"].to_numpy(), dtype=torch.long)
+            if model.method.history_items:
+                from cora.laser import history_embeddings
+                h_emb, h_pad = history_embeddings(rows["history"], item_table, model.method.history_items,
+                                                  item_table.shape[1])
+                batch.history_emb, batch.history_pad = torch.from_numpy(h_emb), torch.from_numpy(h_pad)
             scores[s:s + len(rows)] = model(batch.to(device)).cpu().numpy()
             bar.update(len(rows))
     return scores
@@ -226,7 +237,13 @@ def evaluate_run(run: str | Path, split: str = "test", batch_size: int = 32, pro
     titles = pq.read_table(Path(data_dir, "items.parquet")).column("title").to_numpy(zero_copy_only=False)
     encoders, domains = _encoders(tok, model.method.template, manifest, frame, cfg["data"])
     emb = cf_embeddings(cf_dir, frame)
-    scores = _score(model, tok, encoders, domains, frame, titles, emb, batch_size, device, progress, f"eval {split}")
+    item_table = None
+    if model.method.history_items:
+        from cora.cf.store import read_embeddings
+        with _open(f"{cf_dir.rstrip('/')}/item_embeddings.parquet") as f:
+            item_table = read_embeddings(f)
+    scores = _score(model, tok, encoders, domains, frame, titles, emb, batch_size, device, progress, f"eval {split}",
+                    item_table)
     labels, users = frame["label"].to_numpy(), frame["user"].to_numpy()
     result = evaluate(labels, scores, users, cold=(frame["cold_user"] | frame["cold_item"]).to_numpy())
     if "query" in frame:                 # the rank split: each test positive among its recorded negatives

@@ -34,14 +34,15 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
     from cluster.embeddings import start_embedding_servers
     from cluster.interactions import start_interaction_shards
     from cora.llm import PRESETS, REAL_PRESETS           # presets all use the SmolLM2 tokenizer
-    from cora.methods import get_method
+    from cora.methods import make_method
+    method = make_method(to_dict(cfg))
     sasrec = cf_model == "sasrec"
     client = start_embedding_servers(cfg.data.cf_dir, shards=cfg.data.embedding_shards, dim=cf_dim,
                                      num_cpus=0.1, sasrec=sasrec)
     common = {"embeddings": client, "seed": cfg.run.seed, "num_cpus": 0.1, "max_history": cfg.data.max_history,
               "max_length": cfg.data.max_length, "prefetch": cfg.data.prefetch, "sasrec_history": 25 if sasrec else 0,
               "tokenizer": "smollm2" if cfg.llm.name in PRESETS or cfg.llm.name in REAL_PRESETS else cfg.llm.name,
-              "template": get_method(cfg.method).template}
+              "template": method.template, "history_items": method.history_items}
     from cora.data.schema import read_manifest
     micro = cfg.engine.micro_batch_size
     batch = {"train": micro, "valid": cfg.data.eval_batch(micro), "test": cfg.data.eval_batch(micro)}
@@ -62,9 +63,28 @@ def handover(cfg: TrainConfig, actors: dict, cf_dim: int):
     steps = -(-micro // cfg.engine.accumulation(cfg.run.workers)) * cfg.run.epochs  # an epoch ends on a step
     run_dir = Path(cfg.run.run_dir).absolute()
     return Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], rank=actors.get("rank", []),
-                    cf_dim=cf_dim,
+                    cf_dim=cf_dim, items=item_inputs(cfg),
                     total_steps=max(1, steps), run_dir=str(run_dir),
                     checkpoint_uri=checkpoint_uri(cfg), staging_dir=str(run_dir / ".staging"))
+
+
+def item_inputs(cfg: TrainConfig) -> dict | None:
+    """Every item's title, prompt domain and CF embedding, for a method that encodes items (Laser); else None."""
+    from cora.methods import make_method
+    if not make_method(to_dict(cfg)).item_refresh_epochs:
+        return None
+    import pyarrow.parquet as pq
+
+    from cora.cf.store import read_embeddings
+    from cora.data.schema import read_manifest
+    from cora.fileio import open_fs
+    items = pq.read_table(Path(cfg.data.data_dir, "items.parquet")).to_pandas()
+    domain = read_manifest(cfg.data.data_dir).get("domain")
+    fs, path = open_fs(f"{cfg.data.cf_dir.rstrip('/')}/item_embeddings.parquet")
+    with fs.open_input_file(path) as f:
+        emb = read_embeddings(f)
+    domains = items["domain"].tolist() if "domain" in items else [domain] * len(items)
+    return {"titles": items["title"].tolist(), "domains": domains, "emb": emb[: len(items)]}
 
 
 def check_resources(cfg: TrainConfig) -> None:
@@ -172,7 +192,7 @@ def checkpoint_uri(cfg: TrainConfig) -> str:
 
 
 # what must not change when a run is resumed (the trainable state and the data cursors depend on them)
-RESUME_KEYS = ("method", "collm", "reccocktail", "data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
+RESUME_KEYS = ("method", "collm", "reccocktail", "laser", "data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
                "generator", "engine.micro_batch_size", "engine.gradient_accumulation", "engine.global_batch_size",
                "run.workers", "run.seed")
 

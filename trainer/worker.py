@@ -26,7 +26,8 @@ def train_step(engine, raw: dict) -> dict:
     sync()
     t1 = time.perf_counter()
     engine.backward(loss)
-    engine.module.injection.release()                 # a recomputation stopped early may have left one
+    if engine.module.injection is not None:
+        engine.module.injection.release()             # a recomputation stopped early may have left one
     sync()
     t2 = time.perf_counter()
     lr = float(engine.get_lr()[0])                    # before step(): the rate the optimiser applies now

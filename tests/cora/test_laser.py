@@ -77,3 +77,75 @@ def test_bad_sizes_are_refused_with_the_value():
         MFormer(MFormerConfig(hidden_size=16, heads=3), 8, 12)
     with pytest.raises(ValueError, match="experts must be >= 1, got 0"):
         MFormer(MFormerConfig(experts=0), 8, 12)
+
+
+def _laser(num_items=6):
+    from cora.export import build_model
+    section = {"experts": 3, "queries": 2, "blocks": 2, "hidden_size": 16, "heads": 2, "dropout": 0.0,
+               "history": 4, "num_items": num_items}
+    model, tok = build_model({"method": "laser", "laser": section, "llm": {"name": "tiny-llama"}, "injection": {},
+                              "generator": {}, "cf_dim": 8})
+    return model.eval(), tok
+
+
+def _laser_batch(tok, n=4, seed=0):
+    import numpy as np
+
+    from cora.laser import history_embeddings
+    from cora.prompts import PromptEncoder, get_template
+    from cora.scoring import collate
+    g = np.random.default_rng(seed)
+    enc = PromptEncoder(tok, get_template("laser-movies"), max_history=3, max_length=256)
+    items_cf = g.standard_normal((6, 8)).astype("float32")
+    histories = [[1, 2, 3], [], [4], [0, 5, 1, 2, 3]]
+    batch = collate([enc.encode([f"T{i}" for i in h], "") for h in histories], items_cf[:n], items_cf[:n],
+                    [1.0, 0.0, 1.0, 1.0], tok.pad_token_id)
+    batch.items = torch.tensor([0, 3, 5, 2])
+    emb, pad = history_embeddings(histories, items_cf, 4, 8)
+    batch.history_emb, batch.history_pad = torch.from_numpy(emb), torch.from_numpy(pad)
+    return batch, items_cf
+
+
+def test_laser_reads_its_suffix_token_after_the_prefix_and_prompt_and_scores_by_cosine():
+    model, tok = _laser()
+    batch, _ = _laser_batch(tok)
+    with torch.no_grad():
+        model.item_table.copy_(torch.randn(6, model.item_table.shape[1], generator=torch.Generator().manual_seed(1)))
+        h = model(batch, represent=True)
+        prefix, _, _ = model.mformer(batch.history_emb, batch.history_pad)
+        embed = model.llm.get_input_embeddings()
+        for row in range(4):                       # the LLM on [prefix, the prompt's real tokens, suffix], by hand
+            n = int(batch.lengths[row])
+            x = torch.cat([prefix[row], embed(batch.input_ids[row, :n]), model.suffix.weight[None]])[None]
+            want = model.backbone(inputs_embeds=x).last_hidden_state[0, -1]
+            assert torch.allclose(h[row], want, atol=1e-5), row
+        scores = model(batch)
+        assert torch.allclose(scores, torch.nn.functional.cosine_similarity(h, model.item_table[batch.items]), atol=1e-6)
+
+
+def test_laser_trains_the_mformer_and_suffix_on_a_softmax_over_all_items_of_its_positives():
+    from cora.laser import item_batch
+    from cora.prompts import domain_encoders
+    model, tok = _laser()
+    batch, items_cf = _laser_batch(tok)
+    with torch.no_grad():
+        model.item_table.copy_(torch.randn(6, model.item_table.shape[1], generator=torch.Generator().manual_seed(2)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("mformer.", "suffix.")) for n in trainable)
+    model.train()
+    loss, _ = model.loss(batch)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        h = model(batch, represent=True)
+        sims = torch.nn.functional.normalize(h, dim=-1) @ torch.nn.functional.normalize(model.item_table, dim=-1).T
+        ce = torch.nn.functional.cross_entropy(sims / 0.05, batch.items, reduction="none")
+        want = (ce * batch.labels).sum() / batch.labels.sum() + 0.01 * model.balance     # the label-0 row counts 0
+    assert torch.allclose(loss, want, atol=1e-4), (loss, want)
+    loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("llm."))
+    assert model.suffix.weight.grad.abs().sum() > 0 and model.mformer.out.weight.grad.abs().sum() > 0
+    # an item is encoded as a one-item history: its title in the prompt, its CF embedding for the M-Former
+    encoders = domain_encoders(tok, "laser-", ["movies"], 3, 256)
+    items = item_batch(encoders, [f"T{i}" for i in range(6)], ["movies"] * 6, items_cf, [4, 1], tok.pad_token_id)
+    assert items.input_ids[0, :items.lengths[0]].tolist() == encoders["movies"].encode(["T4"], "")
+    assert torch.equal(items.history_emb[:, 0], torch.from_numpy(items_cf[[4, 1]])) and not items.history_pad.any()

@@ -51,15 +51,15 @@ def test_tallrec_trains_lora_a_and_p_and_ignores_the_cf_embeddings(tokenizer, ye
 
 
 def test_unknown_methods_and_contradicting_adapters_are_refused():
-    with pytest.raises(ValueError, match="unknown method .collm2.; available: cora, tallrec, collm, reccocktail"):
+    with pytest.raises(ValueError, match="unknown method .collm2.; available: cora, tallrec, collm, reccocktail, laser"):
         get_method("collm2")
     with pytest.raises(ConfigError) as err:
         from_dict(TrainConfig, {"method": "cora", "injection": {"adapter": "lora"}})
     assert "contradicts method='cora'" in str(err.value) and "set method=tallrec" in str(err.value)
     with pytest.raises(ConfigError, match="method"):
-        from_dict(TrainConfig, {"method": "laser"})
+        from_dict(TrainConfig, {"method": "bdlm"})
     assert from_dict(TrainConfig, {"method": "tallrec"}).method == "tallrec"
-    assert sorted(METHODS) == ["collm", "cora", "reccocktail", "tallrec"]
+    assert sorted(METHODS) == ["collm", "cora", "laser", "reccocktail", "tallrec"]
 
 
 def test_saved_configs_name_their_method_and_older_ones_are_read_by_their_adapter(yes_id):

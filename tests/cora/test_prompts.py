@@ -15,7 +15,7 @@ def test_movie_template_is_the_papers_text():
 
 
 def test_unknown_domain_and_bad_template_file(tmp_path):
-    with pytest.raises(ValueError, match="unknown prompt domain 'games'.*books, collm-books, collm-items, collm-movies, items, movies"):
+    with pytest.raises(ValueError, match="unknown prompt domain 'games'.*books, collm-books, collm-items, collm-movies, items, laser-books, laser-items, laser-movies, movies"):
         get_template("games")
     bad = tmp_path / "t.json"
     bad.write_text('{"x": {"template": "no placeholders"}}')

@@ -11,6 +11,10 @@ from .storage import CheckpointError, parse
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+STATE = "state::"
+"""Prefix, in trainable.safetensors, of the method's non-trained state (``Method.state``)."""
+
+
 def _trainable(model) -> list:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -63,6 +67,8 @@ def capture(engine, model, loop_state: dict, cursor: dict | None) -> tuple[dict,
         trainable[n] = _assemble(zero, p, gathered[None])
         for k in OPT_KEYS:
             opt[f"{n}::{k}"] = _assemble(zero, p, gathered[k])
+    for n, t in model.method.state(model).items():      # e.g. Laser's item table: the same on every rank
+        trainable[STATE + n] = t.detach().cpu().clone().contiguous()
     rng = {f"rank{r}": torch.tensor(m["rng"], dtype=torch.uint8) for r, m in enumerate(ranks)}
     rng.update({f"rank{r}.cuda": torch.tensor(m["cuda_rng"], dtype=torch.uint8)
                 for r, m in enumerate(ranks) if m["cuda_rng"] is not None})
@@ -99,6 +105,7 @@ def load_into(engine, model, files: dict[str, bytes], rank: int) -> dict:
     import torch
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     trainable, opt, rng, state = parse(files)
+    extra = {n[len(STATE):]: trainable.pop(n) for n in list(trainable) if n.startswith(STATE)}
     params = _trainable(model)
     want = {n: tuple(p.ds_shape) for n, p in params}
     have = {n: tuple(t.shape) for n, t in trainable.items()}
@@ -125,6 +132,11 @@ def load_into(engine, model, files: dict[str, bytes], rank: int) -> dict:
     for g, s in zip(zero.fp32_partitioned_groups_flat, state["adam_steps"]):
         st = zero.optimizer.state[g]["step"]
         zero.optimizer.state[g]["step"] = torch.tensor(s, dtype=st.dtype) if torch.is_tensor(st) else s
+    if set(extra) != set(model.method.state(model)):
+        raise CheckpointError(f"the checkpoint holds the method state {sorted(extra)}, this model needs "
+                              f"{sorted(model.method.state(model))}: it was saved by another method")
+    with torch.no_grad():
+        model.method.load_state(model, extra)
     restore_schedule(engine.lr_scheduler, zero.optimizer, state["scheduler"], rank)
     engine.global_steps, engine.global_samples = state["global_steps"], state["global_samples"]
     engine.micro_steps = state["micro_steps"]
