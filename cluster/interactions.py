@@ -7,7 +7,7 @@ and keeps up to ``prefetch`` ready batches in a queue ahead of the trainer.
 A batch is a dict of numpy arrays: ``input_ids`` (B, T) right-padded, ``lengths`` (B,),
 ``user_emb`` / ``item_emb`` (B, d), ``labels`` (B,), ``weights`` (B,; 0 for a padding sample),
 ``sample_ids``, ``users`` (B,), ``cold`` (B,), ``queries`` (B,; the rank split's query id, -1
-elsewhere), and ``lookup_s``: the seconds the embedding lookups
+elsewhere), ``slots`` (B, S; only with a template that has embedding slots: CoLLM's), and ``lookup_s``: the seconds the embedding lookups
 for this batch took (logged by the trainer as ``time/embedding_lookup_s``).
 
 Restarts: the actors are started with ``max_restarts`` (default -1: always come back, as the
@@ -81,8 +81,10 @@ class InteractionShard:
     def __init__(self, data_dir: str, split: str, rank: int, world_size: int, *, batch_size: int, seed: int,
                  embeddings, tokenizer: str = "smollm2", domain: str | None = None, max_history: int = 10,
                  max_length: int = 512, prefetch: int = 4, sasrec_history: int = 0,
-                 peers: list[str] | None = None):
-        """``peers``: the actor names of all ranks of the group (rank order), resolved when first needed."""
+                 peers: list[str] | None = None, template: str = ""):
+        """``peers``: the actor names of all ranks of the group (rank order), resolved when first needed;
+        ``template``: the method's template family prefix (``Method.template``: "collm-" for CoLLM's prompt
+        with embedding slots), put before the domain."""
         from cora.llm import load_tokenizer
         from cora.prompts import PromptEncoder, get_template
         manifest = read_manifest(data_dir)
@@ -104,7 +106,8 @@ class InteractionShard:
         self.steps = plan.steps_per_epoch(self.total, world_size, batch_size)
         tok = load_tokenizer(tokenizer)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.encoder = PromptEncoder(tok, get_template(domain or manifest["domain"]), max_history, max_length)
+        self.encoder = PromptEncoder(tok, get_template(template + (domain or manifest["domain"])), max_history,
+                                     max_length)
         self.embeddings, self.sasrec_history = embeddings, sasrec_history
         self.peer_names, self.peers = peers, {}
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -239,9 +242,10 @@ class InteractionShard:
             user_emb = self.embeddings.lookup("user", users)
         item_emb = item_wait()
         lookup_s = time.perf_counter() - t0
-        ids, lengths = pad_prompts([self.encoder.encode(s["history_titles"], s["title"]) for s in samples],
-                                   self.pad_id)
-        return {"input_ids": ids, "lengths": lengths, "user_emb": user_emb, "item_emb": item_emb,
+        encoded = [self.encoder.encode_with_slots(s["history_titles"], s["title"]) for s in samples]
+        ids, lengths = pad_prompts([e[0] for e in encoded], self.pad_id)
+        extra = {"slots": np.array([e[1] for e in encoded], dtype=np.int64)} if self.encoder.template.slots else {}
+        return {"input_ids": ids, "lengths": lengths, "user_emb": user_emb, "item_emb": item_emb, **extra,
                 "lookup_s": np.float64(lookup_s),
                 "labels": np.array([s["label"] for s in samples], dtype=np.float32),
                 "weights": np.array([0.0 if s.get("_padding") else 1.0 for s in samples], dtype=np.float32),

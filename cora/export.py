@@ -1,8 +1,10 @@
 """A trained CoRA adapter in one process, without DeepSpeed: the frozen LLM (loaded as configured)
-plus the exported generator and P.
+plus the exported tensors of its method (CoRA: the generator and P).
 
     EXPORT_DIR/config.json          {"method": "cora", "llm": {...}, "injection": {...}, "generator": {...}, "cf_dim": d}
-    EXPORT_DIR/adapter.safetensors  the trainable tensors only (names as in CoRAModel.named_parameters)
+                                    (+ the method's section, e.g. "collm": {"mid_times": 10, "lora_from": null})
+    EXPORT_DIR/adapter.safetensors  the method's exported tensors (``Method.exported``: the trainable ones, and
+                                    CoLLM's frozen stage-1 LoRA), named as in CoRAModel.named_parameters
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from safetensors.torch import load_file
 from .generator import GeneratorConfig
 from .injection import InjectionConfig
 from .llm import LLMConfig, load_llm, resolve_answer_token
-from .methods import method_of
+from .methods import make_method
 from .scoring import CoRAModel
 
 
@@ -26,7 +28,7 @@ def build_model(cfg: dict) -> tuple[CoRAModel, object]:
     llm, tok = load_llm(LLMConfig(**cfg["llm"]))
     return CoRAModel(llm, resolve_answer_token(tok), cfg["cf_dim"], cfg["cf_dim"],
                      InjectionConfig(**cfg.get("injection", {})), GeneratorConfig(**cfg.get("generator", {})),
-                     method=method_of(cfg)), tok
+                     method=make_method(cfg)), tok
 
 
 def load_exported(export_dir: str | Path) -> tuple[CoRAModel, object]:
@@ -34,7 +36,7 @@ def load_exported(export_dir: str | Path) -> tuple[CoRAModel, object]:
     export_dir = Path(export_dir)
     model, tok = build_model(json.loads((export_dir / "config.json").read_text()))
     state = load_file(str(export_dir / "adapter.safetensors"))
-    want = {n for n, p in model.named_parameters() if p.requires_grad}
+    want = set(model.method.exported(model))
     if set(state) != want:
         missing, extra = sorted(want - set(state))[:3], sorted(set(state) - want)[:3]
         raise ValueError(f"{export_dir}/adapter.safetensors does not fit the configured model: missing "

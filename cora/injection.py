@@ -181,6 +181,10 @@ class Variant:
     def down(self, layer: "InjectedLinear", x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def up(self, layer: "InjectedLinear") -> torch.Tensor:
+        """The (d_out, k) up projection the down projection's k outputs go through: P."""
+        return layer.lora_P
+
     def effective_a(self, layer: "InjectedLinear", sample: int) -> torch.Tensor:
         """The (d_in, r) matrix A (scale included) used for one sample; for merge()."""
         raise NotImplementedError
@@ -250,6 +254,67 @@ class SharedVariant(Variant):
         return layer.lora_A.t() * self.scale
 
 
+class MergeVariant(Variant):
+    """Two frozen LoRAs per module (RecCocktail's general "base spirit" g and domain "ingredient" s), mixed by
+    weights l = softmax(w) set once per forward (``set_mix``: (1, 2) for one global pair, (M, 2) for one pair
+    per injected module, in ``Injection.modules`` order):
+
+        form "paper": A_m = l1 A_g + l2 A_s, P_m = l1 P_g + l2 P_s    update P_m A_m (rank r)
+        form "code":  l1 P_g A_g + l2 P_s A_s                           (as one rank-2r update [l1 P_g, l2 P_s] [A_g; A_s])
+
+    ``lora_A`` (2, r, d_in) and ``lora_P`` (2, d_out, r) hold [g, s]; nothing of them trains."""
+
+    def __init__(self, scale: float, form: str):
+        if form not in ("paper", "code"):
+            raise ValueError(f"unknown merge form {form!r}; use 'paper' (A and P mixed) or 'code' (updates mixed)")
+        self.scale, self.form = scale, form
+        self.count = 0
+        self.mix: torch.Tensor | None = None
+
+    def setup(self, layer):
+        layer.lora_A = nn.Parameter(torch.zeros(2, layer.rank, layer.in_features), requires_grad=False)
+        layer.lora_P = nn.Parameter(torch.zeros(2, layer.out_features, layer.rank), requires_grad=False)
+        layer.merge_index = self.count
+        self.count += 1
+
+    def set_mix(self, mix: torch.Tensor) -> None:
+        if mix.dim() != 2 or mix.shape[-1] != 2 or mix.shape[0] not in (1, self.count):
+            raise ValueError(f"merge weights of shape {tuple(mix.shape)}; expected (1, 2) or ({self.count}, 2)")
+        self.mix = mix
+
+    def _l(self, layer) -> torch.Tensor:
+        if self.mix is None:
+            raise RuntimeError("no merge weights set: call set_mix() before the forward")
+        return self.mix[0 if self.mix.shape[0] == 1 else layer.merge_index]
+
+    def down(self, layer, x):
+        h, factor = adapter_dropout(x, layer.dropout, layer.training)
+        a = layer.lora_A.to(x.dtype)
+        if self.form == "paper":
+            l = self._l(layer).to(x.dtype)
+            a = l[0] * a[0] + l[1] * a[1]                                    # (r, d_in)
+        else:
+            a = a.reshape(-1, layer.in_features)                             # (2r, d_in)
+        return F.linear(h, a * (self.scale * factor))
+
+    def up(self, layer):
+        l, p = self._l(layer).to(layer.lora_P.dtype), layer.lora_P
+        if self.form == "paper":
+            return l[0] * p[0] + l[1] * p[1]                                 # (d_out, r)
+        return torch.cat([l[0] * p[0], l[1] * p[1]], dim=1)                  # (d_out, 2r)
+
+    def effective_a(self, layer, sample):
+        raise NotImplementedError("InjectedLinear.merge() is not defined for mixed LoRAs; use MergeVariant.delta()")
+
+    def delta(self, layer) -> torch.Tensor:
+        """The (d_out, d_in) weight update of the mixed LoRAs (scale included); for tests and exports."""
+        l = self._l(layer)
+        a, p = layer.lora_A, layer.lora_P
+        if self.form == "paper":
+            return self.scale * (l[0] * p[0] + l[1] * p[1]) @ (l[0] * a[0] + l[1] * a[1])
+        return self.scale * (l[0] * p[0] @ a[0] + l[1] * p[1] @ a[1])
+
+
 class InjectedLinear(nn.Module):
     """A frozen Linear/Conv1D plus the low-rank path: ``y = W x + P (down(x))``, P: (d_out, r)."""
 
@@ -266,10 +331,10 @@ class InjectedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)                                  # (..., d_out), ZeRO-3 gathers W here
-        z = self.variant.down(self, x)                    # (..., r), scale folded in
-        p = self.lora_P.to(y.dtype)
-        # y + z @ P^T as one GEMM accumulating into y: (N, d_out) + (N, r) @ (r, d_out)
-        return torch.addmm(y.reshape(-1, self.out_features), z.reshape(-1, self.rank), p.t()).view_as(y)
+        z = self.variant.down(self, x)                    # (..., k), scale folded in (k = r; 2r for merged LoRAs)
+        p = self.variant.up(self).to(y.dtype)             # (d_out, k): P
+        # y + z @ P^T as one GEMM accumulating into y: (N, d_out) + (N, k) @ (k, d_out)
+        return torch.addmm(y.reshape(-1, self.out_features), z.reshape(-1, z.shape[-1]), p.t()).view_as(y)
 
     def merge(self, sample: int = 0) -> torch.Tensor:
         """W + scale * P A_b^T for one sample, shape (d_out, d_in); for export and tests."""
@@ -313,7 +378,8 @@ def check_targets(family: str, targets: list[str]) -> None:
 class Injection:
     """Handle on the injected modules of one LLM: the variant, the layers, the trainable P (and A)."""
 
-    def __init__(self, model: nn.Module, cfg: InjectionConfig):
+    def __init__(self, model: nn.Module, cfg: InjectionConfig, variant: Variant | None = None):
+        """``variant``: the down/up projections (default: by ``cfg.adapter``, per-sample or shared LoRA)."""
         problems = cfg.validate()
         if problems:
             raise ValueError("invalid injection config: " + "; ".join(problems))
@@ -322,8 +388,8 @@ class Injection:
         check_targets(family, cfg.targets)
         paths = MODULE_PATHS[family]
         chosen = {paths[t] for t in cfg.targets}
-        self.variant = (PerSampleVariant(cfg.scale, cfg.per_layer) if cfg.adapter == "cora"
-                        else SharedVariant(cfg.scale))
+        self.variant = variant or (PerSampleVariant(cfg.scale, cfg.per_layer) if cfg.adapter == "cora"
+                                   else SharedVariant(cfg.scale))
         self.layers = decoder_layers(model)
         self.modules: list[InjectedLinear] = []
         self.groups: list[SharedDown] = []

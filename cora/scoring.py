@@ -119,8 +119,9 @@ class CoRAModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.method.trainable(self)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """The raw "Yes" logit at each prompt's answer position, (B,)."""
+    def forward(self, batch: Batch, with_loss: bool = False):
+        """The raw "Yes" logit at each prompt's answer position, (B,); with ``with_loss`` (loss, logits), the
+        loss the method trains with (``Method.loss``: BCE for all but RecCocktail's merge)."""
         if batch.input_ids.shape[0] == 0:
             raise ValueError("empty batch: 0 samples")
         inputs = self.method.inputs(self, batch)
@@ -130,11 +131,10 @@ class CoRAModel(nn.Module):
         logit = h @ self.answer_w.to(h.dtype)                                 # (B,)
         if self.answer_b is not None:
             logit = logit + self.answer_b.to(h.dtype)
-        return logit.float()
+        if not with_loss:
+            return logit.float()
+        return self.method.loss(self, batch, h, logit.float()), logit.float()
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(BCE-with-logits loss over the batch's weighted samples, logits)."""
-        if batch.labels is None:
-            raise ValueError("batch has no labels; loss() needs them")
-        logits = self(batch)
-        return bce_loss(logits, batch.labels, batch.weights), logits
+        """(the method's training loss over the batch's weighted samples, logits)."""
+        return self(batch, with_loss=True)

@@ -50,3 +50,22 @@ def s3_server():
             os.environ[k] = v
     proc.kill()
     proc.wait()
+
+
+def write_tallrec_export(out, cf_dim: int = 8, seed: int = 1, llm: str = "tiny-llama", **injection) -> dict:
+    """A TALLRec run's export (RUN/export) with random non-zero LoRA A and P, as CoLLM's first stage
+    (collm.lora_from) reads it; returns the exported tensors."""
+    import torch
+
+    from cora.export import build_model
+    from trainer.evaluate import export_trainable
+    config = {"method": "tallrec", "llm": {"name": llm}, "injection": dict(injection), "generator": {},
+              "cf_dim": cf_dim}
+    model, _ = build_model(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.injection.modules:
+            m.lora_P.copy_(torch.randn(m.lora_P.shape, generator=g) * 0.05)
+    state = {n: p.detach().clone() for n, p in model.method.exported(model).items()}
+    export_trainable(state, out, config)
+    return state

@@ -9,6 +9,7 @@ from typing import Literal
 from cora.generator import GeneratorConfig
 from cora.injection import InjectionConfig
 from cora.llm import LLMConfig
+from cora.methods import CoLLMConfig, RecCocktailConfig
 from cora.optim import OptimConfig
 
 from .engine import EngineConfig
@@ -110,9 +111,11 @@ class RunConfig:
 class TrainConfig:
     """Everything `cora train` needs."""
 
-    method: Literal["cora", "tallrec"] = "cora"
+    method: Literal["cora", "tallrec", "collm", "reccocktail"] = "cora"
     """The method trained on the frozen LLM (cora.methods): 'cora' (the generator's per-sample A from the
-    CF embeddings) or 'tallrec' (LoRA on the same prompt, no CF input)."""
+    CF embeddings), 'tallrec' (LoRA on the same prompt, no CF input), 'collm' (the CF embeddings mapped
+    into two token slots of CoLLM's prompt; LoRA from a tallrec run, frozen: see the collm section) or
+    'reccocktail' (two tallrec LoRAs mixed by weights learned without labels: the reccocktail section)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data and CF inputs."""
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -120,7 +123,11 @@ class TrainConfig:
     injection: InjectionConfig = field(default_factory=InjectionConfig)
     """Where and how the per-sample update is injected."""
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    """The collaborative weights generator."""
+    """The collaborative weights generator (method=cora)."""
+    collm: CoLLMConfig = field(default_factory=CoLLMConfig)
+    """CoLLM's mapping and its first stage (method=collm)."""
+    reccocktail: RecCocktailConfig = field(default_factory=RecCocktailConfig)
+    """RecCocktail's two LoRAs and their merge (method=reccocktail)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW and the warm-up + cosine schedule."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -134,4 +141,16 @@ class TrainConfig:
         if self.injection.adapter not in ("cora", adapter):
             return [f"injection.adapter={self.injection.adapter!r} contradicts method={self.method!r} (which uses "
                     f"{adapter!r}); the method sets the adapter: for LoRA without CF input set method=tallrec"]
-        return []
+        problems = []
+        if self.collm.lora_from and self.method != "collm":
+            problems.append(f"collm.lora_from={self.collm.lora_from!r} is set but method={self.method!r}: it is "
+                            f"CoLLM's first stage; set method=collm, or drop collm.lora_from")
+        cocktail = {k: getattr(self.reccocktail, k) for k in ("base_from", "ingredient_from")}
+        if self.method != "reccocktail" and any(cocktail.values()):
+            problems.append(f"reccocktail.base_from/ingredient_from are set but method={self.method!r}; set "
+                            f"method=reccocktail, or drop them")
+        if self.method == "reccocktail":
+            problems += [f"method=reccocktail needs reccocktail.{k}: the export directory of a method=tallrec run on "
+                         f"the {'source domains' if k == 'base_from' else 'target domain'}' data"
+                         for k, v in cocktail.items() if not v]
+        return problems

@@ -108,16 +108,18 @@ def evaluate(engine, actor, epoch: int = 0) -> tuple[dict, dict[str, np.ndarray]
     return result, allp
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The trainable parameters (generator, P), gathered from ZeRO-3 partitions (a collective)."""
+def exported_state(model) -> dict[str, torch.Tensor]:
+    """The tensors the model's method exports (``Method.exported``: the trainable ones, e.g. the generator
+    and P, plus frozen ones it brought in, e.g. CoLLM's stage-1 LoRA), gathered from their ZeRO-3
+    partitions (a collective)."""
     import deepspeed
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    named = model.method.exported(model)
     with deepspeed.zero.GatheredParameters(list(named.values())):
         return {n: p.detach().clone().cpu().contiguous() for n, p in named.items()}
 
 
 def export_trainable(state: dict[str, torch.Tensor], out: Path, model_config: dict) -> None:
-    """``adapter.safetensors`` (generator + P, never the LLM) and ``config.json`` into ``out``."""
+    """``adapter.safetensors`` (the method's exported tensors, never the LLM) and ``config.json`` into ``out``."""
     from safetensors.torch import save_file
 
     from cora.fileio import write_atomically

@@ -69,6 +69,10 @@ class LoopState:
     no_injection: dict | None = None
     """Test metrics of the frozen LLM before training (P = 0)."""
     resumed_from: str | None = None
+    samples: float = 0.0
+    """Real training samples so far (the padding excluded)."""
+    train_seconds: float = 0.0
+    """Seconds in training steps so far (data waits included; evaluation and checkpoints not)."""
 
     @classmethod
     def from_dict(cls, d: dict, **extra) -> "LoopState":
@@ -130,6 +134,7 @@ class Recipe:
 
     def _build(self):
         from cora.llm import resolve_answer_token
+        from cora.methods import make_method
         from cora.scoring import CoRAModel
 
         from . import engine as eng
@@ -140,7 +145,7 @@ class Recipe:
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         yes = resolve_answer_token(tok)
         model = CoRAModel(llm, yes, self.h.cf_dim, self.h.cf_dim, cfg.injection, cfg.generator,
-                          answer_weight=eng.gathered_answer_row(llm, yes), method=cfg.method)
+                          answer_weight=eng.gathered_answer_row(llm, yes), method=make_method(to_dict(cfg)))
         engine, _, _ = eng.initialize(model, ds, cfg.optim, self.h.total_steps)
         return model, engine
 
@@ -219,6 +224,8 @@ class Recipe:
         self.state.step += 1
         record = combine(window)
         record["step"] = self.state.step
+        self.state.samples += record["samples"]
+        self.state.train_seconds += record["seconds"] + record["data_wait"]
         self.last_loss = record["loss"]
         self.board.step(self.state.step, record)
         for hook in self.h.hooks:
@@ -264,12 +271,15 @@ class Recipe:
     def _export(self, preds: dict | None, ranked: dict | None = None) -> None:
         """RUN/export (the adapter, for one-process use), RUN/test_predictions.parquet and, with a rank
         split, RUN/rank_predictions.parquet."""
-        from .evaluate import export_trainable, trainable_state
-        weights = trainable_state(self.model)                     # collective: every rank gathers
+        from .evaluate import export_trainable, exported_state
+        weights = exported_state(self.model)                      # collective: every rank gathers
         if self.rank != 0 or not self.h.run_dir:
             return
         model_config = {k: to_dict(getattr(self.cfg, k)) for k in ("llm", "injection", "generator")}
         model_config["method"] = self.cfg.method
+        section = self.model.method.section()
+        if section is not None:
+            model_config[self.cfg.method] = section
         export_trainable(weights, Path(self.h.run_dir, "export"), dict(model_config, cf_dim=self.h.cf_dim))
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -302,9 +312,16 @@ class Recipe:
         summary = {"valid": s.best["valid"] if s.best else None, "test": s.best["test"] if s.best else None,
                    "ranking": s.best.get("ranking") if s.best else None,
                    "best_epoch": s.best["epoch"] if s.best else None, "evaluations": s.evals, "steps": s.step,
-                   "no_injection_test": s.no_injection, "resumed_from": s.resumed_from, "worker_nodes": nodes}
+                   "no_injection_test": s.no_injection, "resumed_from": s.resumed_from, "worker_nodes": nodes,
+                   "method": self.cfg.method, "trainable_parameters": self.trainable_parameters(),
+                   "samples": s.samples, "train_seconds": round(s.train_seconds, 3),
+                   "samples_per_second": round(s.samples / s.train_seconds, 2) if s.train_seconds else None}
         Path(self.h.run_dir).mkdir(parents=True, exist_ok=True)
         Path(self.h.run_dir, "metrics.json").write_text(json.dumps(summary, indent=1))
+
+    def trainable_parameters(self) -> int:
+        """Elements of the trainable parameters (whole sizes, not this rank's ZeRO-3 partition)."""
+        return int(sum(getattr(p, "ds_numel", p.numel()) for p in self.model.trainable_parameters()))
 
     def fit(self) -> LoopState:
         self.setup()

@@ -172,9 +172,10 @@ def _score(model, tok, enc, frame, titles, emb: tuple, batch_size: int, device: 
     with torch.no_grad(), bar:
         for s in range(0, len(frame), batch_size):
             rows = frame.iloc[s:s + batch_size]
-            prompts = [enc.encode(list(titles[np.asarray(h, dtype=np.int64)][-enc.max_history:]) if len(h) else [],
-                                  titles[i]) for h, i in zip(rows["history"], rows["item"])]
-            batch = collate(prompts, user_emb[s:s + batch_size], item_emb[s:s + batch_size], None, tok.pad_token_id)
+            encoded = [enc.encode_with_slots(list(titles[np.asarray(h, dtype=np.int64)][-enc.max_history:])
+                                             if len(h) else [], titles[i]) for h, i in zip(rows["history"], rows["item"])]
+            batch = collate([e[0] for e in encoded], user_emb[s:s + batch_size], item_emb[s:s + batch_size], None,
+                            tok.pad_token_id, slots=[e[1] for e in encoded] if enc.template.slots else None)
             scores[s:s + len(rows)] = model(batch.to(device)).cpu().numpy()
             bar.update(len(rows))
     return scores
@@ -201,7 +202,8 @@ def evaluate_run(run: str | Path, split: str = "test", batch_size: int = 32, pro
     model.to(device)
     frame = pq.read_table(Path(data_dir, f"{split}.parquet")).to_pandas()
     titles = pq.read_table(Path(data_dir, "items.parquet")).column("title").to_numpy(zero_copy_only=False)
-    enc = PromptEncoder(tok, get_template(manifest["domain"]), cfg["data"]["max_history"], cfg["data"]["max_length"])
+    enc = PromptEncoder(tok, get_template(model.method.template + manifest["domain"]), cfg["data"]["max_history"],
+                        cfg["data"]["max_length"])
     emb = cf_embeddings(cf_dir, frame)
     scores = _score(model, tok, enc, frame, titles, emb, batch_size, device, progress, f"eval {split}")
     labels, users = frame["label"].to_numpy(), frame["user"].to_numpy()

@@ -34,12 +34,14 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
     from cluster.embeddings import start_embedding_servers
     from cluster.interactions import start_interaction_shards
     from cora.llm import PRESETS, REAL_PRESETS           # presets all use the SmolLM2 tokenizer
+    from cora.methods import get_method
     sasrec = cf_model == "sasrec"
     client = start_embedding_servers(cfg.data.cf_dir, shards=cfg.data.embedding_shards, dim=cf_dim,
                                      num_cpus=0.1, sasrec=sasrec)
     common = {"embeddings": client, "seed": cfg.run.seed, "num_cpus": 0.1, "max_history": cfg.data.max_history,
               "max_length": cfg.data.max_length, "prefetch": cfg.data.prefetch, "sasrec_history": 25 if sasrec else 0,
-              "tokenizer": "smollm2" if cfg.llm.name in PRESETS or cfg.llm.name in REAL_PRESETS else cfg.llm.name}
+              "tokenizer": "smollm2" if cfg.llm.name in PRESETS or cfg.llm.name in REAL_PRESETS else cfg.llm.name,
+              "template": get_method(cfg.method).template}
     from cora.data.schema import read_manifest
     micro = cfg.engine.micro_batch_size
     batch = {"train": micro, "valid": cfg.data.eval_batch(micro), "test": cfg.data.eval_batch(micro)}
@@ -148,6 +150,15 @@ def preflight(cfg: TrainConfig) -> None:
                             f"engine.micro_batch_size x run.workers = {e.micro_batch_size} x {cfg.run.workers} = "
                             f"{per_step}; choose a global batch of {per_step * max(1, e.global_batch_size // per_step)} "
                             f"or {per_step * (e.global_batch_size // per_step + 1)}, or change the micro-batch")
+    from cora.methods import read_lora
+    stages = {"collm": {"collm.lora_from": cfg.collm.lora_from},
+              "reccocktail": {f"reccocktail.{k}": getattr(cfg.reccocktail, k) for k in ("base_from", "ingredient_from")}}
+    for key, path in stages.get(cfg.method, {}).items():
+        try:
+            if path:
+                read_lora(path, cfg.injection, cfg.llm.name, key=key)
+        except ValueError as e:
+            problems.append(str(e))
     problems += check_device(cfg)
     problems += check_run_dir(cfg)
     from cluster.runtime import check_join
@@ -161,7 +172,7 @@ def checkpoint_uri(cfg: TrainConfig) -> str:
 
 
 # what must not change when a run is resumed (the trainable state and the data cursors depend on them)
-RESUME_KEYS = ("method", "data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
+RESUME_KEYS = ("method", "collm", "reccocktail", "data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
                "generator", "engine.micro_batch_size", "engine.gradient_accumulation", "engine.global_batch_size",
                "run.workers", "run.seed")
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from cora.scoring import Batch, bce_loss
+from cora.scoring import Batch
 
 
 def train_step(engine, raw: dict) -> dict:
@@ -22,8 +22,7 @@ def train_step(engine, raw: dict) -> dict:
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     batch = Batch.from_arrays(raw, engine.device)     # DeepSpeed does not move inputs; pinned + async on CUDA
-    logits = engine(batch)
-    loss = bce_loss(logits, batch.labels, batch.weights)
+    loss, logits = engine(batch, with_loss=True)      # the method's loss (BCE; RecCocktail's merge: entropy)
     sync()
     t1 = time.perf_counter()
     engine.backward(loss)

@@ -51,7 +51,7 @@ def test_tallrec_trains_lora_a_and_p_and_ignores_the_cf_embeddings(tokenizer, ye
 
 
 def test_unknown_methods_and_contradicting_adapters_are_refused():
-    with pytest.raises(ValueError, match="unknown method 'collm2'; available: cora, tallrec, collm"):
+    with pytest.raises(ValueError, match="unknown method .collm2.; available: cora, tallrec, collm, reccocktail"):
         get_method("collm2")
     with pytest.raises(ConfigError) as err:
         from_dict(TrainConfig, {"method": "cora", "injection": {"adapter": "lora"}})
@@ -59,7 +59,7 @@ def test_unknown_methods_and_contradicting_adapters_are_refused():
     with pytest.raises(ConfigError, match="method"):
         from_dict(TrainConfig, {"method": "laser"})
     assert from_dict(TrainConfig, {"method": "tallrec"}).method == "tallrec"
-    assert sorted(METHODS) == ["collm", "cora", "tallrec"]
+    assert sorted(METHODS) == ["collm", "cora", "reccocktail", "tallrec"]
 
 
 def test_saved_configs_name_their_method_and_older_ones_are_read_by_their_adapter(yes_id):
@@ -100,3 +100,145 @@ def test_collm_writes_the_mapped_cf_embeddings_into_its_two_slots_and_trains_onl
         assert not torch.equal(model(batch), model(other))              # the score reads the CF input
     with pytest.raises(ValueError, match="encode with a collm-<domain> template"):
         model(_batch(tokenizer, 3))
+
+
+def test_collm_loads_its_first_stage_lora_frozen_and_its_export_rebuilds_it_alone(tmp_path, tokenizer):
+    """collm.lora_from: the TALLRec export's LoRA A and P are loaded into CoLLM's injection and frozen; CoLLM's
+    export carries them with the mapping, so it rebuilds the scoring model without the first stage's files."""
+    import shutil
+
+    from cora.export import load_exported
+    from cora.methods import make_method
+    from cora.prompts import PromptEncoder, get_template
+    from trainer.evaluate import export_trainable
+
+    from ..conftest import write_tallrec_export
+    lora = write_tallrec_export(tmp_path / "tallrec")
+    cfg = {"method": "collm", "collm": {"lora_from": str(tmp_path / "tallrec")}, "llm": {"name": "tiny-llama"},
+           "injection": {}, "generator": {}, "cf_dim": 8}
+    model, _ = build_model(cfg)
+    params = dict(model.named_parameters())
+    assert lora and all(torch.equal(params[n], t) and not params[n].requires_grad for n, t in lora.items())
+    exported = model.method.exported(model)
+    assert set(exported) == set(lora) | {n for n in params if n.startswith("mapper.")}
+    with torch.no_grad():
+        for p in model.mapper.parameters():
+            p.add_(0.1)
+    enc = PromptEncoder(tokenizer, get_template("collm-movies"), max_history=3, max_length=256)
+    encoded = [enc.encode_with_slots(["A", "B"][:k], f"Target {k}") for k in range(3)]
+    g = torch.Generator().manual_seed(3)
+    batch = collate([e[0] for e in encoded], torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g),
+                    None, tokenizer.pad_token_id, slots=[e[1] for e in encoded])
+    section = make_method(cfg).section()
+    assert section == {"mid_times": 10, "lora_from": None}
+    export_trainable({n: p.detach().clone() for n, p in exported.items()}, tmp_path / "collm",
+                     dict(cfg, collm=section))
+    shutil.rmtree(tmp_path / "tallrec")                       # the export alone is enough
+    again, _ = load_exported(tmp_path / "collm")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(batch), again(batch))
+        without = build_model(dict(cfg, collm={}))[0].eval()   # no first stage: P = 0, the LoRA does nothing
+        without.mapper.load_state_dict(model.mapper.state_dict())
+        assert not torch.equal(without(batch), again(batch))
+
+
+def test_a_first_stage_that_does_not_fit_is_refused_with_what_differs(tmp_path):
+    from cora.methods import read_lora
+
+    from ..conftest import write_tallrec_export
+    with pytest.raises(ValueError, match=r"lacks config.json, adapter.safetensors: point it at the export"):
+        read_lora(tmp_path / "nothing", InjectionConfig())
+    write_tallrec_export(tmp_path / "r8", rank=8, alpha=16)
+    with pytest.raises(ValueError, match=r"injection.rank 8 \(this run: 16\); injection.alpha 16 \(this run: 32.0\)"):
+        read_lora(tmp_path / "r8", InjectionConfig())
+    with pytest.raises(ValueError, match=r"llm.name 'tiny-llama' \(this run: 'tiny-qwen2'\)"):
+        read_lora(tmp_path / "r8", InjectionConfig(rank=8, alpha=16), "tiny-qwen2")
+    assert read_lora(tmp_path / "r8", InjectionConfig(rank=8, alpha=16), "tiny-llama")
+    cora_export = {"method": "cora", "llm": {"name": "tiny-llama"}, "injection": {}, "generator": {}, "cf_dim": 8}
+    (tmp_path / "cora").mkdir()
+    (tmp_path / "cora" / "config.json").write_text(__import__("json").dumps(cora_export))
+    (tmp_path / "cora" / "adapter.safetensors").write_bytes((tmp_path / "r8" / "adapter.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="is an export of method 'cora'; it must be a LoRA trained by a method=tallrec run"):
+        read_lora(tmp_path / "cora", InjectionConfig())
+    with pytest.raises(ConfigError, match="collm.lora_from='x' is set but method='cora'"):
+        from_dict(TrainConfig, {"collm": {"lora_from": "x"}})
+    assert from_dict(TrainConfig, {"method": "collm", "collm": {"lora_from": "x"}}).collm.lora_from == "x"
+
+
+def _cocktail(tmp_path, form, logits):
+    from ..conftest import write_tallrec_export
+    base = write_tallrec_export(tmp_path / "base", seed=1)
+    ingredient = write_tallrec_export(tmp_path / "ingredient", seed=2)
+    cfg = {"method": "reccocktail", "llm": {"name": "tiny-llama"}, "injection": {"dropout": 0.0}, "generator": {},
+           "cf_dim": 8, "reccocktail": {"form": form, "base_from": str(tmp_path / "base"),
+                                        "ingredient_from": str(tmp_path / "ingredient")}}
+    model, _ = build_model(cfg)
+    with torch.no_grad():
+        model.merger.logits.copy_(torch.as_tensor(logits, dtype=torch.float32).expand_as(model.merger.logits))
+    return model.eval(), base, ingredient
+
+
+@pytest.mark.parametrize("form", ["paper", "code"])
+def test_reccocktail_scores_like_the_llm_with_the_merged_weights_written_in(form, tmp_path, tokenizer):
+    """Both published merge forms against a direct computation: the frozen LLM with W + delta written into each
+    injected module, delta = scale (l1 P_g + l2 P_s)(l1 A_g + l2 A_s) (paper: one global pair) or
+    scale (l1 P_g A_g + l2 P_s A_s) (the authors' code: one pair per module), l = softmax(w)."""
+    import copy
+    model, base, ingredient = _cocktail(tmp_path, form, [0.7, -0.4])
+    if form == "code":                                         # a different pair per module
+        with torch.no_grad():
+            model.merger.logits.copy_(torch.randn(model.merger.logits.shape, generator=torch.Generator().manual_seed(4)))
+    assert model.merger.logits.shape == ((1, 2) if form == "paper" else (len(model.injection.modules), 2))
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        got = model(batch)
+        merged = copy.deepcopy(model.llm)
+        mix = torch.softmax(model.merger.logits, -1)
+        scale = model.injection.cfg.scale
+        names = {id(m): n for n, m in model.llm.named_modules()}
+        for m in model.injection.modules:
+            name = "llm." + names[id(m)]
+            ag, pg = base[name + ".lora_A"], base[name + ".lora_P"]
+            a_s, p_s = ingredient[name + ".lora_A"], ingredient[name + ".lora_P"]
+            l1, l2 = mix[0 if form == "paper" else m.merge_index]
+            delta = (scale * (l1 * pg + l2 * p_s) @ (l1 * ag + l2 * a_s) if form == "paper"
+                     else scale * (l1 * pg @ ag + l2 * p_s @ a_s))
+            assert torch.allclose(m.variant.delta(m), delta, atol=1e-6)
+            merged.get_submodule(names[id(m)]).base.weight.add_(delta)
+        for m in model.injection.modules:                       # the plain LLM with the merged weights
+            path, _, attr = names[id(m)].rpartition(".")
+            setattr(merged.get_submodule(path), attr, merged.get_submodule(names[id(m)]).base)
+        hidden = merged.base_model(batch.input_ids).last_hidden_state
+        want = hidden[torch.arange(4), batch.lengths - 1] @ model.answer_w
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+
+
+def test_reccocktail_trains_only_its_merge_weights_on_the_answer_tokens_entropy_without_labels(tmp_path, tokenizer):
+    from cora.methods import answer_entropy
+    model, base, _ = _cocktail(tmp_path, "paper", [0.0, 0.0])
+    model.train()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["merger.logits"]
+    assert set(model.method.exported(model)) == set(base) | {"merger.logits"}
+    batch = _batch(tokenizer)
+    batch.labels = None                                         # the merge reads no label
+    loss, logits = model.loss(batch)
+    with torch.no_grad():                                       # the entropy of the LLM's own next-token distribution
+        full = model.llm(batch.input_ids).logits[torch.arange(4), batch.lengths - 1]
+        p = torch.softmax(full, -1)
+        assert torch.allclose(loss, -(p * p.log()).sum(-1).mean(), atol=1e-5)
+        assert torch.allclose(logits, full[:, _yes(model)], atol=1e-4)
+    loss.backward()
+    assert model.merger.logits.grad is not None and model.merger.logits.grad.abs().sum() > 0
+    weights = torch.tensor([1.0, 0.0, 1.0, 0.0])                # weight-0 padding counts for nothing
+    v = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(answer_entropy(v, weights), answer_entropy(v[[0, 2]]))
+    with pytest.raises(ConfigError) as err:
+        from_dict(TrainConfig, {"method": "reccocktail", "reccocktail": {"base_from": "b"}})
+    assert "method=reccocktail needs reccocktail.ingredient_from" in str(err.value)
+    with pytest.raises(ConfigError, match="reccocktail.base_from/ingredient_from are set but method='tallrec'"):
+        from_dict(TrainConfig, {"method": "tallrec", "reccocktail": {"base_from": "b"}})
+
+
+def _yes(model):
+    head = model.llm.get_output_embeddings().weight
+    return int((head == model.answer_w).all(-1).nonzero()[0])

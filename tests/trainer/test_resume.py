@@ -5,6 +5,7 @@ trains on exactly the samples, with exactly the losses, of an uninterrupted run.
 import json
 
 import pytest
+import torch
 
 from cluster import runtime
 from trainer.cli import main
@@ -117,3 +118,76 @@ def test_tallrec_with_accumulation_2_restarted_after_a_kill_trains_each_sample_o
     old = OptimConfig(warmup_steps=20, lr_peak=1e-3, lr_end=1e-4)
     for s, lr in before.items():
         assert lr == pytest.approx(lr_at(s - 1, metrics["steps"], old), rel=1e-6), (s, lr)
+
+
+def test_collm_from_a_tallrec_export_restarted_after_a_kill_trains_exactly_like_an_uninterrupted_run(inputs, tmp_path,
+                                                                                                     capsys):
+    """CoLLM (method=collm) on 2 ZeRO-3 ranks: its first stage's LoRA (a TALLRec export) is loaded on every
+    start, before the restore, and stays frozen; a worker killed mid-epoch and restarted by Ray Train trains the
+    same samples with the same losses as an uninterrupted run; the export carries the LoRA and the mapping,
+    and `cora eval` scores the test split with it as the trainer did."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import write_tallrec_export
+    lora = write_tallrec_export(tmp_path / "tallrec")
+    collm = ("method=collm", f"collm.lora_from={tmp_path / 'tallrec'}", "run.max_steps=12")
+    ref, run = tmp_path / "reference", tmp_path / "run"
+    assert main(args(inputs, ref, *collm)) == 0
+    killer = Killer(str(run / "checkpoints"), after_step=4)
+    assert main(args(inputs, run, *collm, "run.max_failures=1")) == 0
+    assert killer.killed_at is not None
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 4 <= int(metrics["resumed_from"].split("-")[1]) < 12 and metrics["steps"] == 12
+    want, got = final(ref), final(run)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key]["sample_ids"] == want[key]["sample_ids"], key
+        assert abs(got[key]["loss"] - want[key]["loss"]) < 1e-5, (key, got[key]["loss"], want[key]["loss"])
+    exported = load_file(str(run / "export" / "adapter.safetensors"))
+    mapper = {n: t for n, t in exported.items() if n.startswith("mapper.")}
+    assert set(exported) == set(lora) | set(mapper) and mapper
+    assert all(torch.equal(exported[n], t) for n, t in lora.items())          # frozen through training
+    assert metrics["method"] == "collm" and metrics["trainable_parameters"] == sum(t.numel() for t in mapper.values())
+    assert metrics["samples"] > 0 and metrics["samples_per_second"] > 0
+    saved = json.loads((run / "export" / "config.json").read_text())
+    assert saved["method"] == "collm" and saved["collm"]["lora_from"] is None   # the export stands alone
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert abs(again["auc"] - metrics["test"]["auc"]) < 1e-4, (again["auc"], metrics["test"]["auc"])
+
+
+def test_reccocktail_merge_restarted_after_a_kill_trains_exactly_like_an_uninterrupted_run(inputs, tmp_path, capsys):
+    """RecCocktail's merge (method=reccocktail, the authors' per-module form) on 2 ZeRO-3 ranks: both TALLRec
+    LoRAs loaded on every start and frozen, only the merge weights train (on the answer token's entropy, no
+    label read); a killed and restarted run trains like an uninterrupted one; the export carries both LoRAs
+    and the weights, and `cora eval` scores the test split with it as the trainer did."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import write_tallrec_export
+    base, ingredient = write_tallrec_export(tmp_path / "base", seed=1), write_tallrec_export(tmp_path / "ingr", seed=2)
+    cocktail = ("method=reccocktail", "reccocktail.form=code", f"reccocktail.base_from={tmp_path / 'base'}",
+                f"reccocktail.ingredient_from={tmp_path / 'ingr'}", "run.max_steps=12", "optim.lr_peak=0.05")
+    ref, run = tmp_path / "reference", tmp_path / "run"
+    assert main(args(inputs, ref, *cocktail)) == 0
+    killer = Killer(str(run / "checkpoints"), after_step=4)
+    assert main(args(inputs, run, *cocktail, "run.max_failures=1")) == 0
+    assert killer.killed_at is not None
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 4 <= int(metrics["resumed_from"].split("-")[1]) < 12 and metrics["steps"] == 12
+    want, got = final(ref), final(run)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key]["sample_ids"] == want[key]["sample_ids"], key
+        assert abs(got[key]["loss"] - want[key]["loss"]) < 1e-5, (key, got[key]["loss"], want[key]["loss"])
+    exported = load_file(str(run / "export" / "adapter.safetensors"))
+    assert set(exported) == set(base) | {"merger.logits"}
+    for name, t in base.items():                           # both LoRAs frozen, stacked [base, ingredient]
+        assert torch.equal(exported[name][0], t) and torch.equal(exported[name][1], ingredient[name]), name
+    logits = exported["merger.logits"]
+    assert logits.shape[1] == 2 and logits.abs().sum() > 0   # the weights moved from (1/2, 1/2)
+    assert metrics["trainable_parameters"] == logits.numel()
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert abs(again["auc"] - metrics["test"]["auc"]) < 1e-4, (again["auc"], metrics["test"]["auc"])

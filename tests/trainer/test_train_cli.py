@@ -48,6 +48,19 @@ def test_bad_inputs_are_all_reported_before_ray_or_a_worker_starts(tmp_path, cap
     err = capsys.readouterr().err
     assert "GPT-2 fuses q, k and v" in err and "is not a prepared data directory (no dataset.json)" in err
     assert not (tmp_path / "run2").exists() and sorted(p.name for p in run.iterdir()) == ["config.json"]
+    # the earlier stages of CoLLM and RecCocktail: missing, or trained with another rank
+    from tests.conftest import write_tallrec_export
+    write_tallrec_export(tmp_path / "r8", rank=8)
+    assert main(["train", "--config", "configs/demo.yaml", f"data.data_dir={data}", f"run.run_dir={tmp_path / 'run3'}",
+                 "method=reccocktail", f"reccocktail.base_from={tmp_path / 'r8'}",
+                 f"reccocktail.ingredient_from={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"reccocktail.base_from='{tmp_path / 'r8'}' was trained with injection.rank 8 (this run: 16)" in err, err
+    assert f"reccocktail.ingredient_from='{tmp_path / 'none'}' lacks config.json, adapter.safetensors" in err
+    assert main(["train", "--config", "configs/demo.yaml", f"data.data_dir={data}", f"run.run_dir={tmp_path / 'run3'}",
+                 "method=collm", f"collm.lora_from={tmp_path / 'none'}"]) == 2
+    assert f"collm.lora_from='{tmp_path / 'none'}' lacks config.json" in capsys.readouterr().err
+    assert not (tmp_path / "run3").exists()
 
 
 def test_a_cuda_run_without_gpus_and_a_join_without_a_token_are_refused_before_ray_starts(tmp_path, capsys,
