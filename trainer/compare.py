@@ -425,7 +425,7 @@ def cell(value, digits: int | None = None) -> str:
 
 
 def _digits(column: str) -> int:
-    return 1 if column in ("samples_per_second", "train_seconds") else 4
+    return {"samples_per_second": 1, "train_seconds": 2}.get(column, 4)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -460,13 +460,17 @@ def plot(rows: list[dict], path: Path) -> None:
     x, width = np.arange(len(rows)), 0.27
     for ax, metric in zip(fig.subplots(1, 2), ("auc", "uauc")):
         for j, part in enumerate(("", "warm_", "cold_")):
-            values = [np.nan if r.get(part + metric) is None else r[part + metric] for r in rows]
-            ax.bar(x + (j - 1) * width, values, width, label=(part.rstrip("_") or "overall"))
-        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+            values = [r.get(part + metric) for r in rows]
+            values = [v if isinstance(v, (int, float)) and math.isfinite(v) else np.nan for v in values]
+            bars = ax.bar(x + (j - 1) * width, values, width, label=(part.rstrip("_") or "overall"))
+            ax.bar_label(bars, ["" if np.isnan(v) else f"{v:.3f}" for v in values], fontsize=7, rotation=90,
+                         padding=2)
+        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")          # a random scorer
         ax.set_xticks(x, [r["method"] for r in rows])
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.2)
+        ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_title(f"test {metric.upper()}")
-        ax.legend(loc="lower right", fontsize="small")
+        ax.legend(loc="upper center", ncols=3, fontsize="small", frameon=False)
     fig.savefig(path, dpi=100)
 
 
@@ -495,9 +499,12 @@ def compare(configs: list[str], methods_text: str, out: Path, overrides: list[st
         results["mf"], notes["mf"] = cf_metrics(base)
         print(f"[compare] mf: the CF model's test metrics from {base.data.cf_dir} (not trained here)",
               file=sys.stderr)
+    t0 = time.monotonic()
     for i, run in enumerate(runs, 1):
         execute(run, configs, overrides, i, len(runs))
         results[run.method] = json.loads((run.run_dir / "metrics.json").read_text())
+    if runs:
+        print(f"[compare] {len(runs)} run(s) ready in {_clock(time.monotonic() - t0)}", file=sys.stderr)
     if "no-injection" in methods:
         results["no-injection"], source = no_injection(results)
         if source is None:

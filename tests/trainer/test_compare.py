@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -118,7 +120,7 @@ def test_the_csv_and_the_markdown_hold_the_same_table_with_empty_cells_for_what_
             if a == "" or c in ("method", "n", "warm_n", "cold_n", "trainable_parameters", "steps"):
                 assert a == b, (c, a, b)
             else:
-                digits = 1 if c in ("samples_per_second", "train_seconds") else 4
+                digits = {"samples_per_second": 1, "train_seconds": 2}.get(c, 4)
                 assert f"{float(a):.{digits}f}" == b, (c, a, b)
     by = {r[0]: dict(zip(cols, r)) for r in table[1:]}
     assert by["mf"]["recall@5"] == "0.75" and by["mf"]["mrr"] == "0.45" and by["mf"]["cold_uauc"] == ""
@@ -129,7 +131,7 @@ def test_the_csv_and_the_markdown_hold_the_same_table_with_empty_cells_for_what_
     md = (tmp_path / "compare.md").read_text()
     assert md.startswith("# Method comparison") and "cora compare --methods mf" in md and "context line" in md
     assert "- **mf**: the CF model alone" in md and "- **cora**: CoRA" in md and "**tallrec**" not in md
-    assert "| 123.5 |" in md and "| 12.3 |" in md
+    assert "| 123.5 |" in md and "| 12.34 |" in md
     plot(rows, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").read_bytes()[:8] == PNG
 
@@ -276,12 +278,19 @@ def test_mf_is_scored_from_the_cf_runs_predictions_like_the_llm_runs(cf_run, tmp
     want = ranking(rank["query"], rank["label"], scores, users=rank["user"])
     assert metrics["ranking"]["mrr"] == pytest.approx(want["mrr"], abs=1e-6) and 0 < want["mrr"] <= 1
     assert metrics["steps"] == own["epochs_run"] * -(-own["n_train"] // 64) and metrics["train_seconds"] > 0
-    # a CF run of other data is refused, not scored against the wrong rows
-    assert main(["prepare", "--source", "synthetic", "--out", str(tmp_path / "other"), "--users", "40", "--items",
-                 "30", "--interactions", "450", "--seed", "7", "--no-progress"]) == 0
-    other = load(TrainConfig, CONFIGS, [f"data.data_dir={tmp_path / 'other'}", f"data.cf_dir={cf_run / 'cf'}"])
-    with pytest.raises(DatasetError, match="data.cf_dir was trained on other data"):
-        cf_metrics(other)
+    # a CF run of other data is refused, not scored against the wrong rows: other rows, or another label
+    import shutil
+    test = pq.read_table(cf_run / "data" / "test.parquet")
+    for name, changed, says in (("fewer", test.slice(1), f"scores {len(test)} rows that are not the {len(test) - 1}"),
+                                ("flipped", test.set_column(test.schema.get_field_index("label"), "label",
+                                                            pc.subtract(1, test["label"]).cast(pa.int8())),
+                                 "the label columns of")):
+        shutil.copytree(cf_run / "data", tmp_path / name)
+        pq.write_table(changed, tmp_path / name / "test.parquet")
+        other = load(TrainConfig, CONFIGS, [f"data.data_dir={tmp_path / name}", f"data.cf_dir={cf_run / 'cf'}"])
+        with pytest.raises(DatasetError, match="data.cf_dir was trained on other data") as e:
+            cf_metrics(other)
+        assert says in str(e.value)
 
 
 def test_mf_alone_needs_no_training_and_writes_the_report(cf_run, tmp_path, capsys):
@@ -317,11 +326,12 @@ def test_compare_end_to_end_then_again_reusing_every_run(tmp_path):
                  "--interactions", "500", "--rank-negatives", "4", "--no-progress"]) == 0
     assert main(["train-cf", "--data", str(data), "--model", "mf", "--out", str(cf), "--dim", "8", "--epochs", "2",
                  "--no-progress"]) == 0
-    llm = ["tallrec", "cora"]
-    methods = ["mf", "no-injection", *llm]
+    methods = ["mf", "no-injection", "collm", "tallrec", "cora"]       # collm given before tallrec: trained after
+    llm = ["tallrec", "collm", "cora"]
     summary, err = _compare(out, data, cf, ",".join(methods))
-    assert "[compare] 1/2 tallrec: training" in err and "[compare] 2/2 cora: done in" in err
-    assert "[compare] cora: " in err                             # its `cora train` output, prefixed
+    for i, m in enumerate(llm, 1):
+        assert f"[compare] {i}/3 {m}: training -> {out / m}" in err and f"[compare] {i}/3 {m}: done in" in err
+        assert f"[compare] {m}: " in err                                  # its `cora train` output, prefixed
     with open(out / "compare.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == methods == [r["method"] for r in summary["rows"]]
@@ -331,20 +341,23 @@ def test_compare_end_to_end_then_again_reusing_every_run(tmp_path):
     runs = {m: json.loads((out / m / "metrics.json").read_text()) for m in llm}
     for m in llm:
         assert float(by[m]["auc"]) == runs[m]["test"]["auc"] and by[m]["steps"] == "2"
-        assert json.loads((out / m / "config.json").read_text())["method"] == m
+        assert runs[m]["method"] == m and int(by[m]["trainable_parameters"]) == runs[m]["trainable_parameters"] > 0
+        assert float(by[m]["samples_per_second"]) > 0 and float(by[m]["train_seconds"]) > 0
+    collm = json.loads((out / "collm" / "config.json").read_text())["collm"]
+    assert collm["lora_from"] == str(out / "tallrec" / "export")
     assert float(by["no-injection"]["auc"]) == runs["cora"]["no_injection_test"]["auc"]
     assert float(by["mf"]["auc"]) == json.loads((cf / "metrics.json").read_text())["test"]["auc"]
     assert by["cora"]["mrr"] != "" and by["mf"]["mrr"] != "" and by["no-injection"]["mrr"] == ""
     assert (out / "compare.png").read_bytes()[:8] == PNG
     md = (out / "compare.md").read_text()
-    assert "cora compare --config configs/demo.yaml --methods mf,no-injection,tallrec,cora" in md
+    assert "cora compare --config configs/demo.yaml --methods mf,no-injection,collm,tallrec,cora" in md
     # the same command again: nothing is trained, the report is the same
     stamps = {m: (out / m / "metrics.json").stat().st_mtime_ns for m in llm}
     before = (out / "compare.csv").read_text()
     again, err = _compare(out, data, cf, ",".join(methods))
     for i, m in enumerate(llm, 1):
-        assert f"[compare] {i}/2 {m}: reused {out / m}" in err
+        assert f"[compare] {i}/3 {m}: reused {out / m}" in err
+        assert f"[compare] {m}: " not in err                              # no `cora train` started
         assert (out / m / "metrics.json").stat().st_mtime_ns == stamps[m]
-    assert "[compare] cora: " not in err and "[compare] tallrec: " not in err        # no `cora train` started
-    assert {m: again["runs"][m]["action"] for m in llm} == {"tallrec": "reuse", "cora": "reuse"}
+    assert {m: again["runs"][m]["action"] for m in llm} == dict.fromkeys(llm, "reuse")
     assert (out / "compare.csv").read_text() == before
