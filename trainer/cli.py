@@ -5,6 +5,7 @@
     cora train-cf --data DATA_DIR --out CF_DIR         the CF model (cora/cf/cli.py)
     cora train    --config CONFIG.yaml [key=value ...] CoRA with ZeRO-3 workers on Ray (trainer/train.py)
     cora eval     --run RUN [--checkpoint best] [--device cuda]  one process, no DeepSpeed (trainer/run_eval.py)
+    cora compare  --config CONFIG.yaml --methods mf,tallrec,cora --out OUT_DIR   methods side by side (trainer/compare.py)
     cora demo     [--llm tiny-llama] ...               single-process CoRA vs. a no-CF LoRA baseline (cora/demo.py)
 """
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     add_train(sub)
     from trainer.run_eval import add_parser as add_eval
     add_eval(sub)
+    from trainer.compare import add_parser as add_compare
+    add_compare(sub)
     args = ap.parse_args(argv)
     from cora.data.schema import DatasetError
     try:
