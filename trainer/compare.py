@@ -18,6 +18,7 @@ The methods:
     tallrec       cora train method=tallrec   (LoRA on the text prompt, no CF input)
     collm         cora train method=collm collm.lora_from=OUT_DIR/tallrec/export   (runs after tallrec)
     cora          cora train method=cora
+    laser         cora train method=laser     (M-Former prefix + suffix token; cosine against item encodings)
 
 Each LLM method is one `cora train` subprocess, so each run has a Ray instance of its own, with the same
 configs and overrides plus method=<m> and run.run_dir=OUT_DIR/<m> (and, when the config sets
@@ -57,7 +58,7 @@ from cora.fileio import is_remote, open_fs
 
 from .config import TrainConfig
 
-LLM_METHODS = ("tallrec", "collm", "cora")
+LLM_METHODS = ("tallrec", "collm", "cora", "laser")
 METHODS = ("mf", "no-injection") + LLM_METHODS
 NO_INJECTION_FROM = ("cora", "tallrec")
 """Runs whose step 0 is the frozen LLM on the text prompt, in order of preference (collm's step 0 is not:
@@ -82,6 +83,8 @@ NOTES = {
     "collm": "CoLLM: the CF user and item embeddings mapped into two token slots of its prompt; the mapping "
              "trains, on top of the tallrec run's LoRA (loaded from OUT_DIR/tallrec/export, frozen)",
     "cora": "CoRA: per-sample low-rank weights generated from the CF user and item embeddings",
+    "laser": "Laser: an M-Former prefix from the history's CF item embeddings and a suffix token; the score is the "
+             "cosine between the user's and the item's encodings (trained on the positives, softmax over all items)",
 }
 ROOT = Path(__file__).resolve().parents[1]          # the checkout (or site-packages) holding this package
 
