@@ -57,6 +57,7 @@ from cora.data.schema import DatasetError
 from cora.fileio import is_remote, open_fs
 
 from .config import TrainConfig
+from .train import flatten
 
 LLM_METHODS = ("tallrec", "collm", "cora", "laser")
 METHODS = ("mf", "no-injection") + LLM_METHODS
@@ -145,17 +146,6 @@ def check_overrides(overrides: list[str]) -> None:
         raise CompareError(f"override(s) of {', '.join(taken)}: cora compare sets these for each method (method, "
                            f"run.run_dir=OUT_DIR/<method>, collm.lora_from=OUT_DIR/tallrec/export, run.resume and "
                            f"run.overwrite from its resume decision); drop them (--overwrite trains runs again)")
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ---------------------------------------------------------------- one run per LLM method, and whether to train it

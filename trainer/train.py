@@ -217,18 +217,19 @@ def check_run_dir(cfg: TrainConfig) -> list[str]:
     saved = run_dir / "config.json"
     if not saved.is_file():
         return []
-    old, new = _flatten(json.loads(saved.read_text())), _flatten(to_dict(cfg))
+    old, new = flatten(json.loads(saved.read_text())), flatten(to_dict(cfg))
     changed = [k for k in sorted(set(old) | set(new)) if any(k == p or k.startswith(p + ".") for p in RESUME_KEYS)
                and old.get(k) != new.get(k)]
     return [f"run.resume=auto: {k} was {old.get(k)!r} in {saved}, now {new.get(k)!r}; a resumed run must keep it "
             f"(or start a new run.run_dir)" for k in changed]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -101,10 +101,7 @@ def test_tallrec_with_accumulation_2_restarted_after_a_kill_trains_each_sample_o
     logged = sorted({e.step for e in board.Scalars("train/loss")})
     assert logged == list(range(1, metrics["steps"] + 1))       # one point per optimiser step
     # the exported LoRA adapter, in one process, scores the test split as the trainer did
-    capsys.readouterr()
-    assert main(["eval", "--run", str(run), "--no-progress"]) == 0
-    again = json.loads(capsys.readouterr().out)
-    assert abs(again["auc"] - metrics["test"]["auc"]) < 1e-4, (again["auc"], metrics["test"]["auc"])
+    eval_reproduces_test_auc(run, metrics, capsys)
     # resume the finished run for 3 more steps of a second epoch with another peak: the new schedule applies
     total = 2 * metrics["steps"]
     before = {s: rec["lr"] for (s, r, m), rec in done.items()}
@@ -120,6 +117,33 @@ def test_tallrec_with_accumulation_2_restarted_after_a_kill_trains_each_sample_o
         assert lr == pytest.approx(lr_at(s - 1, metrics["steps"], old), rel=1e-6), (s, lr)
 
 
+def killed_like_uninterrupted(inputs, tmp_path, *extra, steps=12, after_step=4) -> tuple[dict, object, object]:
+    """A reference run of ``steps`` steps and the same run with a worker killed once a checkpoint at or after
+    ``after_step`` is committed and restarted by Ray Train; asserts that they trained the same samples with
+    the same losses. Returns (the restarted run's metrics, its RUN, the reference's RUN)."""
+    budget = (*extra, f"run.max_steps={steps}")
+    ref, run = tmp_path / "reference", tmp_path / "run"
+    assert main(args(inputs, ref, *budget)) == 0
+    killer = Killer(str(run / "checkpoints"), after_step=after_step)
+    assert main(args(inputs, run, *budget, "run.max_failures=1")) == 0
+    assert killer.killed_at is not None
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert after_step <= int(metrics["resumed_from"].split("-")[1]) < steps and metrics["steps"] == steps
+    want, got = final(ref), final(run)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key]["sample_ids"] == want[key]["sample_ids"], key
+        assert abs(got[key]["loss"] - want[key]["loss"]) < 1e-5, (key, got[key]["loss"], want[key]["loss"])
+    return metrics, run, ref
+
+
+def eval_reproduces_test_auc(run, metrics, capsys) -> None:
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert abs(again["auc"] - metrics["test"]["auc"]) < 1e-4, (again["auc"], metrics["test"]["auc"])
+
+
 def test_collm_from_a_tallrec_export_restarted_after_a_kill_trains_exactly_like_an_uninterrupted_run(inputs, tmp_path,
                                                                                                      capsys):
     """CoLLM (method=collm) on 2 ZeRO-3 ranks: its first stage's LoRA (a TALLRec export) is loaded on every
@@ -130,19 +154,8 @@ def test_collm_from_a_tallrec_export_restarted_after_a_kill_trains_exactly_like_
 
     from tests.conftest import write_tallrec_export
     lora = write_tallrec_export(tmp_path / "tallrec")
-    collm = ("method=collm", f"collm.lora_from={tmp_path / 'tallrec'}", "run.max_steps=12")
-    ref, run = tmp_path / "reference", tmp_path / "run"
-    assert main(args(inputs, ref, *collm)) == 0
-    killer = Killer(str(run / "checkpoints"), after_step=4)
-    assert main(args(inputs, run, *collm, "run.max_failures=1")) == 0
-    assert killer.killed_at is not None
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert 4 <= int(metrics["resumed_from"].split("-")[1]) < 12 and metrics["steps"] == 12
-    want, got = final(ref), final(run)
-    assert sorted(got) == sorted(want)
-    for key in want:
-        assert got[key]["sample_ids"] == want[key]["sample_ids"], key
-        assert abs(got[key]["loss"] - want[key]["loss"]) < 1e-5, (key, got[key]["loss"], want[key]["loss"])
+    collm = ("method=collm", f"collm.lora_from={tmp_path / 'tallrec'}")
+    metrics, run, ref = killed_like_uninterrupted(inputs, tmp_path, *collm)
     exported = load_file(str(run / "export" / "adapter.safetensors"))
     mapper = {n: t for n, t in exported.items() if n.startswith("mapper.")}
     assert set(exported) == set(lora) | set(mapper) and mapper
@@ -151,10 +164,7 @@ def test_collm_from_a_tallrec_export_restarted_after_a_kill_trains_exactly_like_
     assert metrics["samples"] > 0 and metrics["samples_per_second"] > 0
     saved = json.loads((run / "export" / "config.json").read_text())
     assert saved["method"] == "collm" and saved["collm"]["lora_from"] is None   # the export stands alone
-    capsys.readouterr()
-    assert main(["eval", "--run", str(run), "--no-progress"]) == 0
-    again = json.loads(capsys.readouterr().out)
-    assert abs(again["auc"] - metrics["test"]["auc"]) < 1e-4, (again["auc"], metrics["test"]["auc"])
+    eval_reproduces_test_auc(run, metrics, capsys)
 
 
 def test_reccocktail_merge_restarted_after_a_kill_trains_exactly_like_an_uninterrupted_run(inputs, tmp_path, capsys):
@@ -167,19 +177,8 @@ def test_reccocktail_merge_restarted_after_a_kill_trains_exactly_like_an_uninter
     from tests.conftest import write_tallrec_export
     base, ingredient = write_tallrec_export(tmp_path / "base", seed=1), write_tallrec_export(tmp_path / "ingr", seed=2)
     cocktail = ("method=reccocktail", "reccocktail.form=code", f"reccocktail.base_from={tmp_path / 'base'}",
-                f"reccocktail.ingredient_from={tmp_path / 'ingr'}", "run.max_steps=12", "optim.lr_peak=0.05")
-    ref, run = tmp_path / "reference", tmp_path / "run"
-    assert main(args(inputs, ref, *cocktail)) == 0
-    killer = Killer(str(run / "checkpoints"), after_step=4)
-    assert main(args(inputs, run, *cocktail, "run.max_failures=1")) == 0
-    assert killer.killed_at is not None
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert 4 <= int(metrics["resumed_from"].split("-")[1]) < 12 and metrics["steps"] == 12
-    want, got = final(ref), final(run)
-    assert sorted(got) == sorted(want)
-    for key in want:
-        assert got[key]["sample_ids"] == want[key]["sample_ids"], key
-        assert abs(got[key]["loss"] - want[key]["loss"]) < 1e-5, (key, got[key]["loss"], want[key]["loss"])
+                f"reccocktail.ingredient_from={tmp_path / 'ingr'}", "optim.lr_peak=0.05")
+    metrics, run, ref = killed_like_uninterrupted(inputs, tmp_path, *cocktail)
     exported = load_file(str(run / "export" / "adapter.safetensors"))
     assert set(exported) == set(base) | {"merger.logits"}
     for name, t in base.items():                           # both LoRAs frozen, stacked [base, ingredient]
@@ -187,10 +186,7 @@ def test_reccocktail_merge_restarted_after_a_kill_trains_exactly_like_an_uninter
     logits = exported["merger.logits"]
     assert logits.shape[1] == 2 and logits.abs().sum() > 0   # the weights moved from (1/2, 1/2)
     assert metrics["trainable_parameters"] == logits.numel()
-    capsys.readouterr()
-    assert main(["eval", "--run", str(run), "--no-progress"]) == 0
-    again = json.loads(capsys.readouterr().out)
-    assert abs(again["auc"] - metrics["test"]["auc"]) < 1e-4, (again["auc"], metrics["test"]["auc"])
+    eval_reproduces_test_auc(run, metrics, capsys)
 
 
 def test_laser_restarted_after_a_kill_trains_exactly_like_an_uninterrupted_run(inputs, tmp_path, capsys):
@@ -198,27 +194,14 @@ def test_laser_restarted_after_a_kill_trains_exactly_like_an_uninterrupted_run(i
     item table is encoded by both ranks and kept in checkpoints, so a worker killed mid-epoch and restarted
     trains the same samples with the same losses as an uninterrupted run; the export carries the table, and
     `cora eval` scores the test split with it as the trainer did."""
+    import pyarrow.parquet as pq
     from safetensors.torch import load_file
     laser = ("method=laser", "laser.experts=2", "laser.queries=2", "laser.blocks=2", "laser.hidden_size=16",
-             "laser.heads=2", "laser.history=5", "run.max_steps=12")
-    ref, run = tmp_path / "reference", tmp_path / "run"
-    assert main(args(inputs, ref, *laser)) == 0
-    killer = Killer(str(run / "checkpoints"), after_step=4)
-    assert main(args(inputs, run, *laser, "run.max_failures=1")) == 0
-    assert killer.killed_at is not None
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert 4 <= int(metrics["resumed_from"].split("-")[1]) < 12 and metrics["steps"] == 12
-    want, got = final(ref), final(run)
-    assert sorted(got) == sorted(want)
-    for key in want:
-        assert got[key]["sample_ids"] == want[key]["sample_ids"], key
-        assert abs(got[key]["loss"] - want[key]["loss"]) < 1e-5, (key, got[key]["loss"], want[key]["loss"])
+             "laser.heads=2", "laser.history=5")
+    metrics, run, ref = killed_like_uninterrupted(inputs, tmp_path, *laser)
     exported = load_file(str(run / "export" / "adapter.safetensors"))
-    n_items = len(__import__("pyarrow.parquet", fromlist=["x"]).read_table(inputs / "data" / "items.parquet"))
+    n_items = len(pq.read_table(inputs / "data" / "items.parquet"))
     assert exported["item_table"].shape[0] == n_items and exported["item_table"].abs().sum() > 0
     assert {n.split(".")[0] for n in exported} == {"mformer", "suffix", "item_table"}
     assert torch.equal(exported["item_table"], load_file(str(ref / "export" / "adapter.safetensors"))["item_table"])
-    capsys.readouterr()
-    assert main(["eval", "--run", str(run), "--no-progress"]) == 0
-    again = json.loads(capsys.readouterr().out)
-    assert abs(again["auc"] - metrics["test"]["auc"]) < 1e-4, (again["auc"], metrics["test"]["auc"])
+    eval_reproduces_test_auc(run, metrics, capsys)

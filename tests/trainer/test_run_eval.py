@@ -41,6 +41,20 @@ def commit(uri, staging, step, tensors, best, config):
     up.close()
 
 
+def handmade_run(data, cf, run):
+    """(TrainConfig, CoRAModel) of a run directory made by hand: RUN/config.json for DATA and CF_DIR, and the
+    model it describes (seeded, P = 0), for the caller to give P values and export."""
+    cfg = from_dict(TrainConfig, {
+        "data": {"data_dir": str(data), "cf_dir": str(cf), "max_length": 256}, "llm": {"name": "tiny-llama"},
+        "generator": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
+        "run": {"run_dir": str(run)}})
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    torch.manual_seed(0)
+    llm, tok = load_llm(LLMConfig(name="tiny-llama"))
+    return cfg, CoRAModel(llm, resolve_answer_token(tok), CF_DIM, CF_DIM, cfg.injection, cfg.generator)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """RUN with config.json, export/ (the adapter A) and checkpoints: step 4 (A, best), step 8 (B),
@@ -51,15 +65,7 @@ def run(tmp_path_factory):
                  "--interactions", "300", "--no-progress"]) == 0
     assert main(["train-cf", "--data", str(data), "--model", "mf", "--out", str(cf), "--dim", str(CF_DIM),
                  "--epochs", "1", "--no-progress"]) == 0
-    cfg = from_dict(TrainConfig, {
-        "data": {"data_dir": str(data), "cf_dir": str(cf), "max_length": 256}, "llm": {"name": "tiny-llama"},
-        "generator": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
-        "run": {"run_dir": str(run)}})
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    torch.manual_seed(0)
-    llm, tok = load_llm(LLMConfig(name="tiny-llama"))
-    model = CoRAModel(llm, resolve_answer_token(tok), CF_DIM, CF_DIM, cfg.injection, cfg.generator)
+    cfg, model = handmade_run(data, cf, run)
     randomise_p(model, seed=1)
     a = trainable(model)
     randomise_p(model, seed=2)
@@ -227,16 +233,7 @@ def multi_run(tmp_path_factory):
                  "--out", str(data), "--users", "20", "--items", "15", "--interactions", "120", "--no-progress"]) == 0
     assert main(["train-cf", "--data", str(data / "source"), "--model", "mf", "--out", str(cf), "--dim", str(CF_DIM),
                  "--epochs", "1", "--no-progress"]) == 0
-    cfg = from_dict(TrainConfig, {
-        "data": {"data_dir": str(data / "source"), "cf_dir": str(cf), "max_length": 256},
-        "llm": {"name": "tiny-llama"},
-        "generator": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
-        "run": {"run_dir": str(run)}})
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    torch.manual_seed(0)
-    llm, tok = load_llm(LLMConfig(name="tiny-llama"))
-    model = CoRAModel(llm, resolve_answer_token(tok), CF_DIM, CF_DIM, cfg.injection, cfg.generator)
+    cfg, model = handmade_run(data / "source", cf, run)
     randomise_p(model, seed=3)
     export_trainable(trainable(model), run / "export",
                      dict({k: to_dict(getattr(cfg, k)) for k in ("llm", "injection", "generator")}, cf_dim=CF_DIM))
