@@ -19,6 +19,10 @@ The methods:
     collm         cora train method=collm collm.lora_from=OUT_DIR/tallrec/export   (runs after tallrec)
     cora          cora train method=cora
     laser         cora train method=laser     (M-Former prefix + suffix token; cosine against item encodings)
+    reccocktail-paper, reccocktail-code
+                  cora train method=reccocktail reccocktail.form=paper|code, merging the tallrec run's LoRA (the
+                  ingredient) with a base spirit: a tallrec run on --source-data/--source-cf in
+                  OUT_DIR/reccocktail-base (trained first; not a row)
 
 Each LLM method is one `cora train` subprocess, so each run has a Ray instance of its own, with the same
 configs and overrides plus method=<m> and run.run_dir=OUT_DIR/<m> (and, when the config sets
@@ -59,12 +63,17 @@ from cora.fileio import is_remote, open_fs
 from .config import TrainConfig
 from .train import flatten
 
-LLM_METHODS = ("tallrec", "collm", "cora", "laser")
+LLM_METHODS = ("tallrec", "collm", "cora", "laser", "reccocktail-paper", "reccocktail-code")
 METHODS = ("mf", "no-injection") + LLM_METHODS
+BASE = "reccocktail-base"
+"""The run that is no row: RecCocktail's "base spirit", a tallrec run on --source-data (OUT_DIR/reccocktail-base)."""
+NEEDS = {"collm": ("tallrec",), "reccocktail-paper": ("tallrec", BASE), "reccocktail-code": ("tallrec", BASE)}
+"""The runs each run is trained from (they are trained first; it is trained again when they are)."""
 NO_INJECTION_FROM = ("cora", "tallrec")
 """Runs whose step 0 is the frozen LLM on the text prompt, in order of preference (collm's step 0 is not:
 it carries the tallrec LoRA and the mapped CF embeddings)."""
-MANAGED = ("method", "run.run_dir", "run.resume", "run.overwrite", "collm.lora_from")
+MANAGED = ("method", "run.run_dir", "run.resume", "run.overwrite", "collm.lora_from", "reccocktail.form",
+           "reccocktail.base_from", "reccocktail.ingredient_from")
 """Keys compare sets per method: refused as user overrides."""
 UNCOMPARED = ("run.resume", "run.overwrite")
 """Left out when a saved run's config is compared with the one it would be run with now."""
@@ -84,6 +93,11 @@ NOTES = {
     "collm": "CoLLM: the CF user and item embeddings mapped into two token slots of its prompt; the mapping "
              "trains, on top of the tallrec run's LoRA (loaded from OUT_DIR/tallrec/export, frozen)",
     "cora": "CoRA: per-sample low-rank weights generated from the CF user and item embeddings",
+    "reccocktail-paper": "RecCocktail: the base spirit (tallrec on the source domains, OUT_DIR/reccocktail-base) "
+                         "and the ingredient (the tallrec row's LoRA) merged by one global pair of weights "
+                         "learned on unlabeled target prompts (the paper's form)",
+    "reccocktail-code": "RecCocktail as above, merged by one pair of weights per injected module (the authors' "
+                        "code's form)",
     "laser": "Laser: an M-Former prefix from the history's CF item embeddings and a suffix token; the score is the "
              "cosine between the user's and the item's encodings (trained on the positives, softmax over all items)",
 }
@@ -124,6 +138,10 @@ def parse_methods(text: str) -> list[str]:
     if "collm" in names and "tallrec" not in names:
         raise CompareError(f"--methods {text!r}: collm is trained from TALLRec's stage (collm.lora_from="
                            f"OUT_DIR/tallrec/export): add tallrec, e.g. --methods {text},tallrec")
+    cocktail = [m for m in names if m.startswith("reccocktail-")]
+    if cocktail and "tallrec" not in names:
+        raise CompareError(f"--methods {text!r}: {cocktail[0]} merges the tallrec run's LoRA (its ingredient, "
+                           f"trained on the target domain) with a base spirit: add tallrec, e.g. --methods {text},tallrec")
     if "no-injection" in names and not set(names) & set(NO_INJECTION_FROM):
         raise CompareError(f"--methods {text!r}: no-injection is scored by an LLM run (cora or tallrec) before its "
                            f"first step, and none is requested: add cora or tallrec")
@@ -131,12 +149,20 @@ def parse_methods(text: str) -> list[str]:
 
 
 def run_order(methods: list[str]) -> list[str]:
-    """The LLM methods in the order they are trained: as given, but collm right after tallrec if given before."""
-    llm = [m for m in methods if m in LLM_METHODS]
-    if "collm" in llm and llm.index("collm") < llm.index("tallrec"):
-        llm.remove("collm")
-        llm.insert(llm.index("tallrec") + 1, "collm")
-    return llm
+    """The runs in the order they are trained: the LLM methods as given, each after the runs it is trained
+    from (``NEEDS``; RecCocktail's base spirit is added when a reccocktail row is asked for)."""
+    order: list[str] = []
+
+    def add(m: str) -> None:
+        for need in NEEDS.get(m, ()):
+            if need == BASE or need in methods:
+                add(need)
+        if m not in order:
+            order.append(m)
+    for m in methods:
+        if m in LLM_METHODS:
+            add(m)
+    return order
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -165,12 +191,23 @@ class Run:
     why: str = ""
 
 
-def resolve(configs: list[str], overrides: list[str], method: str, out: Path) -> Run:
-    """The run of ``method``: its overrides and the config `cora train` will resolve from them."""
+def resolve(configs: list[str], overrides: list[str], method: str, out: Path, source: tuple | None = None) -> Run:
+    """The run of ``method``: its overrides and the config `cora train` will resolve from them. ``source``:
+    (data dir, CF dir) of RecCocktail's source domains (for the base spirit's run)."""
     run_dir = (out / method).absolute()
-    own = [f"method={method}", f"run.run_dir={run_dir}"]
+    trained_as = "tallrec" if method == BASE else method.split("-")[0]
+    own = [f"method={trained_as}", f"run.run_dir={run_dir}"]
     if method == "collm":
         own.append(f"collm.lora_from={run_dir.parent / 'tallrec' / 'export'}")
+    if method == BASE:
+        if source is None:
+            raise CompareError("reccocktail rows need the source domains' data for the base spirit: pass "
+                               "--source-data DIR --source-cf CF_DIR (`cora prepare ... --target-domain` writes "
+                               "OUT/source beside OUT/target; train its CF model with `cora train-cf`)")
+        own += [f"data.data_dir={source[0]}", f"data.cf_dir={source[1]}"]
+    if method in ("reccocktail-paper", "reccocktail-code"):
+        own += [f"reccocktail.form={method.split('-')[1]}", f"reccocktail.base_from={run_dir.parent / BASE / 'export'}",
+                f"reccocktail.ingredient_from={run_dir.parent / 'tallrec' / 'export'}"]
     try:
         cfg = load(TrainConfig, configs, overrides + own)
     except ConfigError as e:
@@ -228,23 +265,26 @@ def decide(run: Run, overwrite: bool) -> Run:
                        f"--overwrite to train {run.method} again")
 
 
-def plan(configs: list[str], overrides: list[str], methods: list[str], out: Path, overwrite: bool) -> list[Run]:
+def plan(configs: list[str], overrides: list[str], methods: list[str], out: Path, overwrite: bool,
+         source: tuple | None = None) -> list[Run]:
     """The LLM runs in training order, each with its action; every refusal reported at once."""
     runs, problems = [], []
     for method in run_order(methods):
         try:
-            runs.append(decide(resolve(configs, overrides, method, out), overwrite))
+            runs.append(decide(resolve(configs, overrides, method, out, source), overwrite))
         except CompareError as e:
             problems.append(str(e))
-    by = {r.method: r for r in runs}
-    if "collm" in by and "tallrec" in by and by["tallrec"].action != "reuse" and by["collm"].action != "train":
-        collm = by["collm"]
-        problem = (f"{collm.run_dir} was trained from {by['tallrec'].run_dir / 'export'}, which is to be trained "
-                   f"again ({by['tallrec'].action}): collm's results would not be those of the new TALLRec stage")
+    for i, run in enumerate(runs):        # a run trained from one that trains again is stale
+        by = {r.method: r for r in runs}
+        again = [by[n] for n in NEEDS.get(run.method, ()) if n in by and by[n].action != "reuse"]
+        if not again or run.action == "train":
+            continue
+        problem = (f"{run.run_dir} was trained from {again[0].run_dir / 'export'}, which is to be trained again "
+                   f"({again[0].action}): {run.method}'s results would not be those of the new {again[0].method} run")
         if overwrite:
-            runs[runs.index(collm)] = replace(collm, action="overwrite", why=problem)
+            runs[i] = replace(run, action="overwrite", why=problem)
         else:
-            problems.append(f"{problem}; pass --overwrite to train collm again (or remove {collm.run_dir})")
+            problems.append(f"{problem}; pass --overwrite to train {run.method} again (or remove {run.run_dir})")
     if problems:
         raise CompareError("\n  - ".join([f"{len(problems)} run(s) in {out} cannot be used as they are:"] + problems))
     return runs
@@ -477,7 +517,7 @@ def context_line(cfg: TrainConfig) -> str:
 # ---------------------------------------------------------------- the command
 
 def compare(configs: list[str], methods_text: str, out: Path, overrides: list[str], overwrite: bool,
-            command: str) -> dict:
+            command: str, source: tuple | None = None) -> dict:
     """Check everything, train what is missing, write the report; returns the JSON summary."""
     methods = parse_methods(methods_text)
     check_overrides(overrides)
@@ -485,7 +525,7 @@ def compare(configs: list[str], methods_text: str, out: Path, overrides: list[st
     if "no-injection" in methods and not base.run.eval_baseline:
         raise CompareError("no-injection is the test score an LLM run takes before training, which "
                            "run.eval_baseline=false turns off: drop that setting, or drop no-injection from --methods")
-    runs = plan(configs, overrides, methods, out, overwrite)
+    runs = plan(configs, overrides, methods, out, overwrite, source)
     notes = dict(NOTES)
     results = {}
     if "mf" in methods:                                    # before training: a bad CF_DIR fails fast
@@ -530,15 +570,27 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="report directory; OUT_DIR/<method> holds each run")
     p.add_argument("--overwrite", action="store_true",
                    help="train a run again (run.overwrite=true) when OUT_DIR/<method> holds one of another config")
+    p.add_argument("--source-data", metavar="DIR", help="reccocktail rows: the source domains' prepared data (OUT/source "
+                   "of `cora prepare --target-domain`), on which the base spirit (a tallrec run) trains")
+    p.add_argument("--source-cf", metavar="CF_DIR", help="reccocktail rows: a CF run on --source-data")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every method, e.g. run.max_steps=200")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
     argv = [a for c in args.config for a in ("--config", c)] + ["--methods", args.methods, "--out", args.out]
+    given = [x is not None for x in (args.source_data, args.source_cf)]
+    if any(given) and not all(given):
+        print("cora compare: error: --source-data and --source-cf go together (the base spirit's data and CF run)",
+              file=sys.stderr)
+        return 2
+    source = (str(Path(args.source_data).absolute()), str(Path(args.source_cf).absolute())) if all(given) else None
+    if source:
+        argv += ["--source-data", args.source_data, "--source-cf", args.source_cf]
     command = shlex.join(["cora", "compare"] + argv + (["--overwrite"] if args.overwrite else []) + args.overrides)
     try:
-        summary = compare(args.config, args.methods, Path(args.out), list(args.overrides), args.overwrite, command)
+        summary = compare(args.config, args.methods, Path(args.out), list(args.overrides), args.overwrite, command,
+                          source)
     except ConfigError as e:
         print(f"cora compare: {e}", file=sys.stderr)
         return 2

@@ -235,11 +235,10 @@ def test_every_refusal_is_reported_at_once_before_anything_runs(tmp_path):
     assert [(r.method, r.action) for r in runs] == [("cora", "reuse"), ("tallrec", "reuse")]
 
 
-@pytest.mark.skipif("collm" not in TrainConfig.__dataclass_fields__, reason="method=collm is not in cora train yet")
 def test_collm_is_not_reused_when_tallrec_is_trained_again(tmp_path):
     out = tmp_path / "out"
     _finish(resolve(CONFIGS, _overrides(tmp_path), "collm", out))
-    with pytest.raises(CompareError, match="collm's results would not be those of the new TALLRec stage"):
+    with pytest.raises(CompareError, match="collm's results would not be those of the new tallrec run"):
         plan(CONFIGS, _overrides(tmp_path), ["tallrec", "collm"], out, overwrite=False)
     runs = plan(CONFIGS, _overrides(tmp_path), ["collm", "tallrec"], out, overwrite=True)
     assert [(r.method, r.action) for r in runs] == [("tallrec", "train"), ("collm", "overwrite")]
@@ -361,3 +360,29 @@ def test_compare_end_to_end_then_again_reusing_every_run(tmp_path):
         assert (out / m / "metrics.json").stat().st_mtime_ns == stamps[m]
     assert {m: again["runs"][m]["action"] for m in llm} == dict.fromkeys(llm, "reuse")
     assert (out / "compare.csv").read_text() == before
+
+
+def test_reccocktail_rows_train_after_tallrec_and_a_base_spirit_on_the_source_data(tmp_path):
+    """reccocktail-paper/-code: after the tallrec row (the ingredient) and the base spirit (tallrec on
+    --source-data, OUT_DIR/reccocktail-base, no row), each with its form and both exports; refused without
+    tallrec or without the source data; stale when the base spirit trains again."""
+    assert run_order(["reccocktail-code", "cora", "tallrec", "reccocktail-paper"]) == [
+        "tallrec", "reccocktail-base", "reccocktail-code", "cora", "reccocktail-paper"]
+    with pytest.raises(CompareError, match="reccocktail-code merges the tallrec run's LoRA .* add tallrec"):
+        parse_methods("cora,reccocktail-code")
+    out, source = tmp_path / "out", (str(tmp_path / "src"), str(tmp_path / "src-cf"))
+    with pytest.raises(CompareError, match="pass --source-data DIR --source-cf CF_DIR"):
+        plan(CONFIGS, _overrides(tmp_path), ["tallrec", "reccocktail-paper"], out, overwrite=False)
+    runs = plan(CONFIGS, _overrides(tmp_path), ["reccocktail-paper", "tallrec"], out, False, source)
+    assert [(r.method, r.action) for r in runs] == [("tallrec", "train"), ("reccocktail-base", "train"),
+                                                    ("reccocktail-paper", "train")]
+    base, row_ = runs[1].config, runs[2].config
+    assert base["method"] == "tallrec" and base["data"]["data_dir"] == source[0] and base["data"]["cf_dir"] == source[1]
+    assert row_["method"] == "reccocktail" and row_["reccocktail"] == {
+        "form": "paper", "base_from": str((out / "reccocktail-base" / "export").absolute()),
+        "ingredient_from": str((out / "tallrec" / "export").absolute())}
+    assert row_["data"]["data_dir"] != source[0]                      # the merge is on the target data
+    for run in runs[1:]:
+        _finish(run)
+    with pytest.raises(CompareError, match="reccocktail-paper's results would not be those of the new tallrec run"):
+        plan(CONFIGS, _overrides(tmp_path), ["tallrec", "reccocktail-paper"], out, False, source)
