@@ -205,3 +205,5 @@ def test_laser_restarted_after_a_kill_trains_exactly_like_an_uninterrupted_run(i
     assert {n.split(".")[0] for n in exported} == {"mformer", "suffix", "item_table"}
     assert torch.equal(exported["item_table"], load_file(str(ref / "export" / "adapter.safetensors"))["item_table"])
     eval_reproduces_test_auc(run, metrics, capsys)
+    assert main(["eval", "--run", str(run), "--checkpoint", "best", "--no-progress"]) == 0   # the table from state::
+    assert abs(json.loads(capsys.readouterr().out)["auc"] - metrics["test"]["auc"]) < 1e-4
