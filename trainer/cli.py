@@ -6,6 +6,7 @@
     cora train    --config CONFIG.yaml [key=value ...] CoRA with ZeRO-3 workers on Ray (trainer/train.py)
     cora eval     --run RUN [--checkpoint best] [--device cuda]  one process, no DeepSpeed (trainer/run_eval.py)
     cora demo     [--llm tiny-llama] ...               single-process CoRA vs. a no-CF LoRA baseline (cora/demo.py)
+    cora plan     --llm NAME --workers 1,2 ...         per-rank memory and step time, planned (trainer/planner.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     add_train(sub)
     from trainer.run_eval import add_parser as add_eval
     add_eval(sub)
+    from trainer.planner import add_parser as add_plan
+    add_plan(sub)
     args = ap.parse_args(argv)
     from cora.data.schema import DatasetError
     try:
