@@ -19,6 +19,8 @@ Notation
 Memory per rank (bytes), ``plan(...).memory``
     runtime      R: the process before any model is built (Python, torch, DeepSpeed, a Ray worker); a
                  property of the machine (``Hardware.runtime_bytes``), 0 for GPU memory
+    comm         C when W > 1 (``Hardware.comm_bytes``): the communication buffers a rank touches (on the
+                 CPU: DeepSpeed's shared-memory collectives map every rank's 66 MiB workspace, and gloo)
     frozen       zero3: N x b / W (every parameter partitioned: persistence threshold 0; with a threshold
                  p, the parameters with fewer than p elements are whole on every rank);
                  replicated: N x b
@@ -34,7 +36,7 @@ Memory per rank (bytes), ``plan(...).memory``
                      expanded to d_q) + d_q (o_proj's injection input) + 3I (gate, SiLU(gate), up)
                  = 3h + 5 d_q + 3I, times B x T x L x b. With activation checkpointing: the layer
                  inputs, B x T x L x h x b, plus one layer's full set (recomputed in backward).
-    peak = runtime + frozen + gathered + trainable + activations
+    peak = runtime + comm + frozen + gathered + trainable + activations
 
 Step time per rank (seconds), ``plan(...).time``
     flops        B T (4 N_mm) [+ B T 2 N_mm with activation checkpointing: the recomputed forward]
@@ -48,13 +50,17 @@ Step time per rank (seconds), ``plan(...).time``
                  every Q-Former weight, an over-count for the cross-attention's key/value projections,
                  which read one token; the output projection G_head once, on the queries' mean)
     compute      flops / F (F: achieved FLOP/s of one rank, ``Hardware.flops``)
-    gather       zero3: passes x ((W - 1)/W x N x b / BW + modules x lat), passes = 2 (forward and
-                 backward), 3 with activation checkpointing; modules = 7 L + 2 (the linear layers and
-                 the embedding and head); 0 when W = 1. Replicated base: 0.
-    reduce       2 (W - 1)/W x G x 4 / BW (the trainable gradients' reduce-scatter and the parameters'
-                 gather)
+    modules      M = M_llm + 4 L + M_gen: the modules holding parameters, each with ZeRO-3's hooks and one
+                 all-gather per pass: M_llm = 9 L + 2 (+1 for an untied head: 7 linears and 2 norms per
+                 layer, the embedding, the final norm), 4 L the injection's P (q/k/v/o), M_gen the
+                 generator's (counted from the built generator)
+    gather       W > 1: passes x ((W - 1)/W x (N b + 4 G) / BW + M x lat), passes = 2 (forward and
+                 backward), 3 with activation checkpointing; a replicated base gathers only the trainable
+                 part (N b -> 0, M -> 4 L + M_gen)
+    reduce       (W - 1)/W x 4 G / BW (the trainable gradients' reduce-scatter)
     optimiser    G / W x t_p (AdamW per parameter, memory-bound; ``Hardware.optim_s_per_param``)
-    overhead     passes x L x t_layer (per-layer host time: Python, ZeRO-3's module hooks; measured)
+    overhead     passes x M x t_mod: host time per module holding parameters and per pass (Python,
+                 ZeRO-3's pre/post module hooks)
     step = compute + gather + reduce + optimiser + overhead
 """
 
@@ -114,6 +120,12 @@ class Shape:
         return self.layers * sum(self.layer_linears())
 
     @property
+    def modules(self) -> int:
+        """M_llm: modules holding weights: 7 linears + 2 norms per layer, the embedding, the final norm, an
+        untied head."""
+        return 9 * self.layers + 2 + (0 if self.tied else 1)
+
+    @property
     def params(self) -> int:
         """N: every parameter (embedding, layers with their two norms, final norm, untied head)."""
         embed = self.vocab * self.hidden
@@ -139,23 +151,32 @@ class Hardware:
     """lat: seconds per collective call (one per gathered module)."""
     optim_s_per_param: float
     """t_p: AdamW seconds per trainable parameter on this rank."""
-    layer_overhead_s: float
-    """t_layer: host seconds per decoder layer per pass (Python, ZeRO-3's hooks)."""
+    module_overhead_s: float
+    """t_mod: host seconds per module holding parameters, per pass (Python, ZeRO-3's module hooks)."""
     runtime_bytes: float
     """R: the process's memory before any model is built (0 for a GPU's device memory)."""
+    comm_bytes: float
+    """C: memory a rank's communication adds when W > 1."""
     memory_bytes: float
     """Memory one rank may use (for 'fits')."""
 
 
-# Measured on this project's 2-core CPU machine (benchmarks/calibrate.py prints them; see the README).
-CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo)", flops=40e9, bandwidth=1.0e9,
-               latency=150e-6, optim_s_per_param=10e-9, layer_overhead_s=1.0e-3, runtime_bytes=700 * 2**20,
-               memory_bytes=12 * 2**30)
+# Measured on this project's 2-core CPU machine, shared with other sessions (load average 3-9 while measured):
+# flops, bandwidth, latency and optim_s_per_param by ``python benchmarks/calibrate.py --json`` (04:00 UTC,
+# 2 Dec 2026: 119.5 GFLOP/s, 202 MB/s, 0.29 ms, 10.4 ns; the same command gave 62-151 GFLOP/s over the same
+# hour); runtime_bytes and module_overhead_s from the tiny-llama 1-worker point of
+# ``python benchmarks/train_step.py --json --plan --llm tiny-llama`` (peak RSS 695 MiB minus the planned model
+# terms; step 0.148 s minus the planned compute and optimiser, over 2 passes x 57 modules) and comm_bytes
+# from its 2-worker point (the largest rank's 800 MiB minus the other planned terms). Where these constants
+# were fitted, the README says so next to the errors.
+CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo)", flops=119.5e9,
+               bandwidth=202e6, latency=0.29e-3, optim_s_per_param=10.4e-9, module_overhead_s=1.23e-3,
+               runtime_bytes=672 * 2**20, comm_bytes=106 * 2**20, memory_bytes=12 * 2**30)
 # Datasheet figures at an assumed 40% of peak for the products, NVLink all-gather bandwidth; not measured
 # (no GPU was lent to this work).
 H100 = Hardware(name="H100 SXM 80 GB (assumed: 40% of 989 TFLOP/s bf16, 150 GB/s all-gather; not measured)",
                 flops=0.4 * 989e12, bandwidth=150e9, latency=30e-6, optim_s_per_param=0.05e-9,
-                layer_overhead_s=0.2e-3, runtime_bytes=0, memory_bytes=80e9)
+                module_overhead_s=20e-6, runtime_bytes=0, comm_bytes=0, memory_bytes=80e9)
 HARDWARE = {"cpu": CPU, "h100": H100}
 
 
@@ -176,6 +197,8 @@ class Setup:
     """G_gen: the generator's parameters (cora.generator; ``trainer.planner`` counts them)."""
     generator_head_params: int = 0
     """G_head: of those, the output projection Linear(hidden -> d_model x r)."""
+    generator_modules: int = 0
+    """M_gen: the generator's modules that hold parameters (each gets ZeRO-3's hooks)."""
     rank: int = 16
     persistence_threshold: int = 0
 
@@ -237,7 +260,7 @@ def memory(s: Setup, hw: Hardware) -> dict:
         activations = tokens * b * (sh.layers * sh.hidden + per_token)
     else:
         activations = tokens * b * sh.layers * per_token
-    out = {"runtime": hw.runtime_bytes, "frozen": frozen, "gathered": gathered,
+    out = {"runtime": hw.runtime_bytes, "comm": hw.comm_bytes if w > 1 else 0.0, "frozen": frozen, "gathered": gathered,
            "trainable": g * per_state / w, "activations": activations}
     out["peak"] = sum(out.values())
     return out
@@ -257,13 +280,15 @@ def step_time(s: Setup, hw: Hardware) -> dict:
     sh, w, b = s.shape, s.world, DTYPE_BYTES[s.dtype]
     passes = 3 if s.activation_checkpointing else 2
     f = flops(s)
+    g, trainable_modules = trainable_params(s), 4 * sh.layers + s.generator_modules
+    frozen_bytes, frozen_modules = (sh.params * b, sh.modules) if s.partitioning == "zero3" else (0, 0)
     gather = 0.0
-    if s.partitioning == "zero3" and w > 1:
-        gather = passes * ((w - 1) / w * sh.params * b / hw.bandwidth + (7 * sh.layers + 2) * hw.latency)
-    g = trainable_params(s)
-    reduce = 2 * (w - 1) / w * g * 4 / hw.bandwidth
+    if w > 1:
+        gather = passes * ((w - 1) / w * (frozen_bytes + 4 * g) / hw.bandwidth
+                           + (frozen_modules + trainable_modules) * hw.latency)
+    reduce = (w - 1) / w * g * 4 / hw.bandwidth
     out = {"compute": f / hw.flops, "gather": gather, "reduce": reduce,
-           "optimiser": g / w * hw.optim_s_per_param, "overhead": passes * sh.layers * hw.layer_overhead_s}
+           "optimiser": g / w * hw.optim_s_per_param, "overhead": passes * (sh.modules + trainable_modules) * hw.module_overhead_s}
     out["step"] = sum(out.values())
     out["flops"] = f
     return out

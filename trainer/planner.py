@@ -39,15 +39,17 @@ def shape_of(llm: str):
     return Shape.from_config(json.loads(path.read_text()))
 
 
-def generator_params(generator: str | dict, cf_dim: int, d_model: int, rank: int) -> tuple[int, int]:
-    """(all parameters, those of the output projection) of the generator, built on the meta device."""
+def generator_params(generator: str | dict, cf_dim: int, d_model: int, rank: int) -> tuple[int, int, int]:
+    """(all parameters, those of the output projection, modules holding parameters) of the generator, built
+    on the meta device."""
     import torch
 
     from cora.generator import CollaborativeWeightsGenerator, GeneratorConfig
     cfg = GeneratorConfig(**(GENERATORS[generator] if isinstance(generator, str) else generator))
     with torch.device("meta"):
         gen = CollaborativeWeightsGenerator(cfg, cf_dim, cf_dim, {d_model}, rank)
-    return sum(p.numel() for p in gen.parameters()), sum(p.numel() for p in gen.heads.parameters())
+    modules = sum(1 for m in gen.modules() if any(True for _ in m.parameters(recurse=False)))
+    return sum(p.numel() for p in gen.parameters()), sum(p.numel() for p in gen.heads.parameters()), modules
 
 
 def setup_for(llm: str, world: int, micro_batch: int, seq_len: int, dtype: str = "float32",
@@ -56,10 +58,10 @@ def setup_for(llm: str, world: int, micro_batch: int, seq_len: int, dtype: str =
     """A cora.plan.Setup for a model name and the trainer's settings."""
     from cora.plan import Setup
     shape = shape_of(llm)
-    total, head = generator_params(generator, cf_dim, shape.hidden, rank)
+    total, head, modules = generator_params(generator, cf_dim, shape.hidden, rank)
     return Setup(shape=shape, world=world, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype,
                  activation_checkpointing=activation_checkpointing, partitioning=partitioning,
-                 generator_params=total, generator_head_params=head, rank=rank,
+                 generator_params=total, generator_head_params=head, generator_modules=modules, rank=rank,
                  persistence_threshold=persistence_threshold)
 
 

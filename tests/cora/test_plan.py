@@ -9,7 +9,7 @@ from cora.plan import Hardware, Setup, Shape, choose, flops, plan, relative_erro
 
 TINY = Shape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=49152, tied=True)
 ROUND = Hardware(name="round numbers", flops=1e9, bandwidth=1e8, latency=1e-4, optim_s_per_param=1e-8,
-                 layer_overhead_s=1e-3, runtime_bytes=0, memory_bytes=1e12)
+                 module_overhead_s=1e-3, runtime_bytes=0, comm_bytes=0, memory_bytes=1e12)
 
 
 def test_the_shape_of_tiny_llama_and_its_counts(tokenizer):
@@ -32,7 +32,8 @@ def test_the_parameter_count_is_the_built_models(name, tokenizer):
 
 
 def setup(**kw) -> Setup:
-    base = dict(shape=TINY, world=2, micro_batch=8, seq_len=100, generator_params=1000, generator_head_params=100)
+    base = dict(shape=TINY, world=2, micro_batch=8, seq_len=100, generator_params=1000, generator_head_params=100,
+                generator_modules=12)
     return Setup(**{**base, **kw})
 
 
@@ -45,6 +46,10 @@ def test_memory_by_hand():
     # (3h + 5 d_q + 3I) = 192 + 320 + 384 = 896 per token and layer; 800 tokens, 4 bytes, 2 layers
     assert m["activations"] == 896 * 800 * 4 * 2 == 5_734_400
     assert m["peak"] == pytest.approx(6_439_552 + 6_291_456 + 57_152 + 5_734_400)
+    import dataclasses
+    hw = dataclasses.replace(ROUND, runtime_bytes=5e8, comm_bytes=7e7)
+    assert plan(setup(), hw).memory["peak"] == pytest.approx(m["peak"] + 5e8 + 7e7)
+    assert plan(setup(world=1), hw).memory["comm"] == 0
     ac = plan(setup(activation_checkpointing=True), ROUND).memory
     assert ac["activations"] == 800 * 4 * (2 * 64 + 896)         # layer inputs + one layer's set
     rep = plan(setup(partitioning="replicated", dtype="bfloat16"), ROUND).memory
@@ -60,21 +65,27 @@ def test_step_time_by_hand():
     assert flops(setup()) == 235_929_600 + 122_880_000 + 49_152_000 + 177_600 == 408_139_200
     t = plan(setup(), ROUND).time
     assert t["compute"] == pytest.approx(0.4081392)
-    assert t["gather"] == pytest.approx(2 * (0.5 * 3_219_776 * 4 / 1e8 + 16 * 1e-4))
-    assert t["reduce"] == pytest.approx(2 * 0.5 * 7144 * 4 / 1e8)
-    assert t["optimiser"] == pytest.approx(7144 / 2 * 1e-8) and t["overhead"] == pytest.approx(4e-3)
-    assert t["step"] == pytest.approx(0.4081392 + 0.13199104 + 0.00028576 + 3.572e-5 + 4e-3)
+    # 2 passes x (half of the frozen and trainable weights over the wire + one collective per module:
+    # 9 x 2 layers + embedding + norm = 20, 4 x 2 P modules, 12 generator modules)
+    assert TINY.modules == 20
+    assert t["gather"] == pytest.approx(2 * (0.5 * (3_219_776 + 7144) * 4 / 1e8 + 40 * 1e-4)) == 0.1370768
+    assert t["reduce"] == pytest.approx(0.5 * 7144 * 4 / 1e8)
+    # overhead: 2 passes x (20 LLM modules + 4 x 2 P modules + 12 generator modules) x 1 ms
+    assert t["optimiser"] == pytest.approx(7144 / 2 * 1e-8) and t["overhead"] == pytest.approx(0.08)
+    assert t["step"] == pytest.approx(0.4081392 + 0.1370768 + 0.00014288 + 3.572e-5 + 0.08)
     one = plan(setup(world=1), ROUND).time
     assert one["gather"] == 0 and one["reduce"] == 0
+    rep = plan(setup(partitioning="replicated"), ROUND).time       # only the trainable part is gathered
+    assert rep["gather"] == pytest.approx(2 * (0.5 * 7144 * 4 / 1e8 + 20 * 1e-4))
     ac = plan(setup(activation_checkpointing=True), ROUND).time
-    assert ac["flops"] - t["flops"] == 800 * 2 * 73_728 and ac["overhead"] == pytest.approx(6e-3)
+    assert ac["flops"] - t["flops"] == 800 * 2 * 73_728 and ac["overhead"] == pytest.approx(0.12)
 
 
 def test_the_choice_of_partitioning_changes_with_size():
     big = Shape.from_config({"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                              "num_attention_heads": 32, "vocab_size": 32000})
     gpu = Hardware(name="80 GB", flops=4e14, bandwidth=1.5e11, latency=3e-5, optim_s_per_param=5e-11,
-                   layer_overhead_s=2e-4, runtime_bytes=0, memory_bytes=80e9)
+                   module_overhead_s=2e-5, runtime_bytes=0, comm_bytes=0, memory_bytes=80e9)
     s = Setup(shape=big, world=8, micro_batch=8, seq_len=256, dtype="bfloat16", activation_checkpointing=True)
     best, why = choose(s, gpu)
     assert best.setup.partitioning == "replicated" and "zero3 would take" in why     # fits whole: no gathers
