@@ -114,10 +114,10 @@ def run(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{args.llm}: {rows[0]['params']:,} parameters, {rows[0]['trainable_params']:,} trainable; {hw.name}")
-    print("workers  partitioning  peak MiB/rank (frozen+gathered+trainable+activations+runtime)  step s  fits")
+    print("workers  partitioning  peak MiB/rank (frozen+gathered+trainable+activations+runtime+comm)  step s  fits")
     for r in rows:
         m, t = r["memory_mib"], r["time_s"]
         print(f"{r['setup']['world']:>7}  {r['setup']['partitioning']:<12}  {m['peak']:>10,.0f} ({m['frozen']:,.0f}+"
-              f"{m['gathered']:,.0f}+{m['trainable']:,.0f}+{m['activations']:,.0f}+{m['runtime']:,.0f})  "
+              f"{m['gathered']:,.0f}+{m['trainable']:,.0f}+{m['activations']:,.0f}+{m['runtime']:,.0f}+{m['comm']:,.0f})  "
               f"{t['step']:>8.3f}  {'yes' if r['fits'] else 'NO'}" + (f"  [{r['reason']}]" if "reason" in r else ""))
     return 0
