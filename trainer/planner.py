@@ -34,7 +34,7 @@ def shape_of(llm: str):
         return Shape.from_config(AutoConfig.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF).to_dict())
     path = Path(llm).expanduser() / "config.json"
     if not path.is_file():
-        raise SystemExit(f"cora plan: --llm {llm!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+        raise ValueError(f"--llm {llm!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                          f"nor a directory with a config.json")
     return Shape.from_config(json.loads(path.read_text()))
 
@@ -101,10 +101,10 @@ def run(args) -> int:
         return 2
     rows = []
     for w in worlds:
-        s = setup_for(args.llm, w, args.micro_batch, args.seq_len, args.dtype, args.activation_checkpointing,
-                      "zero3" if args.partitioning == "auto" else args.partitioning, args.generator, args.cf_dim,
-                      args.rank, args.persistence_threshold)
         try:
+            s = setup_for(args.llm, w, args.micro_batch, args.seq_len, args.dtype, args.activation_checkpointing,
+                          "zero3" if args.partitioning == "auto" else args.partitioning, args.generator, args.cf_dim,
+                          args.rank, args.persistence_threshold)
             p, why = choose(s, hw) if args.partitioning == "auto" else (plan(s, hw), "")
         except ValueError as e:
             print(f"cora plan: {e}", file=sys.stderr)

@@ -24,6 +24,10 @@ def test_cora_plan_says_what_was_wrong(capsys):
     assert "--workers '1,two' is not a comma-separated list of integers" in capsys.readouterr().err
     assert main(["plan", "--llm", "tiny-llama", "--micro-batch", "0"]) == 2
     assert "micro_batch must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["plan", "--llm", "/no/such/model"]) == 2
+    assert "--llm '/no/such/model' is neither a preset" in capsys.readouterr().err
+    assert main(["plan", "--llm", "tiny-gpt2"]) == 2                 # GPT-2's config has no intermediate_size
+    assert "needs a Llama-style config" in capsys.readouterr().err
 
 
 def test_cora_plan_auto_names_the_choice(capsys):
