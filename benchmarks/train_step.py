@@ -111,9 +111,48 @@ def summarise(ranks: list[dict], workers: int, args) -> dict:
            "data_wait_share": round(phase["data_wait"] / step_s, 4),
            "llm_share_per_rank": [round(r["llm_partition"]["share"], 4) for r in ranks],
            "peak_memory_mib": [r["memory"] for r in ranks]}
+    if args.plan:
+        out["plan"] = compare_with_plan(ranks, steps, workers, step_s, args)
     if args.peak_tflops:
         out["mfu"] = round(4 * params * tokens / step_s / (workers * args.peak_tflops * 1e12), 4)
     return out
+
+
+def compare_with_plan(ranks: list[dict], steps: list[list[dict]], workers: int, step_s: float, args) -> dict:
+    """cora.plan's prediction for this configuration (the mean padded prompt length as the sequence) and its
+    relative error against the measured step time and the largest peak RSS over the ranks."""
+    seq = statistics.mean(s["padded_tokens"] for log in steps for s in log) / args.batch
+    peak = max(r["memory"]["peak_rss_mib"] for r in ranks)
+    return planned(args.llm, workers, args.batch, round(seq), args.generator, step_s, peak, args)
+
+
+def planned(llm: str, workers: int, batch: int, seq: int, generator: str, step_s: float, peak_mib: float,
+            args) -> dict:
+    import dataclasses
+
+    from cora.plan import CPU, plan, relative_error
+    from trainer.planner import setup_for
+    setup = setup_for(llm, workers, batch, seq, "bfloat16" if args.bf16 else "float32",
+                      args.activation_checkpointing, "zero3", generator, args.dim)
+    hw = CPU if not args.hardware else dataclasses.replace(CPU, **json.loads(args.hardware))
+    p = plan(setup, hw)
+    return {"seq_len": seq, "memory_mib": {k: round(v / 2**20, 1) for k, v in p.memory.items()},
+            "time_s": {k: round(v, 4) for k, v in p.time.items() if k != "flops"}, "flops": p.time["flops"],
+            "measured": {"step_s": step_s, "peak_rss_mib": peak_mib},
+            "memory_error": round(relative_error(p.memory["peak"], peak_mib * 2**20), 4),
+            "time_error": round(relative_error(p.time["step"], step_s), 4)}
+
+
+def replan(paths: list[str], args) -> list[dict]:
+    """The plan of every result in earlier ``--json --plan`` outputs, with the current constants (--hardware)."""
+    rows = []
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["results"]:
+            peak = max(m["peak_rss_mib"] for m in r["peak_memory_mib"])
+            p = planned(r["llm"], r["workers"], r["batch_per_rank"], r["plan"]["seq_len"], r["generator"],
+                        r["step_s"], peak, args)
+            rows.append({"llm": r["llm"], "workers": r["workers"], **p})
+    return rows
 
 
 def main() -> None:
@@ -132,8 +171,15 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 LLM and engine (GPU)")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--cpus-per-worker", type=int, default=1)
+    ap.add_argument("--plan", action="store_true", help="add cora.plan's prediction and its relative errors")
+    ap.add_argument("--hardware", help="JSON overrides of cora.plan.CPU's constants, e.g. '{\"flops\": 3e10}'")
     ap.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device in TFLOP/s, for the MFU")
+    ap.add_argument("--replan", nargs="+", metavar="JSON",
+                    help="no training: recompute the plan and its errors for these earlier --json --plan outputs")
     args = ap.parse_args()
+    if args.replan:
+        print(json.dumps(replan(args.replan, args), indent=1))
+        return
     out_stream, sys.stdout = sys.stdout, sys.stderr     # Ray prints forwarded logs to stdout: only the JSON goes there
     from cluster import runtime
     counts = [int(w) for w in args.workers.split(",")]

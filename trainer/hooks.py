@@ -28,6 +28,7 @@ class Report(Hooks):
         self.out_dir, self.record_batches, self.log = str(out_dir), record_batches, []
 
     def after_step(self, recipe, record: dict, batch: dict) -> None:
+        record = dict(record, padded_tokens=int(batch["input_ids"].size))   # what the step computed on
         if len(self.log) < self.record_batches:          # for comparisons with a 1-process run
             record = dict(record, batch={k: v.tolist() for k, v in batch.items()})
         self.log.append(record)

@@ -52,8 +52,9 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
                                             **common) for split in batch}, client
 
 
-def handover(cfg: TrainConfig, actors: dict, cf_dim: int):
-    """What the workers get besides the config: the actors, the CF width, the schedule's length, where to write."""
+def handover(cfg: TrainConfig, actors: dict, cf_dim: int, hooks: list | None = None):
+    """What the workers get besides the config: the actors, the CF width, the schedule's length, where to write
+    (and ``hooks``, trainer.hooks objects that look into the workers: cora scale's measurements)."""
     from cluster import plan
     from cora.data.schema import read_manifest
 
@@ -65,7 +66,7 @@ def handover(cfg: TrainConfig, actors: dict, cf_dim: int):
     return Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], rank=actors.get("rank", []),
                     cf_dim=cf_dim, items=item_inputs(cfg),
                     total_steps=max(1, steps), run_dir=str(run_dir),
-                    checkpoint_uri=checkpoint_uri(cfg), staging_dir=str(run_dir / ".staging"))
+                    checkpoint_uri=checkpoint_uri(cfg), staging_dir=str(run_dir / ".staging"), hooks=list(hooks or []))
 
 
 def item_inputs(cfg: TrainConfig) -> dict | None:
@@ -250,7 +251,7 @@ def clear_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
             path.unlink()
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, hooks: list | None = None) -> dict:
     from cluster import runtime
     t0 = time.time()
     for key in ("data_dir", "cf_dir"):       # the run's config.json must not depend on the cwd
@@ -268,7 +269,7 @@ def train(cfg: TrainConfig) -> dict:
     cf_dim, cf_model = _cf_info(cfg.data.cf_dir)
     actors, client = start_data(cfg, cf_dim, cf_model)
     try:
-        return _train(cfg, actors, cf_dim, run_dir, dashboard, t0)
+        return _train(cfg, actors, cf_dim, run_dir, dashboard, t0, hooks)
     finally:                                           # the data actors belong to this run only
         stop_data(actors, client)
 
@@ -280,14 +281,15 @@ def stop_data(actors: dict, client) -> None:
         ray.kill(handle)
 
 
-def _train(cfg: TrainConfig, actors: dict, cf_dim: int, run_dir: Path, dashboard: str, t0: float) -> dict:
+def _train(cfg: TrainConfig, actors: dict, cf_dim: int, run_dir: Path, dashboard: str, t0: float,
+           hooks: list | None = None) -> dict:
     from .worker import run
     check_resources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     if cfg.run.sample_log:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    run(cfg, handover(cfg, actors, cf_dim), str(run_dir / "ray"), name="train", max_failures=cfg.run.max_failures)
+    run(cfg, handover(cfg, actors, cf_dim, hooks), str(run_dir / "ray"), name="train", max_failures=cfg.run.max_failures)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["seconds"] = round(time.time() - t0, 1)
     metrics["llm"] = cfg.llm.name

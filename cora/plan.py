@@ -1,0 +1,326 @@
+"""The planner: per-rank memory and step time of a CoRA training step, from the model's shape.
+
+Pure arithmetic (no DeepSpeed, no torch import): it runs in a notebook. ``cora plan`` (trainer/planner.py)
+is its command line. Every figure is per rank and per micro-batch step (one forward + backward, then the
+optimiser step).
+
+Notation
+    N      frozen LLM parameters (``Shape.params``)
+    N_mm   its matmul parameters per token: the decoder layers' linear weights, L x (h d_q + 2 h d_kv +
+           d_q h + 3 h I). The embedding is a lookup and only the answer token's row of the LM head is
+           computed, so neither counts.
+    L, h, I, V         layers, hidden size, MLP size, vocabulary
+    d_q, d_kv          heads x head_dim, kv_heads x head_dim
+    W      ranks; B micro-batch per rank; T tokens per sample (prompt length)
+    b      bytes per frozen weight and per activation element: 4 (float32) or 2 (bfloat16)
+    G      trainable parameters: the generator (G_gen) and P (G_P = L x r x (d_q + 2 d_kv + h) for q/k/v/o)
+    r      the injection rank; n_q = 4 generator queries
+
+Memory per rank (bytes), ``plan(...).memory``
+    runtime      R: the process before any model is built (Python, torch, DeepSpeed, a Ray worker); a
+                 property of the machine (``Hardware.runtime_bytes``), 0 for GPU memory
+    comm         C when W > 1 (``Hardware.comm_bytes``): the communication buffers a rank touches (on the
+                 CPU: DeepSpeed's shared-memory collectives map every rank's 66 MiB workspace, and gloo)
+    frozen       zero3: N x b / W (every parameter partitioned: persistence threshold 0; with a threshold
+                 p, the parameters with fewer than p elements are whole on every rank);
+                 replicated: N x b
+    gathered     zero3 only: the largest module gathered whole at once, max(V x h, the largest decoder
+                 layer's linear weight) x b x (W - 1) / W (DeepSpeed gathers per module; the embedding's
+                 lookup gathers the whole table)
+    trainable    G x s / W: fp32 training s = 16 (weights 4, gradients 4, AdamW's two moments 8); bf16
+                 s = 18 (bf16 weights 2, fp32 master 4, fp32 gradients 4, moments 8). ZeRO-3 partitions
+                 all of it.
+    activations  saved for backward, per token and layer, in elements:
+                     2h (the two RMSNorms' inputs) + h (the shared q/k/v down-projection's input,
+                     dropout(x), kept for A's gradient) + 4 d_q (attention's q, k, v, output; k and v
+                     expanded to d_q) + d_q (o_proj's injection input) + 3I (gate, SiLU(gate), up)
+                 = 3h + 5 d_q + 3I, times B x T x L x b. With activation checkpointing: the layer
+                 inputs, B x T x L x h x b, plus one layer's full set (recomputed in backward).
+    peak = runtime + comm + frozen + gathered + trainable + activations
+
+Step time per rank (seconds), ``plan(...).time``
+    flops        B T (4 N_mm) [+ B T 2 N_mm with activation checkpointing: the recomputed forward]
+                 (the base is frozen: forward 2 N_mm per token, backward to the activations 2 N_mm, no
+                 weight gradients)
+                 + 3 x 4 B T^2 d_q L (attention scores and values: forward 4 T^2 d_q per sample and
+                 layer, backward twice that)
+                 + 6 B T L r (2h + d_q + 2 d_kv + h) (the injection: two down-projections x A_b, one per
+                 shared group, and P; forward 2, backward 4 per multiply-add)
+                 + 6 B (n_q (G_gen - G_head) + G_head) (the generator: each of its n_q query tokens through
+                 every Q-Former weight, an over-count for the cross-attention's key/value projections,
+                 which read one token; the output projection G_head once, on the queries' mean)
+    compute      flops / F (F: achieved FLOP/s of one rank, ``Hardware.flops``)
+    modules      M = M_llm + 4 L + M_gen: the modules holding parameters, each with ZeRO-3's hooks and one
+                 all-gather per pass: M_llm = 9 L + 2 (+1 for an untied head: 7 linears and 2 norms per
+                 layer, the embedding, the final norm), 4 L the injection's P (q/k/v/o), M_gen the
+                 generator's (counted from the built generator)
+    gather       W > 1: passes x ((W - 1)/W x (N b + 4 G) / BW + M x lat), passes = 2 (forward and
+                 backward), 3 with activation checkpointing; a replicated base gathers only the trainable
+                 part (N b -> 0, M -> 4 L + M_gen)
+    reduce       (W - 1)/W x 4 G / BW (the trainable gradients' reduce-scatter)
+    optimiser    G / W x t_p (AdamW per parameter, memory-bound; ``Hardware.optim_s_per_param``)
+    overhead     passes x M x t_mod: host time per module holding parameters and per pass (Python,
+                 ZeRO-3's pre/post module hooks)
+    step = compute + gather + reduce + optimiser + overhead
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+N_QUERIES = 4
+"""The generator's learnable queries (the paper's 4)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-family decoder's shape (Llama, Mistral, Qwen2: q/k/v/o attention, gated MLP)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Shape":
+        """From a transformers config (config.json as a dict)."""
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if k not in cfg]
+        if missing:
+            raise ValueError(f"the planner needs a Llama-style config (Llama, Mistral, Qwen2); this one "
+                             f"(model_type {cfg.get('model_type')!r}) lacks {', '.join(missing)}")
+        heads = cfg["num_attention_heads"]
+        return cls(hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"], layers=cfg["num_hidden_layers"],
+                   heads=heads, kv_heads=cfg.get("num_key_value_heads") or heads,
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab=cfg["vocab_size"],
+                   tied=bool(cfg.get("tie_word_embeddings", False)))
+
+    @property
+    def d_q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def d_kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_linears(self) -> list[int]:
+        """Elements of each linear weight of one decoder layer: q, k, v, o, gate, up, down."""
+        h, i = self.hidden, self.intermediate
+        return [h * self.d_q, h * self.d_kv, h * self.d_kv, self.d_q * h, h * i, h * i, i * h]
+
+    @property
+    def matmul_params(self) -> int:
+        """N_mm: the linear weights a token goes through (decoder layers only)."""
+        return self.layers * sum(self.layer_linears())
+
+    @property
+    def modules(self) -> int:
+        """M_llm: modules holding weights: 7 linears + 2 norms per layer, the embedding, the final norm, an
+        untied head."""
+        return 9 * self.layers + 2 + (0 if self.tied else 1)
+
+    @property
+    def params(self) -> int:
+        """N: every parameter (embedding, layers with their two norms, final norm, untied head)."""
+        embed = self.vocab * self.hidden
+        return embed * (1 if self.tied else 2) + self.matmul_params + (2 * self.layers + 1) * self.hidden
+
+    def small_params(self, threshold: int) -> int:
+        """Elements of the parameters with fewer than ``threshold`` elements (ZeRO-3 keeps them whole)."""
+        sizes = [self.hidden] * (2 * self.layers + 1) + self.layer_linears() * self.layers
+        sizes += [self.vocab * self.hidden] * (1 if self.tied else 2)
+        return sum(s for s in sizes if s < threshold)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What one rank's device achieves (measured, not datasheet figures, except where stated)."""
+
+    name: str
+    flops: float
+    """F: achieved FLOP/s of one rank on the step's matrix products."""
+    bandwidth: float
+    """BW: bytes/s one rank receives in an all-gather."""
+    latency: float
+    """lat: seconds per collective call (one per gathered module)."""
+    optim_s_per_param: float
+    """t_p: AdamW seconds per trainable parameter on this rank."""
+    module_overhead_s: float
+    """t_mod: host seconds per module holding parameters, per pass (Python, ZeRO-3's module hooks)."""
+    runtime_bytes: float
+    """R: the process's memory before any model is built (0 for a GPU's device memory)."""
+    comm_bytes: float
+    """C: memory a rank's communication adds when W > 1."""
+    memory_bytes: float
+    """Memory one rank may use (for 'fits')."""
+
+
+# Measured on this project's 2-core CPU machine, shared with other sessions (load average 3-9 while measured):
+# flops, bandwidth, latency and optim_s_per_param by ``python benchmarks/calibrate.py --json`` (04:00 UTC,
+# 2 Dec 2026: 119.5 GFLOP/s, 202 MB/s, 0.29 ms, 10.4 ns; the same command gave 62-151 GFLOP/s over the same
+# hour); runtime_bytes and module_overhead_s from the tiny-llama 1-worker point of
+# ``python benchmarks/train_step.py --json --plan --llm tiny-llama`` (peak RSS 695 MiB minus the planned model
+# terms; step 0.148 s minus the planned compute and optimiser, over 2 passes x 57 modules) and comm_bytes
+# from its 2-worker point (the largest rank's 800 MiB minus the other planned terms). Where these constants
+# were fitted, the README says so next to the errors.
+CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo)", flops=119.5e9,
+               bandwidth=202e6, latency=0.29e-3, optim_s_per_param=10.4e-9, module_overhead_s=1.23e-3,
+               runtime_bytes=672 * 2**20, comm_bytes=106 * 2**20, memory_bytes=12 * 2**30)
+# Datasheet figures at an assumed 40% of peak for the products, NVLink all-gather bandwidth; not measured
+# (no GPU was lent to this work).
+H100 = Hardware(name="H100 SXM 80 GB (assumed: 40% of 989 TFLOP/s bf16, 150 GB/s all-gather; not measured)",
+                flops=0.4 * 989e12, bandwidth=150e9, latency=30e-6, optim_s_per_param=0.05e-9,
+                module_overhead_s=20e-6, runtime_bytes=0, comm_bytes=0, memory_bytes=80e9)
+HARDWARE = {"cpu": CPU, "h100": H100}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training configuration to plan."""
+
+    shape: Shape
+    world: int = 1
+    micro_batch: int = 8
+    seq_len: int = 128
+    dtype: str = "float32"
+    activation_checkpointing: bool = False
+    partitioning: str = "zero3"
+    """'zero3' (the frozen base partitioned over all ranks) or 'replicated' (a whole copy on every rank,
+    only the generator and P data-parallel)."""
+    generator_params: int = 0
+    """G_gen: the generator's parameters (cora.generator; ``trainer.planner`` counts them)."""
+    generator_head_params: int = 0
+    """G_head: of those, the output projection Linear(hidden -> d_model x r)."""
+    generator_modules: int = 0
+    """M_gen: the generator's modules that hold parameters (each gets ZeRO-3's hooks)."""
+    rank: int = 16
+    persistence_threshold: int = 0
+
+    def validate(self) -> list[str]:
+        problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("world", "micro_batch", "seq_len", "rank")
+                    if getattr(self, k) < 1]
+        if self.dtype not in DTYPE_BYTES:
+            problems.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        if self.partitioning not in ("zero3", "replicated"):
+            problems.append(f"partitioning {self.partitioning!r} is not one of zero3, replicated")
+        return problems
+
+
+@dataclass
+class Plan:
+    setup: Setup
+    hardware: Hardware
+    memory: dict = field(default_factory=dict)
+    """bytes per rank: runtime, frozen, gathered, trainable, activations, peak."""
+    time: dict = field(default_factory=dict)
+    """seconds per step: compute, gather, reduce, optimiser, overhead, step; and flops."""
+
+    @property
+    def fits(self) -> bool:
+        return self.memory["peak"] <= self.hardware.memory_bytes
+
+    def as_dict(self) -> dict:
+        s = asdict(self.setup)
+        s["shape"] = asdict(self.setup.shape)
+        return {"setup": s, "hardware": self.hardware.name, "params": self.setup.shape.params,
+                "trainable_params": trainable_params(self.setup), "fits": self.fits,
+                "memory_mib": {k: round(v / 2**20, 1) for k, v in self.memory.items()},
+                "time_s": {k: (round(v, 4) if k != "flops" else v) for k, v in self.time.items()}}
+
+
+def p_params(s: Setup) -> int:
+    """G_P: the P matrices of q/k/v/o in every layer, r x out_features each."""
+    sh = s.shape
+    return sh.layers * s.rank * (sh.d_q + 2 * sh.d_kv + sh.hidden)
+
+
+def trainable_params(s: Setup) -> int:
+    return s.generator_params + p_params(s)
+
+
+def memory(s: Setup, hw: Hardware) -> dict:
+    sh, w, b = s.shape, s.world, DTYPE_BYTES[s.dtype]
+    g = trainable_params(s)
+    if s.partitioning == "zero3":
+        whole = sh.small_params(s.persistence_threshold)
+        frozen = ((sh.params - whole) / w + whole) * b
+        gathered = max(sh.vocab * sh.hidden, max(sh.layer_linears())) * b * (w - 1) / w
+    else:
+        frozen, gathered = sh.params * b, 0.0
+    per_state = 16 if b == 4 else 18
+    per_token = 3 * sh.hidden + 5 * sh.d_q + 3 * sh.intermediate
+    tokens = s.micro_batch * s.seq_len
+    if s.activation_checkpointing:
+        activations = tokens * b * (sh.layers * sh.hidden + per_token)
+    else:
+        activations = tokens * b * sh.layers * per_token
+    out = {"runtime": hw.runtime_bytes, "comm": hw.comm_bytes if w > 1 else 0.0, "frozen": frozen, "gathered": gathered,
+           "trainable": g * per_state / w, "activations": activations}
+    out["peak"] = sum(out.values())
+    return out
+
+
+def flops(s: Setup) -> float:
+    sh, bt = s.shape, s.micro_batch * s.seq_len
+    base = bt * (6 if s.activation_checkpointing else 4) * sh.matmul_params
+    attention = 12 * s.micro_batch * s.seq_len ** 2 * sh.d_q * sh.layers
+    injection = 6 * bt * sh.layers * s.rank * (2 * sh.hidden + sh.d_q + 2 * sh.d_kv + sh.hidden)
+    generator = 6 * s.micro_batch * (N_QUERIES * (s.generator_params - s.generator_head_params)
+                                     + s.generator_head_params)
+    return base + attention + injection + generator
+
+
+def step_time(s: Setup, hw: Hardware) -> dict:
+    sh, w, b = s.shape, s.world, DTYPE_BYTES[s.dtype]
+    passes = 3 if s.activation_checkpointing else 2
+    f = flops(s)
+    g, trainable_modules = trainable_params(s), 4 * sh.layers + s.generator_modules
+    frozen_bytes, frozen_modules = (sh.params * b, sh.modules) if s.partitioning == "zero3" else (0, 0)
+    gather = 0.0
+    if w > 1:
+        gather = passes * ((w - 1) / w * (frozen_bytes + 4 * g) / hw.bandwidth
+                           + (frozen_modules + trainable_modules) * hw.latency)
+    reduce = (w - 1) / w * g * 4 / hw.bandwidth
+    out = {"compute": f / hw.flops, "gather": gather, "reduce": reduce,
+           "optimiser": g / w * hw.optim_s_per_param, "overhead": passes * (sh.modules + trainable_modules) * hw.module_overhead_s}
+    out["step"] = sum(out.values())
+    out["flops"] = f
+    return out
+
+
+def plan(s: Setup, hw: Hardware = CPU) -> Plan:
+    """Memory and step time of ``s`` on ``hw`` (see the module docstring for every formula)."""
+    problems = s.validate()
+    if problems:
+        raise ValueError("cannot plan: " + "; ".join(problems))
+    return Plan(s, hw, memory(s, hw), step_time(s, hw))
+
+
+def choose(s: Setup, hw: Hardware) -> tuple[Plan, str]:
+    """The fastest partitioning that fits on ``hw``, and why (zero3 vs a replicated frozen base)."""
+    plans = {p: plan(Setup(**{**asdict(s), "shape": s.shape, "partitioning": p}), hw)
+             for p in ("zero3", "replicated")}
+    fitting = [p for p in plans.values() if p.fits]
+    if not fitting:
+        need = min(p.memory["peak"] for p in plans.values())
+        return plans["zero3"], (f"nothing fits: even zero3 needs {need / 2**30:.1f} GiB per rank, "
+                                f"{hw.memory_bytes / 2**30:.1f} GiB available; add ranks or use activation checkpointing")
+    best = min(fitting, key=lambda p: p.time["step"])
+    other = plans["replicated" if best.setup.partitioning == "zero3" else "zero3"]
+    why = (f"{best.setup.partitioning}: {best.time['step']:.3g} s/step, {best.memory['peak'] / 2**30:.1f} GiB per rank; "
+           + (f"{other.setup.partitioning} would take {other.time['step']:.3g} s/step" if other.fits else
+              f"{other.setup.partitioning} does not fit ({other.memory['peak'] / 2**30:.1f} GiB)"))
+    return best, why
+
+
+def relative_error(planned: float, measured: float) -> float:
+    """(planned - measured) / measured."""
+    if measured <= 0 or math.isnan(measured):
+        raise ValueError(f"measured value must be > 0, got {measured}")
+    return (planned - measured) / measured

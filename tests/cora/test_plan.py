@@ -1,0 +1,107 @@
+"""The planner's arithmetic (cora.plan) against values computed by hand for tiny-llama's shape, and its
+parameter count against the built models."""
+
+import pytest
+import torch
+
+from cora.llm import SHAPES, build_config
+from cora.plan import Hardware, Setup, Shape, choose, flops, plan, relative_error
+
+TINY = Shape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=49152, tied=True)
+ROUND = Hardware(name="round numbers", flops=1e9, bandwidth=1e8, latency=1e-4, optim_s_per_param=1e-8,
+                 module_overhead_s=1e-3, runtime_bytes=0, comm_bytes=0, memory_bytes=1e12)
+
+
+def test_the_shape_of_tiny_llama_and_its_counts(tokenizer):
+    assert Shape.from_config(build_config("tiny-llama", tokenizer).to_dict()) == TINY
+    # per layer: q 64x64 + k, v 64x32 + o 64x64 + gate, up, down 64x128 = 4096 + 2 x 2048 + 4096 + 3 x 8192
+    assert TINY.layer_linears() == [4096, 2048, 2048, 4096, 8192, 8192, 8192]
+    assert TINY.matmul_params == 2 * 36_864
+    assert TINY.params == 49152 * 64 + 73_728 + 5 * 64 == 3_219_776        # tied head, 2 x 2 + 1 norms
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", *sorted(SHAPES)])
+def test_the_parameter_count_is_the_built_models(name, tokenizer):
+    from transformers import AutoModelForCausalLM
+    cfg = build_config(name, tokenizer)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    biases = sum(p.numel() for k, p in model.named_parameters() if k.endswith("bias"))   # Qwen2's q/k/v
+    assert Shape.from_config(cfg.to_dict()).params == n - biases
+
+
+def setup(**kw) -> Setup:
+    base = dict(shape=TINY, world=2, micro_batch=8, seq_len=100, generator_params=1000, generator_head_params=100,
+                generator_modules=12)
+    return Setup(**{**base, **kw})
+
+
+def test_memory_by_hand():
+    m = plan(setup(), ROUND).memory
+    assert m["frozen"] == 3_219_776 * 4 / 2
+    assert m["gathered"] == 49152 * 64 * 4 / 2                  # the embedding table, the other rank's half
+    # G = 1000 + P: 2 layers x r 16 x (q 64 + k 32 + v 32 + o 64) = 6144; 16 bytes each, halved
+    assert m["trainable"] == (1000 + 6144) * 16 / 2
+    # (3h + 5 d_q + 3I) = 192 + 320 + 384 = 896 per token and layer; 800 tokens, 4 bytes, 2 layers
+    assert m["activations"] == 896 * 800 * 4 * 2 == 5_734_400
+    assert m["peak"] == pytest.approx(6_439_552 + 6_291_456 + 57_152 + 5_734_400)
+    import dataclasses
+    hw = dataclasses.replace(ROUND, runtime_bytes=5e8, comm_bytes=7e7)
+    assert plan(setup(), hw).memory["peak"] == pytest.approx(m["peak"] + 5e8 + 7e7)
+    assert plan(setup(world=1), hw).memory["comm"] == 0
+    ac = plan(setup(activation_checkpointing=True), ROUND).memory
+    assert ac["activations"] == 800 * 4 * (2 * 64 + 896)         # layer inputs + one layer's set
+    rep = plan(setup(partitioning="replicated", dtype="bfloat16"), ROUND).memory
+    assert rep["frozen"] == 3_219_776 * 2 and rep["gathered"] == 0 and rep["trainable"] == 7144 * 18 / 2
+    kept = plan(setup(persistence_threshold=5000), ROUND).memory  # norms (64), q/o (4096), k/v (2048) stay whole
+    whole = 5 * 64 + 2 * 2 * 4096 + 2 * 2 * 2048
+    assert kept["frozen"] == ((3_219_776 - whole) / 2 + whole) * 4 == 6_489_344
+
+
+def test_step_time_by_hand():
+    # base 800 x 4 x 73,728; attention 12 x 8 x 100^2 x 64 x 2; injection 6 x 800 x 2 x 16 x 320;
+    # generator 6 x 8 x (4 x 900 + 100)
+    assert flops(setup()) == 235_929_600 + 122_880_000 + 49_152_000 + 177_600 == 408_139_200
+    t = plan(setup(), ROUND).time
+    assert t["compute"] == pytest.approx(0.4081392)
+    # 2 passes x (half of the frozen and trainable weights over the wire + one collective per module:
+    # 9 x 2 layers + embedding + norm = 20, 4 x 2 P modules, 12 generator modules)
+    assert TINY.modules == 20
+    assert t["gather"] == pytest.approx(2 * (0.5 * (3_219_776 + 7144) * 4 / 1e8 + 40 * 1e-4)) == 0.1370768
+    assert t["reduce"] == pytest.approx(0.5 * 7144 * 4 / 1e8)
+    # overhead: 2 passes x (20 LLM modules + 4 x 2 P modules + 12 generator modules) x 1 ms
+    assert t["optimiser"] == pytest.approx(7144 / 2 * 1e-8) and t["overhead"] == pytest.approx(0.08)
+    assert t["step"] == pytest.approx(0.4081392 + 0.1370768 + 0.00014288 + 3.572e-5 + 0.08)
+    one = plan(setup(world=1), ROUND).time
+    assert one["gather"] == 0 and one["reduce"] == 0
+    rep = plan(setup(partitioning="replicated"), ROUND).time       # only the trainable part is gathered
+    assert rep["gather"] == pytest.approx(2 * (0.5 * 7144 * 4 / 1e8 + 20 * 1e-4))
+    ac = plan(setup(activation_checkpointing=True), ROUND).time
+    assert ac["flops"] - t["flops"] == 800 * 2 * 73_728 and ac["overhead"] == pytest.approx(0.12)
+
+
+def test_the_choice_of_partitioning_changes_with_size():
+    big = Shape.from_config({"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                             "num_attention_heads": 32, "vocab_size": 32000})
+    gpu = Hardware(name="80 GB", flops=4e14, bandwidth=1.5e11, latency=3e-5, optim_s_per_param=5e-11,
+                   module_overhead_s=2e-5, runtime_bytes=0, comm_bytes=0, memory_bytes=80e9)
+    s = Setup(shape=big, world=8, micro_batch=8, seq_len=256, dtype="bfloat16", activation_checkpointing=True)
+    best, why = choose(s, gpu)
+    assert best.setup.partitioning == "replicated" and "zero3 would take" in why     # fits whole: no gathers
+    small_gpu = Hardware(**{**gpu.__dict__, "memory_bytes": 10e9})
+    best, why = choose(s, small_gpu)
+    assert best.setup.partitioning == "zero3" and "replicated does not fit" in why
+    best, why = choose(s, Hardware(**{**gpu.__dict__, "memory_bytes": 1e9}))
+    assert why.startswith("nothing fits")
+
+
+def test_bad_setups_are_refused_with_every_problem():
+    with pytest.raises(ValueError) as e:
+        plan(setup(world=0, dtype="int8", partitioning="fsdp"), ROUND)
+    assert "world must be >= 1, got 0" in str(e.value) and "dtype 'int8'" in str(e.value)
+    assert "partitioning 'fsdp' is not one of zero3, replicated" in str(e.value)
+    with pytest.raises(ValueError, match="lacks intermediate_size"):
+        Shape.from_config({"model_type": "gpt2", "hidden_size": 64, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "vocab_size": 10})
+    assert relative_error(115, 100) == pytest.approx(0.15)

@@ -1,0 +1,49 @@
+"""cora scale end to end on the CPU: two real (size, workers) points trained and measured, two that the
+planner says do not fit reported without being run, and the report's three artefacts."""
+
+import csv
+import json
+
+import pytest
+
+from cluster import runtime
+from tests.conftest import TEST_CPUS
+from trainer.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_cora_scale_two_points_and_two_that_do_not_fit(tmp_path, capsys):
+    data, cf, out = tmp_path / "data", tmp_path / "cf", tmp_path / "report"
+    assert main(["prepare", "--source", "synthetic", "--out", str(data), "--users", "60", "--items", "40",
+                 "--interactions", "800", "--samples-per-shard", "40", "--no-progress"]) == 0
+    assert main(["train-cf", "--data", str(data), "--model", "mf", "--out", str(cf), "--dim", "16",
+                 "--epochs", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    runtime.init(num_cpus=TEST_CPUS)
+    assert main(["scale", "--config", "configs/demo.yaml", "--sizes", "tiny-llama,llama-3-70b-shape",
+                 "--workers", "1,2", "--steps", "6", "--warmup", "2", "--out", str(out),
+                 f"data.data_dir={data}", f"data.cf_dir={cf}", "run.epochs=1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    rows = list(csv.DictReader(open(out / "scaling.csv")))
+    assert [(r["size"], r["workers"]) for r in rows] == [("tiny-llama", "1"), ("tiny-llama", "2"),
+                                                         ("llama-3-70b-shape", "1"), ("llama-3-70b-shape", "2")]
+    assert printed["rows"][0]["size"] == "tiny-llama" and len(printed["rows"]) == 4
+    for r in rows[:2]:
+        assert r["status"] == "measured"
+        step, w = float(r["step_s"]), int(r["workers"])
+        assert float(r["samples_per_s"]) == pytest.approx(w * 8 / step, rel=1e-2)
+        assert 300 < float(r["peak_rss_mib"]) < 4000 and float(r["planned_peak_mib"]) > 0
+        assert float(r["step_error"]) == pytest.approx((float(r["planned_step_s"]) - step) / step, abs=1e-3)
+        assert float(r["memory_error"]) == pytest.approx(
+            (float(r["planned_peak_mib"]) - float(r["peak_rss_mib"])) / float(r["peak_rss_mib"]), abs=1e-3)
+        assert int(r["params"]) == 3_219_776 and 0 < float(r["mfu"]) < 1
+    assert rows[0]["weak_efficiency"] == "1.0" and float(rows[1]["weak_efficiency"]) > 0
+    for r in rows[2:]:                                 # 70B in fp32 on this machine: planned, never started
+        assert r["status"].startswith("does not fit: planned") and r["step_s"] == ""
+        assert not (out / "runs" / f"llama-3-70b-shape-w{r['workers']}").exists()
+    md = (out / "scaling.md").read_text()
+    assert "| tiny-llama | 3219776 | 1 |" in md and "## Reading" in md and "does not fit" in md
+    for png in ("throughput_memory.png", "efficiency.png", "planned_vs_measured.png"):
+        head = (out / png).read_bytes()
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) > 5000, png
