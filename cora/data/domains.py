@@ -30,8 +30,12 @@ to the target: one planted factor vector and one arrival time per user (``u<k>``
 ``numpy.random.default_rng(seed)`` as in single-domain data), the same label rule; per domain d, its
 own items (``<d>-i<k>``: --items of them, and --interactions rows), their factors, the pairs, the noise,
 times and titles, all drawn from ``default_rng([seed, zlib.crc32(d)])`` (a domain's draws do not
-depend on which other domains are listed). Titles follow a per-domain pattern (TITLE_FORMATS), so the
-prompt text shows the domain. ``planted_factors`` recomputes the factors from a dataset.json.
+depend on which other domains are listed). Under ``--rule sequential`` (planted.py) a user's taste is
+replayed per domain: the recent positives are those of the row's own domain, the ones its stored
+history lists (a history is per domain, and so is its prompt; a rule reading other domains' positives
+would plant a signal no sample shows), and the fallback before the first positive in a domain is the
+user's shared factor, which carries what the sources tell about a user to the target. Titles follow
+a per-domain pattern (TITLE_FORMATS), so the prompt text shows the domain. ``planted_factors`` recomputes the factors from a dataset.json.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from ..prompts import text_domains
+from . import planted
 from .accounting import Accounting
 from .protocol import Prepared
 from .schema import SPLITS, DatasetError
@@ -171,24 +176,21 @@ def synthetic_domains(spec, domains: list[str], acc: Accounting) -> RawData:
     span = spec.days * 86400
     arrival = (shared.random(spec.users) ** 2 * 0.9 * span).astype(np.int64)
     start = np.datetime64("2024-01-01T00:00:00", "s").astype(np.int64)
-    wu, wv = np.random.default_rng(spec.seed + 1).standard_normal((2, spec.factors))
     frames, titles = [], {}
     for d in domains:
         rng = domain_rng(spec.seed, d)
         vf = rng.standard_normal((spec.items, spec.factors))
         pairs = rng.choice(spec.users * spec.items, spec.interactions, replace=False)
         user, item = pairs // spec.items, pairs % spec.items
-        if spec.rule == "dot":
-            score = (uf[user] * vf[item]).sum(1) / np.sqrt(spec.factors)
-        else:
-            score = (uf[user] @ wu + vf[item] @ wv) / np.sqrt(2 * spec.factors)
-        score = score + spec.noise * rng.standard_normal(len(pairs))
+        eps = rng.standard_normal(len(pairs))
         ts = start + arrival[user] + (rng.random(len(pairs)) * (span - arrival[user])).astype(np.int64)
+        # rows in input order within the domain, so the sequential rule's recent positives are the
+        # domain's: those the protocol puts in the sample's (per-domain) history
+        label = planted.labels(spec.rule, uf, vf, user, item, ts, eps, spec.noise, spec.seed, spec.window)
         words, things = rng.choice(WORDS, (spec.items, 2)), rng.choice(THINGS, spec.items)
         titles.update({f"{d}-i{k}": _title(d, k, a, b, t) for k, ((a, b), t) in enumerate(zip(words, things))})
         frames.append(pd.DataFrame({"user": [f"u{u}" for u in user], "item": [f"{d}-i{i}" for i in item],
-                                    "rating": np.nan, "label": (score > 0).astype(float), "timestamp": ts,
-                                    "domain": d}))
+                                    "rating": np.nan, "label": label, "timestamp": ts, "domain": d}))
     frame = pd.concat(frames, ignore_index=True)
     frame["order"] = np.arange(len(frame), dtype=np.int64)
     acc.read(len(frame))
@@ -197,9 +199,15 @@ def synthetic_domains(spec, domains: list[str], acc: Accounting) -> RawData:
 
 
 def planted_factors(manifest: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(user factors, {domain: item factors}) of a synthetic multi-domain directory, from its dataset.json:
-    row k is user ``u<k>`` / item ``<domain>-i<k>`` (raw ids in users.parquet / items.parquet)."""
+    """(user factors, {domain: item factors}) of a synthetic directory, from its dataset.json: row k is
+    user ``u<k>`` / item ``<domain>-i<k>`` (raw ids in users.parquet / items.parquet). A single-domain
+    directory (``cora prepare --source synthetic`` without --domains) gives {its domain: item factors}
+    with row k item ``i<k>``: both drawn from default_rng(seed), the users first."""
     spec = manifest["options"]["synthetic"]
+    if "domains" not in manifest["options"]:
+        rng = np.random.default_rng(spec["seed"])
+        uf = rng.standard_normal((spec["users"], spec["factors"]))
+        return uf, {manifest["options"]["domain"]: rng.standard_normal((spec["items"], spec["factors"]))}
     uf = np.random.default_rng(spec["seed"]).standard_normal((spec["users"], spec["factors"]))
     return uf, {d: domain_rng(spec["seed"], d).standard_normal((spec["items"], spec["factors"]))
                 for d in manifest["options"]["domains"]}

@@ -3,6 +3,7 @@
     cora prepare --source movielens --input ml-1m/ --out data/ml1m
     cora prepare --source csv --input log.csv --out data/mine --columns user=uid,item=sku,rating=stars,timestamp=ts
     cora prepare --source synthetic --out data/synth --users 2000 --items 1000 --interactions 100000
+    cora prepare --source synthetic --rule sequential --window 5 --out data/seq   # taste = recent positives
     cora prepare --source movielens --input ml-1m/ --out data/ml1m --rank-negatives 99 --seed 0
     cora prepare --source synthetic --domains movies,books,items --target-domain items --out data/cocktail
     cora prepare --source csv --input log.csv --out data/cocktail2 \
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import candidates, domains, protocol, sources
+from . import candidates, domains, planted, protocol, sources
 from .accounting import Accounting
 from .schema import SCHEMA_VERSION, DatasetError
 from ..fileio import sha256, write_atomically
@@ -41,10 +42,18 @@ SOURCES = ("movielens", "collm", "parquet", "csv", "synthetic")
 
 @dataclass
 class SyntheticSpec:
-    """Planted-factor interactions: label = 1[s(u, v) + noise * eps > 0], with s = u.v / sqrt(factors)
-    (rule 'dot') or (u.w_u + v.w_v) / sqrt(2 factors) (rule 'additive': user and item propensities
-    along fixed directions); each user arrives at a random time (skewed early) and interacts uniformly
-    from then on."""
+    """Planted-factor interactions: label = 1[s + noise * eps > 0] (see cora/data/planted.py), with
+    s = u.v / sqrt(factors) (rule 'dot'), (u.w_u + v.w_v) / sqrt(2 factors) (rule 'additive': user
+    and item propensities along fixed directions), or, rule 'sequential', s_t = v_t . m_t / |m_t| with
+    m_t the mean factor of the user's last ``window`` positives before t (time order, ties by input
+    order; the user's own factor u while there is none): each user's rows are replayed in time order
+    and a row's label decides whether its item joins the recent positives, so what a user likes next
+    depends on what they liked recently, and the last ``window`` items of a sample's stored history
+    are the ones its label was drawn from (with --history-stored >= window and a split that drops no
+    rows, as the default time split). With --domains, the recent positives are those of the sample's
+    own domain, the ones its stored history holds; the fallback u is shared by all domains.
+    Each user arrives at a random time (skewed early) and interacts uniformly from then on; the
+    users, items, pairs, times and titles are the same draws under every rule (only labels differ)."""
 
     users: int = 1000
     """Number of users (shared by all domains of a multi-domain dataset)."""
@@ -57,7 +66,10 @@ class SyntheticSpec:
     noise: float = 0.3
     """Label noise (std of the Gaussian added to the score)."""
     rule: str = "dot"
-    """How labels depend on the factors: 'dot' (the MF view) or 'additive' (propensities)."""
+    """How labels depend on the factors: 'dot' (the MF view), 'additive' (propensities) or
+    'sequential' (the mean of the user's recent positives)."""
+    window: int = 5
+    """Rule 'sequential' only: how many of the user's most recent positives make up their taste."""
     days: int = 365
     """Time span of the timestamps (from 2024-01-01 UTC)."""
     seed: int = 0
@@ -67,11 +79,39 @@ class SyntheticSpec:
 def check_spec(spec: SyntheticSpec) -> None:
     if min(spec.users, spec.items, spec.interactions, spec.factors, spec.days) < 1:
         raise DatasetError(f"synthetic sizes must be >= 1, got {asdict(spec)}")
-    if spec.rule not in ("dot", "additive"):
-        raise DatasetError(f"--rule {spec.rule!r} is not a synthetic rule; use dot or additive")
+    if spec.rule not in planted.RULES:
+        raise DatasetError(f"--rule {spec.rule!r} is not a synthetic rule; use {', '.join(planted.RULES)}")
+    if spec.window < 1:
+        raise DatasetError(f"--window {spec.window}: the sequential rule averages the user's last --window "
+                           f"positives, so it must be >= 1; use e.g. --window {SyntheticSpec.window}")
     if spec.interactions > spec.users * spec.items:
         raise DatasetError(f"--interactions {spec.interactions} exceeds users x items = "
                            f"{spec.users * spec.items} distinct pairs")
+
+
+def synthetic_spec(args) -> SyntheticSpec:
+    """The SyntheticSpec of `cora prepare`'s flags; --window (None when not given) only with --rule
+    sequential, whose histories must hold the positives the rule used."""
+    if args.window is not None and args.rule != "sequential":
+        raise DatasetError(f"--window {args.window} is for --rule sequential (the number of recent positives "
+                           f"that make up a user's taste); --rule {args.rule} does not use it: drop --window")
+    spec = SyntheticSpec(**{k: getattr(args, k) for k in SyntheticSpec.__dataclass_fields__ if k != "window"},
+                         **({} if args.window is None else {"window": args.window}))
+    check_spec(spec)
+    if spec.rule == "sequential" and args.history_stored < spec.window:
+        raise DatasetError(f"--history-stored {args.history_stored} is below --window {spec.window}: the samples "
+                           f"would not hold the recent positives the sequential rule drew their labels from; use "
+                           f"--history-stored {spec.window} or more (default 50)")
+    return spec
+
+
+def spec_record(spec: SyntheticSpec) -> dict:
+    """dataset.json's (and the fingerprint's) record of a spec: every field; window only for the
+    sequential rule (directories of the static rules keep their fingerprint)."""
+    record = asdict(spec)
+    if spec.rule != "sequential":
+        del record["window"]
+    return record
 
 
 def synthetic(spec: SyntheticSpec, acc: Accounting) -> sources.RawData:
@@ -82,20 +122,16 @@ def synthetic(spec: SyntheticSpec, acc: Accounting) -> sources.RawData:
     vf = rng.standard_normal((spec.items, spec.factors))
     pairs = rng.choice(spec.users * spec.items, spec.interactions, replace=False)
     user, item = pairs // spec.items, pairs % spec.items
-    if spec.rule == "dot":
-        score = (uf[user] * vf[item]).sum(1) / np.sqrt(spec.factors)
-    else:                      # the directions come from their own stream: the other draws stay as for 'dot'
-        wu, wv = np.random.default_rng(spec.seed + 1).standard_normal((2, spec.factors))
-        score = (uf[user] @ wu + vf[item] @ wv) / np.sqrt(2 * spec.factors)
-    score = score + spec.noise * rng.standard_normal(len(pairs))
+    eps = rng.standard_normal(len(pairs))      # 'additive' draws its directions from a stream of its own
     # each user arrives at some time and is active from then on, so late users are cold in valid/test
     span = spec.days * 86400
     arrival = (rng.random(spec.users) ** 2 * 0.9 * span).astype(np.int64)
     start = np.datetime64("2024-01-01T00:00:00", "s").astype(np.int64)
     ts = start + arrival[user] + (rng.random(len(pairs)) * (span - arrival[user])).astype(np.int64)
+    label = planted.labels(spec.rule, uf, vf, user, item, ts, eps, spec.noise, spec.seed, spec.window)
     acc.read(len(pairs))
     frame = pd.DataFrame({"user": [f"u{u}" for u in user], "item": [f"i{i}" for i in item],
-                          "rating": np.nan, "label": (score > 0).astype(float), "timestamp": ts,
+                          "rating": np.nan, "label": label, "timestamp": ts,
                           "order": np.arange(len(pairs))})
     words = rng.choice(WORDS, (spec.items, 2))
     titles = {f"i{i}": f"{a.title()} {b.title()} ({1950 + (i * 7) % 70})" for i, (a, b) in enumerate(words)}
@@ -106,9 +142,8 @@ def synthetic(spec: SyntheticSpec, acc: Accounting) -> sources.RawData:
 def read_source(args, acc: Accounting, multi: domains.Request | None = None) -> sources.RawData:
     """The raw interactions; ``multi``: a multi-domain preparation (rows carry their domain)."""
     if args.source == "synthetic":
-        spec = SyntheticSpec(**{k: getattr(args, k) for k in SyntheticSpec.__dataclass_fields__})
+        spec = synthetic_spec(args)
         if multi is not None:
-            check_spec(spec)
             return domains.synthetic_domains(spec, multi.domains, acc)
         return synthetic(spec, acc)
     if args.input is None:
@@ -132,7 +167,7 @@ def _options(args, defaults: dict, multi: bool = False) -> dict:
     if args.source in ("parquet", "csv"):
         opts.update(columns=sources.parse_columns(args.columns, domain=multi), time_unit=args.time_unit)
     if args.source == "synthetic":
-        opts["synthetic"] = {k: getattr(args, k) for k in SyntheticSpec.__dataclass_fields__}
+        opts["synthetic"] = spec_record(synthetic_spec(args))
     if args.rank_negatives:             # absent otherwise: directories prepared before keep their fingerprint
         opts["rank"] = {"negatives": args.rank_negatives, "seed": args.seed}
     return opts
@@ -285,6 +320,7 @@ def _multi_record(args, name: str, other: str, req: domains.Request, found: list
     if args.source == "synthetic":
         record["synthetic"] = {
             "seed": args.seed, "users": args.users, "factors": args.factors, "rule": args.rule, "noise": args.noise,
+            **({"window": synthetic_spec(args).window} if args.rule == "sequential" else {}),
             "days": args.days, "items_per_domain": args.items, "interactions_per_domain": args.interactions,
             "draws": "user factors and arrival times: numpy.random.default_rng(seed); per domain d: item factors, "
                      "pairs, noise, times and titles: numpy.random.default_rng([seed, zlib.crc32(d)])",
@@ -339,10 +375,13 @@ def add_parser(sub) -> None:
                         "interacted with, drawn from --seed (0: no rank split)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, different --out")
     p.add_argument("--no-progress", action="store_true")
+    helps = {"seed": "synthetic: seed; also seeds the --rank-negatives draws",
+             "rule": f"synthetic: how labels arise: {', '.join(planted.RULES)} (see SyntheticSpec)",
+             "window": f"synthetic, --rule sequential: the user's last N positives that make up their taste "
+                       f"(default {SyntheticSpec.window}; --history-stored must be >= N)"}
     for name, f in SyntheticSpec.__dataclass_fields__.items():
-        p.add_argument(f"--{name}", type=type(f.default), default=f.default,
-                       help="synthetic: seed; also seeds the --rank-negatives draws" if name == "seed"
-                       else f"synthetic: {name}")
+        p.add_argument(f"--{name}", type=type(f.default), default=None if name == "window" else f.default,
+                       metavar="N" if name == "window" else None, help=helps.get(name, f"synthetic: {name}"))
     p.set_defaults(func=run)
 
 

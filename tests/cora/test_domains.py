@@ -186,6 +186,22 @@ def test_single_domain_output_is_unchanged(tmp_path):
     assert "domain" not in pq.read_schema(tmp_path / "b" / "items.parquet").names
 
 
+
+def test_multi_domain_static_rules_output_is_unchanged(pair, tmp_path):
+    """Fingerprints and table checksums recorded before the sequential rule existed (its draws moved into
+    cora/data/planted.py, its --window flag added): the static rules' multi-domain output is byte-identical."""
+    _, ds = pair
+    add = prepare_pair(tmp_path / "add", *MULTI, "--rule", "additive", "--noise", "0.3")
+    want = {("dot", "source"): ("e7926207ef58100a", "4befc22aca392e2e", "39d2c6178e8e899e"),
+            ("dot", "target"): ("951410976b640b91", "b092f3de9237eebf", "4b0c4647062c10a2"),
+            ("additive", "source"): ("e57917dbcbb3afbc", "3e20733f5617f671", "b8b3ba63a044af19"),
+            ("additive", "target"): ("bd5199045014469d", "0c14336b546823ff", "b471210ffe2f2c97")}
+    for (rule, part), pins in want.items():
+        m = (ds if rule == "dot" else add)[part]
+        assert (m["fingerprint"][:16], m["files"]["test.parquet"]["sha256"][:16],
+                m["files"]["train.parquet"]["sha256"][:16]) == pins, (rule, part)
+        assert "window" not in m["options"]["synthetic"] and "window" not in m["multi_domain"]["synthetic"]
+
 # ----------------------------------------------------------------------------- csv input with a domain column
 
 def csv_log(path):
