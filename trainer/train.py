@@ -163,6 +163,14 @@ def preflight(cfg: TrainConfig) -> None:
         if missing:
             problems.append(f"data.cf_dir: {cfg.data.cf_dir} lacks {', '.join(missing)}; create it with "
                             f"`cora train-cf --data {cfg.data.data_dir} --out {cfg.data.cf_dir}`")
+        elif not is_remote(cfg.data.data_dir):
+            from cora.cf.store import trained_elsewhere
+            try:
+                why = trained_elsewhere(cfg.data.cf_dir, cfg.data.data_dir)
+            except DatasetError:
+                why = None                  # an unreadable data dir or cf.json is reported above / at start
+            if why:
+                problems.append(f"data.cf_dir: {why}")
     e = cfg.engine
     if e.global_batch_size is not None:
         per_step = e.micro_batch_size * cfg.run.workers

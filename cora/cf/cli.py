@@ -1,6 +1,6 @@
 """``cora train-cf``: train a CF model on a prepared data directory and write CF_DIR.
 
-    cora train-cf --data DATA_DIR --model mf --out CF_DIR [--dim 256] [--epochs 100] [--patience 5]
+    cora train-cf --data DATA_DIR --model mf --out CF_DIR [--dim 256] [--epochs 100] [--patience 5] [--min-epochs 20]
                   [--lr 1e-3] [--batch-size 2048] [--seed 0] [--overwrite] [--no-progress]
 
 Prints metrics.json to stdout; the progress bar goes to stderr.
@@ -25,6 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=256, help="embedding size (default: 256)")
     p.add_argument("--epochs", type=int, default=100, help="maximum epochs (default: 100)")
     p.add_argument("--patience", type=int, default=5, help="epochs without a better valid AUC before stopping")
+    p.add_argument("--min-epochs", type=int, default=20,
+                   help="epochs always run before early stopping may stop (default: 20; capped at --epochs)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     p.add_argument("--batch-size", type=int, default=2048, help="training batch size (default: 2048)")
     p.add_argument("--seed", type=int, default=0)
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = CFConfig.from_dict({"model": args.model, "dim": args.dim, "max_epochs": args.epochs,
-                                  "patience": args.patience, "lr": args.lr, "batch_size": args.batch_size,
+                                  "patience": args.patience, "min_epochs": args.min_epochs, "lr": args.lr, "batch_size": args.batch_size,
                                   "seed": args.seed}, source="train-cf arguments")
         metrics = train_cf(args.data, args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite)
     except (ConfigError, DatasetError, FileExistsError) as e:

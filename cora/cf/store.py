@@ -36,11 +36,33 @@ PREDICTIONS = pa.schema([("sample_id", pa.int64()), ("user", pa.int32()), ("item
 
 
 def dataset_identity(data_dir: str | Path, manifest: dict) -> dict:
-    """What identifies the data a run was trained on: dataset.json's sha256 and its checksums."""
+    """What identifies the data a run was trained on: dataset.json's sha256, its checksums and the
+    preparation's fingerprint (inputs + options: equal fingerprints mean equal ids and splits)."""
     data_dir = Path(data_dir)
     return {"data_dir": str(data_dir.resolve()),
             "dataset_json_sha256": sha256(data_dir / "dataset.json"),
-            "checksums": manifest.get("checksums")}
+            "checksums": manifest.get("checksums"), "fingerprint": manifest.get("fingerprint")}
+
+
+def trained_elsewhere(cf_dir: str | Path, data_dir: str | Path) -> str | None:
+    """Why the CF run ``cf_dir`` cannot serve ``data_dir`` (None when it can): it was trained on another
+    prepared directory. The same dataset.json, or the same preparation fingerprint (the directory prepared
+    again or copied: same inputs and options, hence the same user/item ids and splits), proves them
+    compatible; anything else is refused, because the embeddings' rows would belong to other users and items."""
+    from cora.data.schema import read_manifest
+    meta = read_meta(cf_dir)
+    trained = meta.get("dataset", {})
+    manifest = read_manifest(data_dir)
+    if trained.get("dataset_json_sha256") == sha256(Path(data_dir) / "dataset.json"):
+        return None
+    if trained.get("fingerprint") is not None and trained.get("fingerprint") == manifest.get("fingerprint"):
+        return None
+    return (f"{cf_dir} was trained on {trained.get('data_dir')} (dataset.json sha256 "
+            f"{str(trained.get('dataset_json_sha256'))[:12]}..., fingerprint {str(trained.get('fingerprint'))[:12]}...), "
+            f"not on {data_dir} (sha256 {sha256(Path(data_dir) / 'dataset.json')[:12]}..., fingerprint "
+            f"{str(manifest.get('fingerprint'))[:12]}...): its embedding rows would belong to other users and items; "
+            f"train a CF model on this data (`cora train-cf --data {data_dir} --out CF_DIR`) and point data.cf_dir "
+            f"at it, or point data.data_dir at the data it was trained on")
 
 
 def embedding_table(key: str, vectors: np.ndarray) -> pa.Table:

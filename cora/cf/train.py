@@ -58,7 +58,10 @@ class CFConfig:
     max_epochs: int = 100
     """Upper bound on training epochs."""
     patience: int = 5
-    """Stop after this many epochs without a better valid AUC."""
+    """Stop after this many epochs without a better valid AUC, once ``min_epochs`` have run."""
+    min_epochs: int = 20
+    """Epochs always run before early stopping may stop (capped at ``max_epochs``): on a small validation
+    set the valid AUC of the first epochs is flat noise, and ``patience`` alone stops there."""
     lightgcn_layers: int = 2
     """LightGCN: propagation layers K."""
     sasrec_blocks: int = 2
@@ -76,7 +79,7 @@ class CFConfig:
 
     def validate(self) -> list[str]:
         problems = []
-        for name in ("dim", "batch_size", "eval_batch_size", "max_epochs", "patience", "sasrec_blocks",
+        for name in ("dim", "batch_size", "eval_batch_size", "max_epochs", "patience", "min_epochs", "sasrec_blocks",
                      "sasrec_heads", "max_history"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -217,7 +220,7 @@ def _loop(model, opt, data: CFData, cfg: CFConfig, progress: bool):
             best_auc, best_epoch = valid["auc"], epoch
             best_state = copy.deepcopy(model.state_dict())
         bar.set_postfix(loss=f"{loss:.4f}", valid_auc=f"{valid['auc']:.4f}", best=f"{best_auc:.4f}@{best_epoch}")
-        if epoch - best_epoch >= cfg.patience:
+        if epoch >= cfg.min_epochs and epoch - best_epoch >= cfg.patience:
             break
     bar.close()
     return best_state, best_epoch, log
@@ -245,9 +248,17 @@ def fit_cf(data: CFData, cfg: CFConfig, progress: bool = True) -> FitResult:
     finally:
         torch.set_num_threads(threads)
     epochs_run = len(log)
+    warnings = []
+    if best_epoch == 1 and epochs_run > 1:
+        warnings.append(f"the best valid AUC ({log[0]['valid_auc']:.4f}) was that of epoch 1: {epochs_run - 1} more "
+                        f"epochs did not improve on it, so the model kept is barely trained; check --lr "
+                        f"(now {cfg.lr}) and the validation split's size ({len(data.valid)} rows), or raise "
+                        f"--min-epochs (now {cfg.min_epochs})")
+    for w in warnings:
+        print(f"train-cf: warning: {w}", file=sys.stderr)
     metrics = {"model": cfg.model, "valid": valid, "test": test, "best_epoch": best_epoch,
                "epochs_run": epochs_run, "max_epochs": cfg.max_epochs,
-               "stopped_early": epochs_run < cfg.max_epochs,
+               "stopped_early": epochs_run < cfg.max_epochs, "min_epochs": cfg.min_epochs, "warnings": warnings,
                "seconds": time.perf_counter() - start,
                "train_seconds_per_epoch": float(np.mean([e["train_seconds"] for e in log])),
                "n_train": len(data.train), "n_valid": len(data.valid), "n_test": len(data.test),

@@ -329,11 +329,26 @@ def test_sasrec_uses_older_items_and_masks_padding():
 # ----------------------------------------------------------------------------- training loop
 def test_early_stopping_stops_before_max_epochs(data_dir):
     data, _ = load_data(data_dir)
-    cfg = CFConfig(model="mf", dim=DIM, lr=0.05, batch_size=256, max_epochs=300, patience=1)
+    cfg = CFConfig(model="mf", dim=DIM, lr=0.05, batch_size=256, max_epochs=300, patience=1, min_epochs=1)
     m = fit_cf(data, cfg, progress=False).metrics
     assert m["epochs_run"] < 300 and m["stopped_early"]
     assert m["epochs_run"] == m["best_epoch"] + 1
     assert m["valid"]["auc"] == pytest.approx(max(e["valid_auc"] for e in m["epochs"]), abs=1e-9)
+
+
+def test_early_stopping_waits_for_min_epochs_and_warns_when_the_first_epoch_stays_best(data_dir, capsys):
+    """A flat start (here: a learning rate too small to move anything) does not stop training before
+    min_epochs, and a run whose best epoch is the first says so, in metrics and on stderr."""
+    data, _ = load_data(data_dir)
+    cfg = CFConfig(model="mf", dim=DIM, lr=1e-12, weight_decay=0.0, batch_size=256, max_epochs=30, patience=1,
+                   min_epochs=8)
+    m = fit_cf(data, cfg, progress=False).metrics
+    assert m["best_epoch"] == 1 and m["epochs_run"] == 8 and m["min_epochs"] == 8
+    assert len(m["warnings"]) == 1 and "epoch 1" in m["warnings"][0] and "--min-epochs (now 8)" in m["warnings"][0]
+    assert m["warnings"][0] in capsys.readouterr().err
+    cfg = CFConfig(model="mf", dim=DIM, lr=0.05, batch_size=256, max_epochs=30, patience=1, min_epochs=8)
+    m = fit_cf(data, cfg, progress=False).metrics
+    assert m["epochs_run"] >= 8 and m["best_epoch"] > 1 and m["warnings"] == []
 
 
 def test_training_is_reproducible_with_a_seed_and_leaves_global_rng_alone(data_dir):
@@ -352,8 +367,8 @@ def test_training_is_reproducible_with_a_seed_and_leaves_global_rng_alone(data_d
 # ----------------------------------------------------------------------------- bad input
 def test_config_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as err:
-        CFConfig.from_dict({"dim": 0, "lr": -1.0, "sasrec_dropout": 1.5, "patience": 0})
-    assert len(err.value.problems) == 4 and "dim must be a positive integer, got 0" in str(err.value)
+        CFConfig.from_dict({"dim": 0, "lr": -1.0, "sasrec_dropout": 1.5, "patience": 0, "min_epochs": 0})
+    assert len(err.value.problems) == 5 and "dim must be a positive integer, got 0" in str(err.value)
     with pytest.raises(ConfigError, match="did you mean 'dim'") as err:
         CFConfig.from_dict({"model": "svd", "dimm": 8})
     assert "'svd' is not one of the allowed values" in str(err.value)

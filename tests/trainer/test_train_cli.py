@@ -63,6 +63,31 @@ def test_bad_inputs_are_all_reported_before_ray_or_a_worker_starts(tmp_path, cap
     assert not (tmp_path / "run3").exists()
 
 
+def test_a_cf_run_of_other_data_is_refused_and_one_of_the_same_preparation_accepted(tmp_path, capsys):
+    """data.cf_dir must have been trained on data.data_dir: its rows are that data's users and items. The same
+    preparation written again elsewhere (same inputs and options: same fingerprint) is the same data."""
+    prep = ["prepare", "--source", "synthetic", "--users", "30", "--items", "20", "--interactions", "300", "--no-progress"]
+    assert main([*prep, "--out", str(tmp_path / "a")]) == 0
+    assert main([*prep, "--out", str(tmp_path / "again")]) == 0
+    assert main([*prep, "--out", str(tmp_path / "b"), "--seed", "1"]) == 0
+    assert main(["train-cf", "--data", str(tmp_path / "a"), "--out", str(tmp_path / "cf"), "--dim", "8", "--epochs", "1",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    train = ["train", "--config", "configs/demo.yaml", f"data.cf_dir={tmp_path / 'cf'}", "run.dashboard=false"]
+    assert main([*train, f"data.data_dir={tmp_path / 'b'}", f"run.run_dir={tmp_path / 'run'}", "engine.global_batch_size=7"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and "engine.global_batch_size=7" in err, err
+    assert f"data.cf_dir: {tmp_path / 'cf'} was trained on {(tmp_path / 'a').resolve()}" in err, err
+    assert f"not on {tmp_path / 'b'}" in err and f"cora train-cf --data {tmp_path / 'b'}" in err
+    manifest = json.loads((tmp_path / "again" / "dataset.json").read_text())     # written by another version:
+    (tmp_path / "again" / "dataset.json").write_text(json.dumps({**manifest, "note": "x"}))  # other bytes, same data
+    for ok in ("a", "again"):                 # only the global batch's problem is left
+        assert main([*train, f"data.data_dir={tmp_path / ok}", f"run.run_dir={tmp_path / 'run'}", "engine.global_batch_size=7"]) == 2
+        err = capsys.readouterr().err
+        assert "1 problem" in err and "was trained on" not in err, (ok, err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_cuda_run_without_gpus_and_a_join_without_a_token_are_refused_before_ray_starts(tmp_path, capsys,
                                                                                          monkeypatch):
     import ray
