@@ -319,3 +319,75 @@ def ranking(queries, labels, scores, ks=(1, 5, 10), users=None) -> dict:
         out[f"user_{name}"] = float((np.bincount(q_user, weights=v) / n_per_user).mean())
     out["n_users"] = len(uniq)
     return out
+
+
+# ----------------------------------------------------------------------------- paired differences
+def paired_bootstrap(users, labels, scores_a, scores_b, reps: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """How sure is "a scores better than b on these rows"? A paired bootstrap that resamples *users* (with
+    replacement, all rows of a drawn user together: a user's rows are not independent) and recomputes
+    AUC(a) - AUC(b) and UAUC(a) - UAUC(b) on each resample.
+
+    Returns {"n", "users", "reps", "level", "auc": {...}, "uauc": {...}}, each metric as {"diff": the
+    difference on the rows as given, "low"/"high": the percentile interval at ``level``, "p_not_above": the
+    share of resamples where a is not above b}; a metric is None when undefined on the rows given (one
+    class; no user with both classes). Resamples where it is undefined are left out and counted in
+    "dropped". Deterministic for a given seed."""
+    y, a, b = _labels(labels), _scores(scores_a), _scores(scores_b)
+    _check_len(y, a, "labels", "scores_a")
+    _check_len(y, b, "labels", "scores_b")
+    uid, n_users = _id_index(users)
+    _check_len(uid, y, "users", "labels")
+    if reps < 1 or not 0 < level < 1:
+        raise ValueError(f"reps must be >= 1 and level in (0, 1), got reps={reps}, level={level}")
+    auc_a, ok = _uauc_core(uid, n_users, y, a)            # per-user AUCs do not change under user resampling
+    auc_b, _ = _uauc_core(uid, n_users, y, b)
+    per_user = np.where(ok, auc_a - auc_b, 0.0)
+    sorted_a, sorted_b = _by_score(y, a), _by_score(y, b)
+    rng = np.random.default_rng(seed)
+    draws = {"auc": [], "uauc": []}
+    dropped = {"auc": 0, "uauc": 0}
+    for _ in range(reps):
+        count = np.bincount(rng.integers(0, n_users, n_users), minlength=n_users)     # times each user is drawn
+        w = count[uid].astype(np.float64)                                             # a drawn user's rows, repeated
+        pos = (w * y).sum()
+        if 0 < pos < w.sum():
+            draws["auc"].append(_weighted_auc(*sorted_a, w) - _weighted_auc(*sorted_b, w))
+        else:
+            dropped["auc"] += 1
+        weight = count * ok
+        if weight.sum():
+            draws["uauc"].append(float((weight * per_user).sum() / weight.sum()))
+        else:
+            dropped["uauc"] += 1
+    full = {"auc": None if _single_class_msg(y) else _auc_core(y, a) - _auc_core(y, b),
+            "uauc": float(per_user[ok].mean()) if ok.any() else None}
+    out = {"n": int(len(y)), "users": int(n_users), "reps": reps, "level": level}
+    tail = 100 * (1 - level) / 2
+    for key, values in draws.items():
+        if full[key] is None or not values:
+            out[key] = None
+            continue
+        v = np.asarray(values)
+        low, high = np.percentile(v, [tail, 100 - tail])
+        out[key] = {"diff": float(full[key]), "low": float(low), "high": float(high),
+                    "p_not_above": float(np.mean(v <= 0)), "dropped": dropped[key]}
+    return out
+
+
+def _by_score(y: np.ndarray, s: np.ndarray) -> tuple:
+    """(row order by score, its labels, the start of each run of tied scores): sorted once for
+    ``_weighted_auc``."""
+    order = np.argsort(s, kind="stable")
+    ss = s[order]
+    return order, y[order], np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+
+
+def _weighted_auc(order: np.ndarray, ys: np.ndarray, starts: np.ndarray, w: np.ndarray) -> float:
+    """AUC with integer row weights w (a row of weight k counts as k copies; ties count one half), from
+    ``_by_score``'s arrays: the AUC of the rows repeated, without repeating or sorting them again."""
+    ws = w[order]
+    pos = np.add.reduceat(ws * ys, starts)                  # per tie run: positive and negative weight
+    neg = np.add.reduceat(ws * (1 - ys), starts)
+    below = np.cumsum(neg) - neg                            # negatives scored strictly lower
+    return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))

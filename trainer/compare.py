@@ -2,11 +2,13 @@
 report them side by side.
 
     cora compare --config CONFIG.yaml [--config more.yaml] --methods mf,no-injection,tallrec,collm,cora
-                 --out OUT_DIR [--overwrite] [key=value ...]
+                 --out OUT_DIR [--versus METHOD|none] [--overwrite] [key=value ...]
       -> OUT_DIR/<method>/  one `cora train` run directory per LLM method
          OUT_DIR/compare.csv, OUT_DIR/compare.md (one row per method, in --methods order),
          OUT_DIR/compare.png (test AUC and UAUC: overall, warm, cold); the table (markdown) on stderr,
-         a JSON summary on stdout
+         a JSON summary on stdout; with a --versus row (default: tallrec when it is one), each row's
+         AUC/UAUC difference from it on the same test rows (all, warm, cold) with a 95% paired bootstrap
+         interval over users, in compare.md and OUT_DIR/differences.csv
 
 The methods:
 
@@ -54,6 +56,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pyarrow.fs as pafs
 
 from cora.config import ConfigError, load, parse_overrides, to_dict
@@ -83,6 +86,8 @@ START = {"train": ["run.resume=never", "run.overwrite=false"],
 """How `cora train` is started for each decision ("reuse" does not start it)."""
 BASE_COLUMNS = ("method", "auc", "uauc", "n", "warm_auc", "warm_uauc", "warm_n", "cold_auc", "cold_uauc", "cold_n")
 COST_COLUMNS = ("trainable_parameters", "samples_per_second", "steps", "train_seconds")
+BOOTSTRAP_REPS = 2000
+"""Resamples of the users for the intervals of the differences (compare.md's second table)."""
 RANK_KEY = re.compile(r"(recall|ndcg)@(\d+)|mrr")
 NOTES = {
     "mf": "the CF model alone ({model}, `cora train-cf`), no LLM: {source}; its cost columns are its own "
@@ -369,10 +374,19 @@ def cf_metrics(cfg: TrainConfig) -> tuple[dict, str]:
 def cf_test(uri: str, data_dir: Path) -> dict | None:
     """cora.metrics.evaluate of a CF run's test predictions (None when the file is absent); the rows must be
     DATA_DIR/test.parquet's."""
+    from cora.metrics import evaluate
+    preds = cf_predictions(uri, data_dir)
+    if preds is None:
+        return None
+    return evaluate(preds["label"].to_numpy(), preds["score"].to_numpy(), preds["user"].to_numpy(),
+                    cold=preds["cold"].to_numpy(dtype=bool))
+
+
+def cf_predictions(uri: str, data_dir: Path):
+    """A CF run's test predictions as a frame indexed by sample_id (user, label, cold, score), the cold flags
+    from DATA_DIR/test.parquet; None when the file is absent. Refused when its rows are not test.parquet's."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from cora.metrics import evaluate
     fs, path = open_fs(uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
@@ -390,8 +404,69 @@ def cf_test(uri: str, data_dir: Path) -> dict | None:
         raise DatasetError(f"mf: the {' and '.join(differ)} columns of {uri} differ from {data_dir / 'test.parquet'}'s "
                            f"for the same sample ids: data.cf_dir was trained on other data; train it again on "
                            f"data.data_dir with `cora train-cf`")
-    return evaluate(preds["label"].to_numpy(), preds["score"].to_numpy(), preds["user"].to_numpy(),
-                    cold=rows["cold"].to_numpy(dtype=bool))
+    return preds.assign(cold=rows["cold"].to_numpy(dtype=bool)).set_index("sample_id")[["user", "label", "cold", "score"]]
+
+
+def run_predictions(run_dir: Path):
+    """RUN/test_predictions.parquet of a `cora train` run as cf_predictions' frame; None when absent."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    path = run_dir / "test_predictions.parquet"
+    if not path.is_file():
+        return None
+    t = pq.read_table(path, columns=["sample_ids", "users", "labels", "cold", "scores"]).to_pandas()
+    return pd.DataFrame({"user": t["users"].to_numpy(), "label": t["labels"].to_numpy(),
+                         "cold": t["cold"].to_numpy(dtype=bool), "score": t["scores"].to_numpy()},
+                        index=pd.Index(t["sample_ids"].to_numpy(), name="sample_id"))
+
+
+def paired_differences(frames: dict, versus: str, methods: list[str], reps: int = BOOTSTRAP_REPS) -> list[dict]:
+    """Each method's test AUC and UAUC minus ``versus``'s on the same rows (all, warm, cold), with the paired
+    user bootstrap's interval (cora.metrics.paired_bootstrap); methods without predictions are left out."""
+    from cora.metrics import paired_bootstrap
+    ref = frames[versus]
+    out = []
+    for m in methods:
+        if m == versus or frames.get(m) is None:
+            continue
+        f = frames[m]
+        if len(f) != len(ref) or not f.index.isin(ref.index).all():
+            raise CompareError(f"{m}'s test predictions ({len(f)} rows) are not of the same rows as {versus}'s "
+                               f"({len(ref)}): the runs used different data; train them again on one data.data_dir")
+        f = f.loc[ref.index]
+        cold = ref["cold"].to_numpy(dtype=bool)
+        for subset, mask in (("all", np.ones_like(cold)), ("warm", ~cold), ("cold", cold)):
+            if not mask.any():
+                continue
+            r = paired_bootstrap(ref["user"].to_numpy()[mask], ref["label"].to_numpy()[mask],
+                                 f["score"].to_numpy()[mask], ref["score"].to_numpy()[mask], reps=reps)
+            rec = {"method": m, "versus": versus, "subset": subset, "n": r["n"], "users": r["users"]}
+            for key in ("auc", "uauc"):
+                got = r[key] or {}
+                rec.update({f"{key}_diff": got.get("diff"), f"{key}_low": got.get("low"),
+                            f"{key}_high": got.get("high"), f"{key}_p_not_above": got.get("p_not_above")})
+            out.append(rec)
+    return out
+
+
+def differences_markdown(diffs: list[dict], versus: str, reps: int = BOOTSTRAP_REPS) -> str:
+    """compare.md's second section: paired_differences as a table."""
+    text = [f"## Differences from {versus}, with their uncertainty", "",
+            f"Each method's test AUC and UAUC minus {versus}'s on the same rows. The interval is a 95% paired "
+            f"bootstrap over users ({reps} resamples of the users, every row of a drawn user kept: a user's rows "
+            f"are not independent); P is the share of resamples where the method is not above {versus}.", "",
+            "| method | subset | n | users | AUC diff | 95% interval | P(not above) | UAUC diff | 95% interval "
+            "| P(not above) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for d in diffs:
+        cells = [d["method"], d["subset"], str(d["n"]), str(d["users"])]
+        for key in ("auc", "uauc"):
+            if d[f"{key}_diff"] is None:
+                cells += ["", "", ""]
+            else:
+                cells += [f"{d[f'{key}_diff']:+.4f}", f"[{d[f'{key}_low']:+.4f}, {d[f'{key}_high']:+.4f}]",
+                          f"{d[f'{key}_p_not_above']:.3f}"]
+        text.append("| " + " | ".join(cells) + " |")
+    return "\n".join(text) + "\n"
 
 
 def cf_model_metrics(cf_dir: str, data_dir: Path) -> dict:
@@ -476,10 +551,13 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w.writerows([[cell(r.get(c)) for c in cols] for r in rows])
 
 
-def write_markdown(rows: list[dict], path: Path, command: str, context: str, notes: dict[str, str]) -> None:
+def write_markdown(rows: list[dict], path: Path, command: str, context: str, notes: dict[str, str],
+                   extra: str = "") -> None:
     text = [f"# Method comparison: {path.parent.name}", "", "Produced by", "", "```", command, "```", "",
             context, "", markdown_table(rows), ""]
     text += [f"- **{m}**: {notes[m]}" for m in (r["method"] for r in rows) if m in notes]
+    if extra:
+        text += ["", extra]
     path.write_text("\n".join(text) + "\n")
 
 
@@ -517,9 +595,11 @@ def context_line(cfg: TrainConfig) -> str:
 # ---------------------------------------------------------------- the command
 
 def compare(configs: list[str], methods_text: str, out: Path, overrides: list[str], overwrite: bool,
-            command: str, source: tuple | None = None) -> dict:
-    """Check everything, train what is missing, write the report; returns the JSON summary."""
+            command: str, source: tuple | None = None, versus: str | None = "auto") -> dict:
+    """Check everything, train what is missing, write the report; returns the JSON summary. ``versus``: the
+    row the others' differences are measured from ("auto": tallrec when it is a row; None: no differences)."""
     methods = parse_methods(methods_text)
+    versus = check_versus(versus, methods)
     check_overrides(overrides)
     base = absolute_paths(load(TrainConfig, configs, overrides))   # the shared part: data, CF, seed, budget
     if "no-injection" in methods and not base.run.eval_baseline:
@@ -546,18 +626,51 @@ def compare(configs: list[str], methods_text: str, out: Path, overrides: list[st
         else:
             notes["no-injection"] = notes["no-injection"].format(source=source)
     rows = [row(m, results[m]) for m in methods]
-    return report(rows, out, command, context_line(base), notes, runs)
+    diffs = []
+    if versus:
+        frames = {r.method: run_predictions(r.run_dir) for r in runs if r.method in methods}
+        if "mf" in methods:
+            frames["mf"] = cf_predictions(f"{base.data.cf_dir.rstrip('/')}/test_predictions.parquet",
+                                          Path(base.data.data_dir))
+        if frames.get(versus) is None:
+            print(f"[compare] {versus} has no test predictions: no differences table", file=sys.stderr)
+        else:
+            diffs = paired_differences(frames, versus, methods)
+    return report(rows, out, command, context_line(base), notes, runs, diffs, versus)
 
 
-def report(rows: list[dict], out: Path, command: str, context: str, notes: dict, runs: list[Run]) -> dict:
+def check_versus(versus: str | None, methods: list[str]) -> str | None:
+    """The row differences are measured from: "auto" -> tallrec when it is a row (else none); "none" -> none."""
+    if versus == "auto":
+        return "tallrec" if "tallrec" in methods else None
+    if versus in (None, "none"):
+        return None
+    if versus == "no-injection":
+        raise CompareError("--versus no-injection: that row has no per-sample predictions (it is a score taken "
+                           "inside another run); choose a trained row, mf, or none")
+    if versus not in methods:
+        raise CompareError(f"--versus {versus}: not one of the rows ({', '.join(methods)}); add it to --methods "
+                           f"or choose one of them")
+    return versus
+
+
+def report(rows: list[dict], out: Path, command: str, context: str, notes: dict, runs: list[Run],
+           diffs: list[dict] = (), versus: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "compare.csv", "md": out / "compare.md", "png": out / "compare.png"}
     write_csv(rows, files["csv"])
-    write_markdown(rows, files["md"], command, context, notes)
+    extra = differences_markdown(diffs, versus) if diffs else ""
+    write_markdown(rows, files["md"], command, context, notes, extra)
+    if diffs:
+        files["differences"] = out / "differences.csv"
+        with open(files["differences"], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(diffs[0]))
+            w.writeheader()
+            w.writerows([{k: cell(v) for k, v in d.items()} for d in diffs])
     plot(rows, files["png"])
     print(f"\n{markdown_table(rows)}\n\n[compare] report: {', '.join(str(p) for p in files.values())}",
           file=sys.stderr, flush=True)
-    return {"out": str(out), "files": {k: str(v) for k, v in files.items()}, "rows": rows,
+    return {"out": str(out), "files": {k: str(v) for k, v in files.items()}, "rows": rows, "differences": list(diffs),
             "runs": {r.method: {"run_dir": str(r.run_dir), "action": r.action} for r in runs}}
 
 
@@ -573,6 +686,9 @@ def add_parser(sub) -> None:
     p.add_argument("--source-data", metavar="DIR", help="reccocktail rows: the source domains' prepared data (OUT/source "
                    "of `cora prepare --target-domain`), on which the base spirit (a tallrec run) trains")
     p.add_argument("--source-cf", metavar="CF_DIR", help="reccocktail rows: a CF run on --source-data")
+    p.add_argument("--versus", default="auto", metavar="METHOD",
+                   help="the row the others' test AUC/UAUC differences (with paired user-bootstrap intervals) are "
+                        "measured from, in compare.md and differences.csv (default: tallrec when it is a row; none)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every method, e.g. run.max_steps=200")
     p.set_defaults(func=main)
 
@@ -587,10 +703,12 @@ def main(args) -> int:
     source = (str(Path(args.source_data).absolute()), str(Path(args.source_cf).absolute())) if all(given) else None
     if source:
         argv += ["--source-data", args.source_data, "--source-cf", args.source_cf]
+    if args.versus != "auto":
+        argv += ["--versus", args.versus]
     command = shlex.join(["cora", "compare"] + argv + (["--overwrite"] if args.overwrite else []) + args.overrides)
     try:
         summary = compare(args.config, args.methods, Path(args.out), list(args.overrides), args.overwrite, command,
-                          source)
+                          source, args.versus)
     except ConfigError as e:
         print(f"cora compare: {e}", file=sys.stderr)
         return 2

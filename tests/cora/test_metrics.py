@@ -381,3 +381,37 @@ def test_ranking_without_users_is_json_native_and_keyed_by_k():
     assert type(out["n_queries"]) is int and all(type(out[k]) is float for k in out if k != "n_queries")
     assert out["recall@1"] == 0.5 and out["mrr"] == 0.75
     json.dumps(out)
+
+
+# ----------------------------------------------------------------------------- paired bootstrap
+def test_weighted_auc_equals_the_auc_of_the_rows_repeated_ties_included():
+    from cora.metrics import _by_score, _weighted_auc
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60).astype(np.float64)
+    s = rng.integers(0, 6, 60).astype(np.float64)              # many ties
+    w = rng.integers(0, 4, 60)
+    want = auc(np.repeat(y, w), np.repeat(s, w))
+    assert _weighted_auc(*_by_score(y, s), w.astype(np.float64)) == pytest.approx(want, abs=1e-12)
+
+
+def test_paired_bootstrap_differences_intervals_and_undefined_cases():
+    from cora.metrics import paired_bootstrap
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(30), 10)
+    y = rng.integers(0, 2, 300)
+    good, noise = y + rng.normal(0, 0.5, 300), rng.normal(0, 1, 300)
+    r = paired_bootstrap(users, y, good, noise, reps=300)
+    assert r["n"] == 300 and r["users"] == 30 and r["reps"] == 300
+    assert r["auc"]["diff"] == pytest.approx(auc(y, good) - auc(y, noise), abs=1e-12)
+    assert r["uauc"]["diff"] == pytest.approx(uauc(users, y, good).uauc - uauc(users, y, noise).uauc, abs=1e-12)
+    for key in ("auc", "uauc"):                    # clearly better: the whole interval above 0
+        assert 0 < r[key]["low"] < r[key]["diff"] < r[key]["high"] and r[key]["p_not_above"] == 0.0
+    assert paired_bootstrap(users, y, good, noise, reps=300) == r                      # seeded
+    assert paired_bootstrap(users, y, good, noise, reps=300, seed=1)["auc"] != r["auc"]
+    same = paired_bootstrap(users, y, noise, noise, reps=50)
+    assert same["auc"] == {"diff": 0.0, "low": 0.0, "high": 0.0, "p_not_above": 1.0, "dropped": 0}
+    # one user per row and one class: AUC undefined, UAUC undefined (no user has both classes)
+    one = paired_bootstrap([0, 1, 2], [1, 1, 1], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1], reps=20)
+    assert one["auc"] is None and one["uauc"] is None
+    with pytest.raises(ValueError, match="reps must be >= 1"):
+        paired_bootstrap(users, y, good, noise, reps=0)

@@ -306,6 +306,35 @@ def test_mf_alone_needs_no_training_and_writes_the_report(cf_run, tmp_path, caps
     assert float(got["auc"]) == summary["rows"][0]["auc"] and got["recall@1"] != ""
 
 
+def test_differences_from_a_row_are_the_paired_bootstrap_of_the_same_test_rows(cf_run):
+    """paired_differences: each method minus the reference on all / warm / cold rows, equal to the direct
+    difference of the AUCs; rows of other data are refused; --versus must name a row with predictions."""
+    import numpy as np
+
+    from trainer.compare import cf_predictions, check_versus, differences_markdown, paired_differences
+    mf = cf_predictions(str(cf_run / "cf" / "test_predictions.parquet"), cf_run / "data")
+    assert list(mf.columns) == ["user", "label", "cold", "score"] and mf.index.name == "sample_id"
+    rng = np.random.default_rng(0)
+    oracle = mf.assign(score=mf["label"] + rng.normal(0, 0.3, len(mf))).sample(frac=1, random_state=0)  # reordered
+    diffs = paired_differences({"mf": mf, "oracle": oracle, "none": None}, "mf", ["mf", "oracle", "none"], reps=200)
+    subsets = ["all", "warm"] + (["cold"] if mf["cold"].any() else [])
+    assert [(d["method"], d["subset"]) for d in diffs] == [("oracle", s) for s in subsets]
+    d = diffs[0]
+    want = roc_auc_score(mf["label"], oracle.loc[mf.index, "score"]) - roc_auc_score(mf["label"], mf["score"])
+    assert d["auc_diff"] == pytest.approx(want, abs=1e-9) and d["n"] == len(mf)
+    assert d["auc_low"] <= d["auc_diff"] <= d["auc_high"] and 0 <= d["auc_p_not_above"] <= 1
+    md = differences_markdown(diffs, "mf", reps=200)
+    assert "## Differences from mf" in md and f"| oracle | all | {len(mf)} |" in md and "200 resamples" in md
+    with pytest.raises(CompareError, match="not of the same rows as mf"):
+        paired_differences({"mf": mf, "oracle": oracle.iloc[1:]}, "mf", ["mf", "oracle"], reps=10)
+    assert check_versus("auto", ["mf", "tallrec"]) == "tallrec" and check_versus("auto", ["mf", "cora"]) is None
+    assert check_versus("none", ["tallrec"]) is None and check_versus("cora", ["tallrec", "cora"]) == "cora"
+    with pytest.raises(CompareError, match="no per-sample predictions"):
+        check_versus("no-injection", ["no-injection", "cora"])
+    with pytest.raises(CompareError, match="--versus collm: not one of the rows"):
+        check_versus("collm", ["mf", "cora"])
+
+
 # ---------------------------------------------------------------- end to end
 
 def _compare(out, data, cf, methods):
@@ -350,6 +379,17 @@ def test_compare_end_to_end_then_again_reusing_every_run(tmp_path):
     assert (out / "compare.png").read_bytes()[:8] == PNG
     md = (out / "compare.md").read_text()
     assert "cora compare --config configs/demo.yaml --methods mf,no-injection,collm,tallrec,cora" in md
+    # differences from tallrec (the default --versus), from the runs' own test predictions
+    with open(out / "differences.csv", newline="") as f:
+        diffs = list(csv.DictReader(f))
+    assert {(d["method"], d["subset"]) for d in diffs} >= {(m, "all") for m in ("mf", "collm", "cora")}
+    for d in diffs:
+        assert d["versus"] == "tallrec" and d["method"] != "no-injection", d
+        if d["subset"] == "all":
+            want = float(by[d["method"]]["auc"]) - float(by["tallrec"]["auc"])
+            assert float(d["auc_diff"]) == pytest.approx(want, abs=1e-9), d
+            assert float(d["auc_low"]) <= float(d["auc_high"])
+    assert "## Differences from tallrec" in md and summary["differences"]
     # the same command again: nothing is trained, the report is the same
     stamps = {m: (out / m / "metrics.json").stat().st_mtime_ns for m in llm}
     before = (out / "compare.csv").read_text()
