@@ -609,7 +609,9 @@ class BDLM(Method):
         if not records:
             return {}
         best = max(records, key=lambda r: r["valid"]["auc"])
+        size = (self.num_users + self.num_items) * (self.store.dim if self.store is not None else 0)
         return {"domain_valid": best["valid"], "domain_test": best["test"], "domain_best_epoch": best["epoch"],
+                "domain_parameters": size,
                 "domain_evaluations": [{"epoch": r["epoch"], "loss": r["loss"], "valid_auc": r["valid"]["auc"],
                                         "test_auc": r["test"]["auc"]} for r in records]}
 

@@ -182,12 +182,28 @@ def preflight(cfg: TrainConfig) -> None:
                 read_lora(path, cfg.injection, cfg.llm.name, key=key)
         except ValueError as e:
             problems.append(str(e))
+    if cfg.method == "bdlm":
+        problems += check_store(cfg)
     problems += check_device(cfg)
     problems += check_run_dir(cfg)
     from cluster.runtime import check_join
     problems += [f"run.address: {p}" for p in check_join(cfg.run.address)]
     if problems:
         raise ConfigError(problems, source="cora train")
+
+
+def check_store(cfg: TrainConfig) -> list[str]:
+    """method=bdlm: the shared store can be cut into bdlm.store_shards id ranges of each table."""
+    from cora.data.schema import DatasetError, read_manifest
+    try:
+        manifest = read_manifest(cfg.data.data_dir)
+    except DatasetError:
+        return []                                  # reported with data.data_dir
+    fewest = min(("users", manifest.get("num_users", 0)), ("items", manifest.get("num_items", 0)), key=lambda x: x[1])
+    if cfg.bdlm.store_shards > fewest[1]:
+        return [f"bdlm.store_shards={cfg.bdlm.store_shards}: the store cuts each table into that many id ranges, but "
+                f"{cfg.data.data_dir} has only {fewest[1]} {fewest[0]}; use bdlm.store_shards <= {fewest[1]}"]
+    return []
 
 
 def checkpoint_uri(cfg: TrainConfig) -> str:

@@ -144,3 +144,26 @@ def test_the_domain_phase_trains_lightgcn_on_the_store_and_follows_the_llm(tmp_p
     mean = lambda r: float((r.teacher_user[pairs[0]] * r.teacher_item[pairs[1]]).sum(-1).mean())  # noqa: E731
     assert mean(mutual) > mean(plain) + 0.5
     np.testing.assert_array_equal(user, user)                          # inputs are not modified
+
+
+@pytest.mark.parametrize("model", ["lightgcn", "mf"])
+def test_the_store_starts_from_a_lightgcn_runs_layer_0_tables_with_its_propagated_ones_as_teacher(tmp_path, model):
+    """A LightGCN run's E is its layer-0 tables (model.safetensors) and T its propagated vector tables, so the
+    first teacher scores exactly as the CF run does; any other run's E and T are both its vector tables."""
+    from safetensors.torch import load_file
+
+    from cora.bdlm import initial_tables
+    from cora.cf.store import read_embeddings
+    from trainer.cli import main
+    assert main(["prepare", "--source", "synthetic", "--out", str(tmp_path / "data"), "--users", "20", "--items",
+                 "15", "--interactions", "200", "--no-progress"]) == 0
+    assert main(["train-cf", "--data", str(tmp_path / "data"), "--model", model, "--out", str(tmp_path / "cf"),
+                 "--dim", "4", "--epochs", "2", "--no-progress"]) == 0
+    got = initial_tables(str(tmp_path / "cf"))
+    state = load_file(str(tmp_path / "cf" / "model.safetensors"))
+    for key in ("user", "item"):
+        base, teacher = got[key]
+        np.testing.assert_array_equal(teacher, read_embeddings(tmp_path / "cf" / f"{key}_embeddings.parquet"))
+        np.testing.assert_array_equal(base, state[f"{key}_emb.weight"].numpy())
+        assert (model == "mf") == np.array_equal(base, teacher)
+    assert got["layers"] == (2 if model == "lightgcn" else None)
