@@ -189,7 +189,8 @@ class StoreClient:
     def tables(self, after: int = 0) -> dict[str, np.ndarray]:
         """{"user", "item"}: E; {"teacher_user", "teacher_item"}: T (all rows)."""
         snap = self.snapshot(after)
-        return {**{k: snap[f"{k}.table"] for k in self.KEYS}, **{f"teacher_{k}": snap[f"{k}.teacher"] for k in self.KEYS}}
+        out = {k: snap[f"{k}.table"] for k in self.KEYS}
+        return dict(out, **{f"teacher_{k}": snap[f"{k}.teacher"] for k in self.KEYS})
 
     def recorded(self, after: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(users, items, logits) of every pair the LLM recorded, sorted by (user, item)."""

@@ -10,6 +10,9 @@ A method says:
 - ``loss``: the training loss (BCE on the "Yes" logit; RecCocktail's merge: the answer token's entropy);
 - ``exported``: the tensors an export holds (the trainable ones, and any frozen ones the method
   brought in, such as CoLLM's stage-1 LoRA), so that an export alone rebuilds the model;
+- ``state``/``load_state``: non-trained state a checkpoint holds (Laser's item table, BDLM's store);
+- ``connect``, ``after_backward``, ``after_step``, ``end_epoch``, ``summary``: the training loop's hooks, for
+  state outside the engine (BDLM's shared store, its gradients and its domain phase); no-ops for the others;
 - ``name``: what exports and checkpoints record (``"method"``) so that the model can be rebuilt
   (``make_method`` builds the strategy from such a saved config, with its section, e.g. ``collm``).
 
@@ -120,8 +123,8 @@ class Method:
         """After optimiser step ``step`` (1-based), on every rank, before anything is saved."""
 
     def end_epoch(self, model: nn.Module, epoch: int) -> dict | None:
-        """After a whole epoch was trained and evaluated, before its checkpoint, on every rank: a record of
-        what the method did (the same on every rank; kept in the loop state), or None."""
+        """After a whole epoch was trained, before it is evaluated and saved, on every rank: a record of what the
+        method did (the same on every rank; kept in the loop state), or None."""
         return None
 
     def summary(self, records: list[dict]) -> dict:
@@ -444,7 +447,7 @@ class BDLM(Method):
     are leaves whose gradients are pushed to the store after each step (``after_step``), which updates them.
     Loss: BCE on the "Yes" logit + mutual_weight x BCE towards sigmoid of the domain model's logit <T_u, T_i>.
     After each epoch rank 0 runs the domain phase (LightGCN on the store, ``cora.bdlm.domain_phase``) and
-    writes the store (``end_epoch``). The LLM stays frozen."""
+    writes the store (``end_epoch``), before the LLM is evaluated with it. The LLM stays frozen."""
 
     name, uses_cf, adapter = "bdlm", False, "lora"
     template = "collm-"
@@ -500,7 +503,8 @@ class BDLM(Method):
     def state(self, model):
         if self.store is None:
             return {}
-        return {f"store.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.store.snapshot(self.version).items()}
+        snapshot = self.store.snapshot(self.version)
+        return {f"store.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in snapshot.items()}
 
     def load_state(self, model, tensors):
         if self.store is None:                  # one process (cora eval --checkpoint): the tables only
@@ -545,19 +549,18 @@ class BDLM(Method):
         from .scoring import bce_loss
         loss = super().loss(model, batch, hidden, logits)
         if self._teacher is not None and self.cfg.mutual_weight:
-            loss = loss + self.cfg.mutual_weight * bce_loss(logits, torch.sigmoid(self._teacher.detach()), batch.weights)
+            teacher = torch.sigmoid(self._teacher.detach())                          # (B,) the domain model's
+            loss = loss + self.cfg.mutual_weight * bce_loss(logits, teacher, batch.weights)
         if self.store is not None:                 # the LLM's scores, for the domain phase's mutual term
-            real = (batch.weights > 0) if batch.weights is not None else torch.ones_like(batch.users, dtype=torch.bool)
-            real = real.cpu()
-            self._records.append((batch.users.cpu()[real].numpy(), batch.items.cpu()[real].numpy(),
-                                  logits.detach().float().cpu()[real].numpy()))
+            real = _real(batch)
+            self._records.append((batch.users.cpu().numpy()[real], batch.items.cpu().numpy()[real],
+                                  logits.detach().float().cpu().numpy()[real]))
         return loss
 
     def after_backward(self, model, batch):
-        real = batch.weights is None or batch.weights > 0
+        real = _real(batch)
         for key, (ids, leaf) in self._leaves.items():
-            used = (batch.users if key == "user" else batch.items).cpu()
-            used = np.unique(used[real.cpu() if torch.is_tensor(real) else slice(None)].numpy())
+            used = np.unique((batch.users if key == "user" else batch.items).cpu().numpy()[real])
             keep = np.isin(ids, used)                     # rows of padding samples only: no gradient, no update
             if leaf.grad is not None and keep.any():
                 self._grads[key].append((ids[keep], leaf.grad.detach().float().cpu().numpy()[keep]))
@@ -585,8 +588,9 @@ class BDLM(Method):
         if self.rank == 0:
             from .bdlm import domain_phase
             tables = self.store.tables(self.version)
-            result = domain_phase(tables["user"], tables["item"], self._domain_data(), self.store.recorded(self.version),
-                                  self.cfg, self._layers(), self.context.get("seed", 0) + epoch)
+            result = domain_phase(tables["user"], tables["item"], self._domain_data(),
+                                  self.store.recorded(self.version), self.cfg, self._layers(),
+                                  self.context.get("seed", 0) + epoch)
             self.store.assign({"user": result.user, "item": result.item, "teacher_user": result.teacher_user,
                                "teacher_item": result.teacher_item}, self.version)
             record = {"epoch": epoch, "loss": result.loss, "valid": result.valid, "test": result.test}
@@ -614,6 +618,13 @@ class BDLM(Method):
                 "domain_parameters": size,
                 "domain_evaluations": [{"epoch": r["epoch"], "loss": r["loss"], "valid_auc": r["valid"]["auc"],
                                         "test_auc": r["test"]["auc"]} for r in records]}
+
+
+def _real(batch) -> np.ndarray:
+    """(B,) bool: the batch's real samples (not the epoch plan's weight-0 padding)."""
+    if batch.weights is None:
+        return np.ones(batch.input_ids.shape[0], bool)
+    return batch.weights.cpu().numpy() > 0
 
 
 def _barrier() -> None:

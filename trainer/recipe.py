@@ -5,8 +5,8 @@
     cursor = recipe.restore()           # the newest committed checkpoint, or a fresh start (+ baseline)
     for each epoch:
         cut = recipe.train_epoch(...)   # this rank's batches from its cursor; a checkpoint every N steps
-        recipe.end_epoch(...)           # evaluate (valid; on improvement test + export), the method's phase
-                                        # after a whole epoch (BDLM's domain model), then save
+        recipe.end_epoch(...)           # the method's phase after a whole epoch (BDLM's domain model), evaluate
+                                        # (valid; on improvement test + export), then save
     recipe.cleanup()                    # uploads committed, metrics.json, TensorBoard closed
 
 ``Recipe.fit`` runs exactly that. After a failure Ray Train calls the worker entry point again in a
@@ -277,15 +277,16 @@ class Recipe:
 
     # ------------------------------------------------------------------ evaluate and save
     def end_epoch(self, epoch: int, cut: dict | None) -> None:
-        """Evaluate, then checkpoint the position: the start of the next epoch, or ``cut`` when the step
+        """After a whole epoch the method's own phase (``Method.end_epoch``: BDLM's domain model, which writes the
+        store the LLM then is evaluated and exported with), evaluate, then checkpoint the position: the start of the next epoch, or ``cut`` when the step
         budget ended this one early (a resume with more steps finishes it)."""
         if epoch < self.model.method.item_refresh_epochs:      # Laser's stage 1: encode the items again
             self.refresh_items()
-        improved = self.evaluate(epoch) if self.h.valid else False
         if cut is None:                           # a whole epoch: the method's own phase (BDLM's domain model)
             record = self.model.method.end_epoch(self.model, epoch)
             if record is not None:
                 self.state.method_evals.append(record)
+        improved = self.evaluate(epoch) if self.h.valid else False
         self.state.epoch = epoch if cut else epoch + 1
         if self.ckpt is not None:
             evals = self.state.evals

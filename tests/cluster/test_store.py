@@ -30,7 +30,7 @@ def test_the_sharded_store_reads_commits_and_restores_like_one_shard(ray_local, 
     rows, teacher = store.read("user", ids)
     np.testing.assert_array_equal(rows, users[ids])
     np.testing.assert_array_equal(teacher, users[ids])                 # an MF run: E and T start equal
-    ref = {"user": StoreShard("user", 0, 11, users, users, 2, 0.1), "item": StoreShard("item", 0, 7, items, items, 2, 0.1)}
+    ref = {k: StoreShard(k, 0, len(t), t, t, 2, 0.1) for k, t in (("user", users), ("item", items))}
     rng = np.random.default_rng(1)
     saved = None
     for step in (1, 2, 3):

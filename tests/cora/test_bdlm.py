@@ -128,7 +128,8 @@ def test_the_domain_phase_trains_lightgcn_on_the_store_and_follows_the_llm(tmp_p
     def split(n, seed):
         g = torch.Generator().manual_seed(seed)
         users, items = torch.randint(0, 6, (n,), generator=g), torch.randint(0, 5, (n,), generator=g)
-        return Split(users, items, (torch.rand(n, generator=g) > 0.5).float(), torch.arange(n), torch.zeros(n, dtype=bool))
+        labels = (torch.rand(n, generator=g) > 0.5).float()
+        return Split(users, items, labels, torch.arange(n), torch.zeros(n, dtype=bool))
     data = CFData(6, 5, split(60, 0), split(30, 1), split(30, 2))
     rng = np.random.default_rng(0)
     user, item = (rng.standard_normal((k, 4)).astype(np.float32) * 0.1 for k in (6, 5))

@@ -249,7 +249,8 @@ class LocalStore:
 
     def __init__(self, user, item, lr=1.0, optimizer="sgd"):
         from cora.bdlm import StoreShard
-        self.shards = {k: StoreShard(k, 0, len(t), t, t * 0.5, 1, lr, optimizer) for k, t in (("user", user), ("item", item))}
+        self.shards = {k: StoreShard(k, 0, len(t), t, t * 0.5, 1, lr, optimizer)
+                       for k, t in (("user", user), ("item", item))}
         self.dim, self.sizes = user.shape[1], {"user": len(user), "item": len(item)}
 
     def read(self, key, ids, after=0):

@@ -232,3 +232,5 @@ def test_bdlm_with_its_domain_phase_restarted_after_a_kill_trains_exactly_like_a
     cf = load_file(str(inputs / "cf" / "model.safetensors"))
     assert not torch.equal(got["store_user"], cf["user_emb.weight"])    # the store was trained
     eval_reproduces_test_auc(run, metrics, capsys)
+    assert main(["eval", "--run", str(run), "--checkpoint", "best", "--no-progress"]) == 0   # the tables from state::
+    assert abs(json.loads(capsys.readouterr().out)["auc"] - metrics["test"]["auc"]) < 1e-4
