@@ -519,11 +519,10 @@ class BDLM(Method):
     def _read(self, model, key: str, ids: torch.Tensor, device, grad: bool):
         """(E rows (B, d), T rows (B, d) or None) of the batch's ids; with ``grad`` the unique rows read are kept
         as leaves whose gradients ``after_backward`` collects."""
-        ids_np = ids.cpu().numpy().astype(np.int64)
         if self.store is None:
             table = model.store_user if key == "user" else model.store_item
             return table[ids.to(table.device)], None
-        unique, where = np.unique(ids_np, return_inverse=True)
+        unique, where = np.unique(ids.cpu().numpy().astype(np.int64), return_inverse=True)
         rows, teacher = self.store.read(key, unique, self.version)                 # (k, d) each
         leaf = torch.from_numpy(rows).to(device).requires_grad_(grad)
         if grad:
