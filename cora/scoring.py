@@ -26,7 +26,7 @@ from cora.methods import Method, get_method
 from cora.prompts import pad_prompts
 
 FIELDS = ("input_ids", "lengths", "user_emb", "item_emb", "labels", "weights", "slots", "items", "history_emb",
-          "history_pad")
+          "history_pad", "users")
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Batch:
     items: torch.Tensor | None = None    # (B,) long: the target item ids (Laser's item table)
     history_emb: torch.Tensor | None = None  # (B, H, d_cf): the history items' CF embeddings, left-padded (Laser)
     history_pad: torch.Tensor | None = None  # (B, H) bool: True where history_emb is padding
+    users: torch.Tensor | None = None    # (B,) long: the user ids (BDLM's shared store)
 
     def to(self, device) -> "Batch":
         """The batch on ``device``. From the CPU to CUDA the host tensors are staged in pinned (page-locked)

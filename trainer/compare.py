@@ -21,6 +21,9 @@ The methods:
     collm         cora train method=collm collm.lora_from=OUT_DIR/tallrec/export   (runs after tallrec)
     cora          cora train method=cora
     laser         cora train method=laser     (M-Former prefix + suffix token; cosine against item encodings)
+    bdlm          cora train method=bdlm      (ID slots fed from a store shared with a LightGCN domain model)
+    bdlm-domain   that run's domain model (LightGCN on the shared store after mutual learning): its domain_test;
+                  asking for it trains the bdlm run when bdlm is not asked for itself
     reccocktail-paper, reccocktail-code
                   cora train method=reccocktail reccocktail.form=paper|code, merging the tallrec run's LoRA (the
                   ingredient) with a base spirit: a tallrec run on --source-data/--source-cf in
@@ -66,8 +69,10 @@ from cora.fileio import is_remote, open_fs
 from .config import TrainConfig
 from .train import flatten
 
-LLM_METHODS = ("tallrec", "collm", "cora", "laser", "reccocktail-paper", "reccocktail-code")
-METHODS = ("mf", "no-injection") + LLM_METHODS
+LLM_METHODS = ("tallrec", "collm", "cora", "laser", "reccocktail-paper", "reccocktail-code", "bdlm")
+METHODS = ("mf", "no-injection") + LLM_METHODS + ("bdlm-domain",)
+SIDE_ROWS = {"bdlm-domain": "bdlm"}
+"""Rows read from another method's run (no run of their own): BDLM's domain model, from the bdlm run."""
 BASE = "reccocktail-base"
 """The run that is no row: RecCocktail's "base spirit", a tallrec run on --source-data (OUT_DIR/reccocktail-base)."""
 NEEDS = {"collm": ("tallrec",), "reccocktail-paper": ("tallrec", BASE), "reccocktail-code": ("tallrec", BASE)}
@@ -103,6 +108,12 @@ NOTES = {
                          "learned on unlabeled target prompts (the paper's form)",
     "reccocktail-code": "RecCocktail as above, merged by one pair of weights per injected module (the authors' "
                         "code's form)",
+    "bdlm": "BDLM: user and item ID slots fed by a small projection from a store of embeddings shared with a "
+            "LightGCN domain model; the two are trained in alternation, each towards the other's scores (mutual "
+            "learning); the LLM's own scores",
+    "bdlm-domain": "BDLM's domain model: LightGCN on the shared store after mutual learning with the LLM, scored "
+                   "on its own (the bdlm run's domain_test, at its best domain valid AUC); its parameters are the "
+                   "store's tables",
     "laser": "Laser: an M-Former prefix from the history's CF item embeddings and a suffix token; the score is the "
              "cosine between the user's and the item's encodings (trained on the positives, softmax over all items)",
 }
@@ -165,8 +176,8 @@ def run_order(methods: list[str]) -> list[str]:
         if m not in order:
             order.append(m)
     for m in methods:
-        if m in LLM_METHODS:
-            add(m)
+        if m in LLM_METHODS or m in SIDE_ROWS:
+            add(SIDE_ROWS.get(m, m))
     return order
 
 
@@ -500,6 +511,12 @@ def no_injection(runs: dict[str, dict]) -> tuple[dict, str | None]:
     return {}, None
 
 
+def side_metrics(metrics: dict) -> dict:
+    """BDLM's domain model as a row: the bdlm run's domain_test and the store's size; its training is the run's."""
+    return {"test": metrics.get("domain_test"), "trainable_parameters": metrics.get("domain_parameters"),
+            "steps": None, "train_seconds": None, "samples_per_second": None}
+
+
 # ---------------------------------------------------------------- the report
 
 def row(method: str, metrics: dict) -> dict:
@@ -625,6 +642,9 @@ def compare(configs: list[str], methods_text: str, out: Path, overrides: list[st
             print("[compare] no-injection: no run has no_injection_test; its row is empty", file=sys.stderr)
         else:
             notes["no-injection"] = notes["no-injection"].format(source=source)
+    for side, run_of in SIDE_ROWS.items():
+        if side in methods:
+            results[side] = side_metrics(results[run_of])
     rows = [row(m, results[m]) for m in methods]
     diffs = []
     if versus:

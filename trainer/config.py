@@ -9,6 +9,7 @@ from typing import Literal
 from cora.generator import GeneratorConfig
 from cora.injection import InjectionConfig
 from cora.llm import LLMConfig
+from cora.bdlm import BDLMConfig
 from cora.methods import CoLLMConfig, LaserConfig, RecCocktailConfig
 from cora.optim import OptimConfig
 
@@ -111,12 +112,14 @@ class RunConfig:
 class TrainConfig:
     """Everything `cora train` needs."""
 
-    method: Literal["cora", "tallrec", "collm", "reccocktail", "laser"] = "cora"
+    method: Literal["cora", "tallrec", "collm", "reccocktail", "laser", "bdlm"] = "cora"
     """The method trained on the frozen LLM (cora.methods): 'cora' (the generator's per-sample A from the
     CF embeddings), 'tallrec' (LoRA on the same prompt, no CF input), 'collm' (the CF embeddings mapped
     into two token slots of CoLLM's prompt; LoRA from a tallrec run, frozen: see the collm section) or
     'reccocktail' (two tallrec LoRAs mixed by weights learned without labels: the reccocktail section) or
-    'laser' (an M-Former prefix and a suffix token; cosine scores against item encodings: the laser section)."""
+    'laser' (an M-Former prefix and a suffix token; cosine scores against item encodings: the laser section) or
+    'bdlm' (user and item slots fed from a store shared with a LightGCN domain model, trained in alternation:
+    the bdlm section)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data and CF inputs."""
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -131,6 +134,8 @@ class TrainConfig:
     """RecCocktail's two LoRAs and their merge (method=reccocktail)."""
     laser: LaserConfig = field(default_factory=LaserConfig)
     """Laser's M-Former, its contrastive loss and item-encoding stages (method=laser)."""
+    bdlm: BDLMConfig = field(default_factory=BDLMConfig)
+    """BDLM's shared store, its domain model and their mutual learning (method=bdlm)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW and the warm-up + cosine schedule."""
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -5,7 +5,8 @@
     cursor = recipe.restore()           # the newest committed checkpoint, or a fresh start (+ baseline)
     for each epoch:
         cut = recipe.train_epoch(...)   # this rank's batches from its cursor; a checkpoint every N steps
-        recipe.end_epoch(...)           # evaluate (valid; on improvement test + export), then save
+        recipe.end_epoch(...)           # the method's phase after a whole epoch (BDLM's domain model), evaluate
+                                        # (valid; on improvement test + export), then save
     recipe.cleanup()                    # uploads committed, metrics.json, TensorBoard closed
 
 ``Recipe.fit`` runs exactly that. After a failure Ray Train calls the worker entry point again in a
@@ -54,6 +55,8 @@ class Handover:
     domain) and CF "emb" (n_items, d); None otherwise."""
     hooks: list = field(default_factory=list)
     """trainer.hooks.Hooks installed by tests and benchmarks (none in production)."""
+    store: object = None
+    """For a method with state outside the engine (BDLM): its service (cluster.store.StoreClient); else None."""
 
 
 @dataclass
@@ -76,6 +79,8 @@ class LoopState:
     """Real training samples so far (the padding excluded)."""
     train_seconds: float = 0.0
     """Seconds in training steps so far (data waits included; evaluation and checkpoints not)."""
+    method_evals: list = field(default_factory=list)
+    """The method's own record of each finished epoch (``Method.end_epoch``: BDLM's domain model)."""
 
     @classmethod
     def from_dict(cls, d: dict, **extra) -> "LoopState":
@@ -125,6 +130,10 @@ class Recipe:
         deepspeed.init_distributed(dist_backend="nccl" if self.cfg.run.device == "cuda" else "gloo")
         torch.manual_seed(self.cfg.run.seed)
         self.model, self.engine = self._build()
+        if self.h.store is not None:
+            self.model.method.connect(self.model, self.h.store, self.rank, self.world,
+                                      {"data_dir": self.cfg.data.data_dir, "cf_dir": self.cfg.data.cf_dir,
+                                       "seed": self.cfg.run.seed})
         if self.h.checkpoint_uri:
             from .checkpoint import Checkpointer
             run = self.cfg.run
@@ -251,6 +260,7 @@ class Recipe:
     def _step_done(self, window: list[dict], raw: dict) -> None:
         """An optimiser step is done: its record (the window's micro-batches combined) to TensorBoard and hooks."""
         self.state.step += 1
+        self.model.method.after_step(self.model, self.state.step)     # BDLM: the store applies the step
         record = combine(window)
         record["step"] = self.state.step
         self.state.samples += record["samples"]
@@ -267,10 +277,15 @@ class Recipe:
 
     # ------------------------------------------------------------------ evaluate and save
     def end_epoch(self, epoch: int, cut: dict | None) -> None:
-        """Evaluate, then checkpoint the position: the start of the next epoch, or ``cut`` when the step
+        """After a whole epoch the method's own phase (``Method.end_epoch``: BDLM's domain model, which writes the
+        store the LLM then is evaluated and exported with), evaluate, then checkpoint the position: the start of the next epoch, or ``cut`` when the step
         budget ended this one early (a resume with more steps finishes it)."""
         if epoch < self.model.method.item_refresh_epochs:      # Laser's stage 1: encode the items again
             self.refresh_items()
+        if cut is None:                           # a whole epoch: the method's own phase (BDLM's domain model)
+            record = self.model.method.end_epoch(self.model, epoch)
+            if record is not None:
+                self.state.method_evals.append(record)
         improved = self.evaluate(epoch) if self.h.valid else False
         self.state.epoch = epoch if cut else epoch + 1
         if self.ckpt is not None:
@@ -347,6 +362,7 @@ class Recipe:
                    "method": self.cfg.method, "trainable_parameters": self.trainable_parameters(),
                    "samples": s.samples, "train_seconds": round(s.train_seconds, 3),
                    "samples_per_second": round(s.samples / s.train_seconds, 2) if s.train_seconds else None}
+        summary.update(self.model.method.summary(s.method_evals))
         Path(self.h.run_dir).mkdir(parents=True, exist_ok=True)
         Path(self.h.run_dir, "metrics.json").write_text(json.dumps(summary, indent=1))
 

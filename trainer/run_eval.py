@@ -188,6 +188,7 @@ def _score(model, tok, encoders: dict, domains: np.ndarray, frame, titles, emb: 
             batch = collate([e[0] for e in encoded], user_emb[s:s + batch_size], item_emb[s:s + batch_size], None,
                             tok.pad_token_id, slots=[e[1] for e in encoded] if slotted else None)
             batch.items = torch.as_tensor(rows["item"].to_numpy(), dtype=torch.long)
+            batch.users = torch.as_tensor(rows["user"].to_numpy(), dtype=torch.long)
             if model.method.history_items:
                 from cora.laser import history_embeddings
                 h_emb, h_pad = history_embeddings(rows["history"], item_table, model.method.history_items,

@@ -52,9 +52,10 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
                                             **common) for split in batch}, client
 
 
-def handover(cfg: TrainConfig, actors: dict, cf_dim: int, hooks: list | None = None):
+def handover(cfg: TrainConfig, actors: dict, cf_dim: int, hooks: list | None = None, store=None):
     """What the workers get besides the config: the actors, the CF width, the schedule's length, where to write
-    (and ``hooks``, trainer.hooks objects that look into the workers: cora scale's measurements)."""
+    (and ``hooks``, trainer.hooks objects that look into the workers: cora scale's measurements; ``store``: BDLM's
+    shared store)."""
     from cluster import plan
     from cora.data.schema import read_manifest
 
@@ -66,7 +67,8 @@ def handover(cfg: TrainConfig, actors: dict, cf_dim: int, hooks: list | None = N
     return Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], rank=actors.get("rank", []),
                     cf_dim=cf_dim, items=item_inputs(cfg),
                     total_steps=max(1, steps), run_dir=str(run_dir),
-                    checkpoint_uri=checkpoint_uri(cfg), staging_dir=str(run_dir / ".staging"), hooks=list(hooks or []))
+                    checkpoint_uri=checkpoint_uri(cfg), staging_dir=str(run_dir / ".staging"), hooks=list(hooks or []),
+                    store=store)
 
 
 def item_inputs(cfg: TrainConfig) -> dict | None:
@@ -188,6 +190,8 @@ def preflight(cfg: TrainConfig) -> None:
                 read_lora(path, cfg.injection, cfg.llm.name, key=key)
         except ValueError as e:
             problems.append(str(e))
+    if cfg.method == "bdlm":
+        problems += check_store(cfg)
     problems += check_device(cfg)
     problems += check_run_dir(cfg)
     from cluster.runtime import check_join
@@ -196,12 +200,26 @@ def preflight(cfg: TrainConfig) -> None:
         raise ConfigError(problems, source="cora train")
 
 
+def check_store(cfg: TrainConfig) -> list[str]:
+    """method=bdlm: the shared store can be cut into bdlm.store_shards id ranges of each table."""
+    from cora.data.schema import DatasetError, read_manifest
+    try:
+        manifest = read_manifest(cfg.data.data_dir)
+    except DatasetError:
+        return []                                  # reported with data.data_dir
+    fewest = min(("users", manifest.get("num_users", 0)), ("items", manifest.get("num_items", 0)), key=lambda x: x[1])
+    if cfg.bdlm.store_shards > fewest[1]:
+        return [f"bdlm.store_shards={cfg.bdlm.store_shards}: the store cuts each table into that many id ranges, but "
+                f"{cfg.data.data_dir} has only {fewest[1]} {fewest[0]}; use bdlm.store_shards <= {fewest[1]}"]
+    return []
+
+
 def checkpoint_uri(cfg: TrainConfig) -> str:
     return cfg.run.checkpoint_uri or str(Path(cfg.run.run_dir).absolute() / "checkpoints")
 
 
 # what must not change when a run is resumed (the trainable state and the data cursors depend on them)
-RESUME_KEYS = ("method", "collm", "reccocktail", "laser", "data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
+RESUME_KEYS = ("method", "collm", "reccocktail", "laser", "bdlm", "data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
                "generator", "engine.micro_batch_size", "engine.gradient_accumulation", "engine.global_batch_size",
                "run.workers", "run.seed")
 
@@ -276,28 +294,44 @@ def train(cfg: TrainConfig, hooks: list | None = None) -> dict:
     print(f"[train] Ray dashboard: {dashboard} (jobs, actors, logs, metrics)", file=sys.stderr)
     cf_dim, cf_model = _cf_info(cfg.data.cf_dir)
     actors, client = start_data(cfg, cf_dim, cf_model)
+    store = None
     try:
-        return _train(cfg, actors, cf_dim, run_dir, dashboard, t0, hooks)
+        store = start_method_store(cfg)
+        return _train(cfg, actors, cf_dim, run_dir, dashboard, t0, hooks, store)
     finally:                                           # the data actors belong to this run only
-        stop_data(actors, client)
+        stop_data(actors, client, store)
 
 
-def stop_data(actors: dict, client) -> None:
-    """Kill this run's InteractionShard and EmbeddingServer actors (their CPUs go back to the cluster)."""
+def start_method_store(cfg: TrainConfig):
+    """BDLM's shared store (cluster.store) for method=bdlm, initialised from data.cf_dir; None for the others."""
+    if cfg.method != "bdlm":
+        return None
+    from cluster.store import start_store
+    b = cfg.bdlm
+    return start_store(cfg.data.cf_dir, cfg.run.workers, shards=b.store_shards, lr=b.store_lr,
+                       optimizer=b.store_optimizer)
+
+
+def stop_data(actors: dict, client, store=None) -> None:
+    """Kill this run's InteractionShard, EmbeddingServer (and BDLM's store) actors (their CPUs go back to the
+    cluster)."""
     import ray
-    for handle in [a for split in actors.values() for a in split] + [a for v in client.servers.values() for a in v]:
+    handles = [a for split in actors.values() for a in split] + [a for v in client.servers.values() for a in v]
+    if store is not None:
+        handles += [a for v in store.shards.values() for a in v]
+    for handle in handles:
         ray.kill(handle)
 
 
 def _train(cfg: TrainConfig, actors: dict, cf_dim: int, run_dir: Path, dashboard: str, t0: float,
-           hooks: list | None = None) -> dict:
+           hooks: list | None = None, store=None) -> dict:
     from .worker import run
     check_resources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     if cfg.run.sample_log:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    run(cfg, handover(cfg, actors, cf_dim, hooks), str(run_dir / "ray"), name="train", max_failures=cfg.run.max_failures)
+    run(cfg, handover(cfg, actors, cf_dim, hooks, store), str(run_dir / "ray"), name="train", max_failures=cfg.run.max_failures)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["seconds"] = round(time.time() - t0, 1)
     metrics["llm"] = cfg.llm.name

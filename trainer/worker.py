@@ -26,6 +26,7 @@ def train_step(engine, raw: dict) -> dict:
     sync()
     t1 = time.perf_counter()
     engine.backward(loss)
+    engine.module.method.after_backward(engine.module, batch)   # BDLM: the store rows' gradients
     if engine.module.injection is not None:
         engine.module.injection.release()             # a recomputation stopped early may have left one
     sync()

@@ -51,15 +51,15 @@ def test_tallrec_trains_lora_a_and_p_and_ignores_the_cf_embeddings(tokenizer, ye
 
 
 def test_unknown_methods_and_contradicting_adapters_are_refused():
-    with pytest.raises(ValueError, match="unknown method .collm2.; available: cora, tallrec, collm, reccocktail, laser"):
+    with pytest.raises(ValueError, match="unknown method .collm2.; available: cora, tallrec, collm, reccocktail, laser, bdlm"):
         get_method("collm2")
     with pytest.raises(ConfigError) as err:
         from_dict(TrainConfig, {"method": "cora", "injection": {"adapter": "lora"}})
     assert "contradicts method='cora'" in str(err.value) and "set method=tallrec" in str(err.value)
     with pytest.raises(ConfigError, match="method"):
-        from_dict(TrainConfig, {"method": "bdlm"})
+        from_dict(TrainConfig, {"method": "bdlm2"})
     assert from_dict(TrainConfig, {"method": "tallrec"}).method == "tallrec"
-    assert sorted(METHODS) == ["collm", "cora", "laser", "reccocktail", "tallrec"]
+    assert sorted(METHODS) == ["bdlm", "collm", "cora", "laser", "reccocktail", "tallrec"]
 
 
 def test_saved_configs_name_their_method_and_older_ones_are_read_by_their_adapter(yes_id):
@@ -242,3 +242,114 @@ def test_reccocktail_trains_only_its_merge_weights_on_the_answer_tokens_entropy_
 def _yes(model):
     head = model.llm.get_output_embeddings().weight
     return int((head == model.answer_w).all(-1).nonzero()[0])
+
+
+class LocalStore:
+    """BDLM's store in this process (cluster.store.StoreClient's interface over one cora.bdlm.StoreShard per table)."""
+
+    def __init__(self, user, item, lr=1.0, optimizer="sgd"):
+        from cora.bdlm import StoreShard
+        self.shards = {k: StoreShard(k, 0, len(t), t, t * 0.5, 1, lr, optimizer)
+                       for k, t in (("user", user), ("item", item))}
+        self.dim, self.sizes = user.shape[1], {"user": len(user), "item": len(item)}
+
+    def read(self, key, ids, after=0):
+        assert self.shards[key].version >= after
+        return self.shards[key].read(ids)[:2]
+
+    def push(self, step, rank, grads, records=None):
+        for k, (ids, g) in grads.items():
+            self.shards[k].push(step, rank, ids, g, records if k == "user" else None)
+
+    def reset(self):
+        pass
+
+    def tables(self, after=0):
+        return {k: s.table.copy() for k, s in self.shards.items()}
+
+
+def test_bdlm_feeds_the_store_rows_into_its_slots_and_sends_their_gradients_back_to_the_store(tokenizer, yes_id):
+    """BDLM's LLM side in one process: the slots get proj(E[u]) and proj(E[i]); after backward and the step, the
+    store's rows of the batch's users and items (and only those, and not those of a padding sample) moved by
+    exactly -lr x dL/dE (SGD, lr 1, one rank) where dL/dE is computed directly by autograd on a copy of E; the
+    loss adds mutual_weight x BCE towards the domain model's <T_u, T_i>; the LLM gets no gradient and stays
+    bit-identical."""
+    import numpy as np
+
+    from cora.bdlm import BDLMConfig
+    from cora.methods import BDLM
+    from cora.prompts import PromptEncoder, get_template
+    from cora.scoring import bce_loss
+    enc = PromptEncoder(tokenizer, get_template("collm-movies"), max_history=3, max_length=256)
+    encoded = [enc.encode_with_slots(["A", "B"][:k % 3], f"Target {k}") for k in range(4)]
+    rng = np.random.default_rng(0)
+    user, item = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((6, 8)).astype(np.float32)
+    store = LocalStore(user, item)
+    method = BDLM(BDLMConfig(mutual_weight=0.5))
+    model = CoRAModel(tiny(), yes_id, 8, 8, InjectionConfig(), method=method)
+    frozen = {n: p.detach().clone() for n, p in model.llm.named_parameters()}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"bdlm_proj.weight", "bdlm_proj.bias"}
+    method.connect(model, store, 0, 1, {})
+    batch = collate([e[0] for e in encoded], torch.zeros(4, 8), torch.zeros(4, 8), torch.tensor([1., 0., 1., 1.]),
+                    tokenizer.pad_token_id, weights=torch.tensor([1., 1., 1., 0.]), slots=[e[1] for e in encoded])
+    batch.users, batch.items = torch.tensor([1, 3, 1, 4]), torch.tensor([2, 2, 5, 0])   # user 4, item 0: padding only
+    # the direct computation: E as parameters, the same forward
+    E_u, E_i = (torch.tensor(t, requires_grad=True) for t in (user, item))
+    u, i = E_u[batch.users], E_i[batch.items]
+    embeds = model.llm.get_input_embeddings()(batch.input_ids)
+    mapped = model.bdlm_proj(torch.stack([u, i], 1))
+    index = batch.slots.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+    h = model.backbone(inputs_embeds=embeds.scatter(1, index, mapped)).last_hidden_state
+    logit = model.yes_logit(h[torch.arange(4), batch.lengths - 1]).float()
+    teacher = (torch.tensor(user * 0.5)[batch.users] * torch.tensor(item * 0.5)[batch.items]).sum(-1)
+    want = bce_loss(logit, batch.labels, batch.weights) + 0.5 * bce_loss(logit, torch.sigmoid(teacher), batch.weights)
+    g_u, g_i = torch.autograd.grad(want, [E_u, E_i])
+    # BDLM's own step
+    model.train()
+    loss, scores = model.loss(batch)
+    assert torch.allclose(loss, want, atol=1e-6) and torch.allclose(scores, logit, atol=1e-6)
+    loss.backward()
+    method.after_backward(model, batch)
+    method.after_step(model, 1)
+    assert store.shards["user"].version == 1
+    np.testing.assert_allclose(store.shards["user"].table, user - g_u.numpy(), atol=1e-6)
+    np.testing.assert_allclose(store.shards["item"].table, item - g_i.numpy(), atol=1e-6)
+    assert (g_u[[1, 3]].abs().sum(-1) > 0).all() and (g_i[[2, 5]].abs().sum(-1) > 0).all()
+    np.testing.assert_array_equal(store.shards["user"].table[[0, 2, 4]], user[[0, 2, 4]])   # not read, or padding
+    np.testing.assert_array_equal(store.shards["item"].table[[0, 1, 3, 4]], item[[0, 1, 3, 4]])
+    users_rec, items_rec, _ = store.shards["user"].recorded()
+    assert sorted(zip(users_rec.tolist(), items_rec.tolist())) == [(1, 2), (1, 5), (3, 2)]   # the LLM's real scores
+    assert all(p.grad is not None for p in model.bdlm_proj.parameters())
+    assert all(p.grad is None and torch.equal(p, frozen[n]) for n, p in model.llm.named_parameters())
+    with pytest.raises(ValueError, match="encode with a collm-<domain> template"):
+        model(_batch(tokenizer, 3))
+
+
+def test_bdlm_export_holds_the_projection_and_the_store_tables_and_rebuilds_the_llm_model_alone(tmp_path, tokenizer,
+                                                                                                yes_id):
+    import numpy as np
+
+    from cora.export import load_exported
+    from cora.methods import make_method
+    from cora.prompts import PromptEncoder, get_template
+    from trainer.evaluate import export_trainable
+    rng = np.random.default_rng(1)
+    user, item = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((6, 8)).astype(np.float32)
+    cfg = {"method": "bdlm", "llm": {"name": "tiny-llama"}, "injection": {}, "generator": {}, "cf_dim": 8}
+    model, _ = build_model(cfg)
+    model.method.connect(model, LocalStore(user, item), 0, 1, {})
+    exported = model.method.exported(model)
+    assert set(exported) == {"bdlm_proj.weight", "bdlm_proj.bias", "store_user", "store_item"}
+    np.testing.assert_array_equal(exported["store_user"].numpy(), user)
+    section = model.method.section()
+    assert section["num_users"] == 5 and section["num_items"] == 6
+    export_trainable({n: p.detach().clone() for n, p in exported.items()}, tmp_path / "bdlm", dict(cfg, bdlm=section))
+    again, _ = load_exported(tmp_path / "bdlm")
+    assert again.method.store is None and make_method(dict(cfg, bdlm=section)).num_items == 6
+    enc = PromptEncoder(tokenizer, get_template("collm-movies"), max_history=3, max_length=256)
+    encoded = [enc.encode_with_slots(["A"], f"Target {k}") for k in range(3)]
+    batch = collate([e[0] for e in encoded], torch.zeros(3, 8), torch.zeros(3, 8), None, tokenizer.pad_token_id,
+                    slots=[e[1] for e in encoded])
+    batch.users, batch.items = torch.tensor([0, 4, 2]), torch.tensor([5, 1, 1])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(batch), again(batch), atol=1e-6)

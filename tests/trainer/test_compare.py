@@ -20,7 +20,7 @@ from cora.data.schema import DatasetError
 from cora.metrics import ranking
 from trainer.cli import main
 from trainer.compare import (CompareError, columns, cf_metrics, decide, no_injection, parse_methods, plan, plot,
-                             resolve, row, run_order, write_csv, write_markdown)
+                             resolve, row, run_order, side_metrics, write_csv, write_markdown)
 from trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +147,16 @@ def test_no_injection_comes_from_cora_else_tallrec_never_collm():
     got, source = no_injection({"tallrec": tallrec, "cora": {"no_injection_test": None}})
     assert source == "tallrec" and got["test"]["auc"] == 0.51 and got["steps"] == 0
     assert no_injection({"collm": {"no_injection_test": _test(0.6)}}) == ({}, None)
+
+
+def test_bdlm_domain_is_a_row_of_the_bdlm_run_which_it_trains_when_bdlm_is_not_asked_for():
+    assert run_order(parse_methods("bdlm-domain,mf")) == ["bdlm"]
+    assert run_order(parse_methods("bdlm,bdlm-domain,cora")) == ["bdlm", "cora"]
+    bdlm = {"test": _test(0.7), "domain_test": _test(0.65), "domain_parameters": 800, "steps": 20}
+    llm, domain = row("bdlm", bdlm), row("bdlm-domain", side_metrics(bdlm))
+    assert llm["auc"] == 0.7 and domain["auc"] == 0.65
+    assert domain["trainable_parameters"] == 800 and domain["steps"] is None
+    assert row("bdlm-domain", side_metrics({"test": _test(0.7)}))["auc"] is None    # no domain phase ran: empty
 
 
 # ---------------------------------------------------------------- the resume decision

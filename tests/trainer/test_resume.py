@@ -207,3 +207,30 @@ def test_laser_restarted_after_a_kill_trains_exactly_like_an_uninterrupted_run(i
     eval_reproduces_test_auc(run, metrics, capsys)
     assert main(["eval", "--run", str(run), "--checkpoint", "best", "--no-progress"]) == 0   # the table from state::
     assert abs(json.loads(capsys.readouterr().out)["auc"] - metrics["test"]["auc"]) < 1e-4
+
+
+def test_bdlm_with_its_domain_phase_restarted_after_a_kill_trains_exactly_like_an_uninterrupted_run(inputs, tmp_path,
+                                                                                                   capsys):
+    """BDLM (method=bdlm) on 2 ZeRO-3 ranks with its shared store (Ray actors, 2 shards per table): the first
+    epoch (18 steps) ends with the domain phase (LightGCN on the store, towards the LLM's recorded scores), whose
+    teacher the LLM's mutual term then reads. A worker killed mid-epoch 0 and restarted by Ray Train resumes
+    the store from the checkpoint (tables, optimiser state, records), so it trains the same samples with the
+    same losses, before and after the domain phase, and ends with the same store as the uninterrupted run; the
+    export (projection + tables) is scored alike by `cora eval`."""
+    from safetensors.torch import load_file
+    bdlm = ("method=bdlm", "engine.micro_batch_size=16", "run.epochs=2", "bdlm.store_shards=2", "bdlm.store_lr=0.01",
+            "bdlm.mutual_weight=0.5", "bdlm.domain_lr=0.01")
+    metrics, run, ref = killed_like_uninterrupted(inputs, tmp_path, *bdlm, steps=20, after_step=4)
+    assert int(metrics["resumed_from"].split("-")[1]) < 18           # the domain phase ran after the restart
+    assert [e["epoch"] for e in metrics["domain_evaluations"]] == [0]
+    want = json.loads((ref / "metrics.json").read_text())
+    assert metrics["domain_test"] == want["domain_test"] and 0 < metrics["domain_test"]["auc"] < 1
+    assert metrics["trainable_parameters"] == 8 * 64 + 64             # proj: Linear(8 -> d_model 64)
+    got, exp = (load_file(str(r / "export" / "adapter.safetensors")) for r in (run, ref))
+    assert set(got) == {"bdlm_proj.weight", "bdlm_proj.bias", "store_user", "store_item"}
+    assert all(torch.equal(got[k], exp[k]) for k in got)               # the same store, bit for bit
+    cf = load_file(str(inputs / "cf" / "model.safetensors"))
+    assert not torch.equal(got["store_user"], cf["user_emb.weight"])    # the store was trained
+    eval_reproduces_test_auc(run, metrics, capsys)
+    assert main(["eval", "--run", str(run), "--checkpoint", "best", "--no-progress"]) == 0   # the tables from state::
+    assert abs(json.loads(capsys.readouterr().out)["auc"] - metrics["test"]["auc"]) < 1e-4

@@ -88,6 +88,28 @@ def test_a_cf_run_of_other_data_is_refused_and_one_of_the_same_preparation_accep
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_bdlm_settings_are_reported_with_the_value_and_the_fix(tmp_path, capsys):
+    assert main(["train", "--config", "configs/demo.yaml", "method=bdlm", "bdlm.store_lr=0", "bdlm.domain_epochs=-1",
+                 "bdlm.mutual_weight=-0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems" in err, err
+    for text in ("store_lr must be > 0, got 0", "domain_epochs must be >= 0 (0 turns it off), got -1",
+                 "mutual_weight must be >= 0 (0 turns it off), got -0.5"):
+        assert text in err, text
+    assert main(["train", "--config", "configs/demo.yaml", "method=bdlm", "bdlm.store_optimizer=adagrad"]) == 2
+    assert "bdlm.store_optimizer: 'adagrad' is not one of the allowed values: 'adam', 'sgd'" in capsys.readouterr().err
+    data = tmp_path / "data"
+    assert main(["prepare", "--source", "synthetic", "--out", str(data), "--users", "30", "--items", "20",
+                 "--interactions", "300", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", "configs/demo.yaml", f"data.data_dir={data}", f"run.run_dir={tmp_path / 'run'}",
+                 "method=bdlm", "bdlm.store_shards=25"]) == 2
+    err = capsys.readouterr().err
+    assert f"bdlm.store_shards=25: the store cuts each table into that many id ranges, but {data} has only 20 items; " \
+           f"use bdlm.store_shards <= 20" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_cuda_run_without_gpus_and_a_join_without_a_token_are_refused_before_ray_starts(tmp_path, capsys,
                                                                                          monkeypatch):
     import ray
