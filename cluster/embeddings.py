@@ -59,6 +59,18 @@ def shard_bounds(rows: int, shards: int) -> np.ndarray:
     return np.linspace(0, rows, shards + 1).astype(np.int64)
 
 
+def route(key: str, ids: np.ndarray, bounds: np.ndarray, error: type, where: str, source: str) -> list:
+    """[(positions in ``ids``, shard)] for the shards whose id ranges [bounds[s], bounds[s + 1]) hold ``ids``;
+    an id outside every range raises ``error``, naming it, ``where`` it is missing and the ``source`` that must
+    match the data."""
+    bad = (ids < 0) | (ids >= bounds[-1])
+    if bad.any():
+        raise error(f"{key} id {int(ids[bad][0])} is outside {where} (ids 0..{bounds[-1] - 1}); "
+                    f"the data and {source} must come from the same prepared directory")
+    shard = np.searchsorted(bounds, ids, side="right") - 1
+    return [(np.flatnonzero(shard == s), int(s)) for s in np.unique(shard)]
+
+
 @ray.remote(max_restarts=-1, max_task_retries=3)
 class EmbeddingServer:
     """One id range [lo, hi) of one table (``key`` is 'user' or 'item')."""
@@ -147,13 +159,7 @@ class EmbeddingClient:
     def lookup_async(self, key: str, ids: np.ndarray):
         """Start the lookups; returns a callable that waits and gives the (len(ids), dim) array."""
         ids = np.asarray(ids, dtype=np.int64)
-        bounds = self.bounds[key]
-        bad = (ids < 0) | (ids >= bounds[-1])
-        if bad.any():
-            raise EmbeddingError(f"{key} id {int(ids[bad][0])} is outside the table (ids 0..{bounds[-1] - 1}); "
-                                 f"the data and the CF model must come from the same prepared directory")
-        shard = np.searchsorted(bounds, ids, side="right") - 1
-        parts = [(np.flatnonzero(shard == s), s) for s in np.unique(shard)]
+        parts = route(key, ids, self.bounds[key], EmbeddingError, "the table", "the CF model")
         refs = [self.servers[key][s].lookup.remote(ids[pos]) for pos, s in parts]
 
         def wait() -> np.ndarray:

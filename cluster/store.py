@@ -119,14 +119,8 @@ class StoreClient:
         return {k: int(self.bounds[k][-1]) for k in self.KEYS}
 
     def _parts(self, key: str, ids: np.ndarray) -> list[tuple[np.ndarray, int]]:
-        ids = np.asarray(ids, dtype=np.int64)
-        bounds = self.bounds[key]
-        bad = (ids < 0) | (ids >= bounds[-1])
-        if bad.any():
-            raise ValueError(f"{key} id {int(ids[bad][0])} is outside the store (ids 0..{bounds[-1] - 1}); the data "
-                             f"and data.cf_dir must come from the same prepared directory")
-        shard = np.searchsorted(bounds, ids, side="right") - 1
-        return [(np.flatnonzero(shard == s), int(s)) for s in np.unique(shard)]
+        from .embeddings import route
+        return route(key, np.asarray(ids, dtype=np.int64), self.bounds[key], ValueError, "the store", "data.cf_dir")
 
     def read(self, key: str, ids: np.ndarray, after: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(E rows (k, d), teacher rows (k, d)) of ``ids`` of table ``key``, with step ``after`` applied."""
