@@ -150,13 +150,23 @@ def preflight(cfg: TrainConfig) -> None:
     except (FileNotFoundError, ValueError) as e:
         problems.append(f"llm.name: {e}")
     try:
-        splits = read_manifest(cfg.data.data_dir)["counts"]["splits"]
+        manifest = read_manifest(cfg.data.data_dir)
+        splits = manifest["counts"]["splits"]
         empty = [s for s in ("train", "valid", "test") if splits.get(s, {}).get("rows", 0) < 1]
         if empty:
             have = ", ".join(f"{k}={v.get('rows', 0)}" for k, v in splits.items())
             problems.append(f"data.data_dir: {cfg.data.data_dir} has no rows in split(s) {', '.join(empty)} "
                             f"(it has {have}); "
                             f"prepare it again with a --split rule that fills train, valid and test")
+        few = {s: len(files) for s, files in (manifest.get("shards") or {}).items()
+               if s not in empty and len(files) < cfg.run.workers}
+        if few:                                    # every rank owns whole shard files (cluster.interactions)
+            rows = min(splits.get(s, {}).get("rows", 0) for s in few)
+            problems.append(f"data.data_dir: {cfg.data.data_dir} has fewer shard files than run.workers="
+                            f"{cfg.run.workers} ranks in split(s) {', '.join(f'{s} ({n})' for s, n in few.items())}, "
+                            f"so a rank would own none; prepare it again with --samples-per-shard <= "
+                            f"{max(1, rows // cfg.run.workers)} (now {manifest.get('samples_per_shard')}), or use "
+                            f"fewer workers")
     except DatasetError as e:
         problems.append(f"data.data_dir: {e}")
     if not is_remote(cfg.data.cf_dir):

@@ -36,8 +36,9 @@ def test_bad_inputs_are_all_reported_before_ray_or_a_worker_starts(tmp_path, cap
                  f"run.run_dir={run}", f"llm.name={model}", "engine.micro_batch_size=3",
                  "engine.global_batch_size=8"]) == 2
     err = capsys.readouterr().err
-    assert "4 problems" in err, err
-    for text in (f"no *.safetensors weights in {model}", f"no tokenizer (tokenizer.json, tokenizer.model or vocab.json) "
+    assert "5 problems" in err, err
+    for text in ("fewer shard files than run.workers=2 ranks in split(s) train (1), valid (1), test (1), so a rank "
+                 "would own none; prepare it again with --samples-per-shard <= 15 (now ", f"no *.safetensors weights in {model}", f"no tokenizer (tokenizer.json, tokenizer.model or vocab.json) "
                  f"in {model}", f"{tmp_path / 'nocf'} lacks cf.json, user_embeddings.parquet, item_embeddings.parquet",
                  "engine.global_batch_size=8 is not a multiple of engine.micro_batch_size x run.workers = 3 x 2 = 6",
                  "choose a global batch of 6 or 12", f"{run} already holds a run (config.json)", "run.overwrite=true"):
@@ -66,7 +67,8 @@ def test_bad_inputs_are_all_reported_before_ray_or_a_worker_starts(tmp_path, cap
 def test_a_cf_run_of_other_data_is_refused_and_one_of_the_same_preparation_accepted(tmp_path, capsys):
     """data.cf_dir must have been trained on data.data_dir: its rows are that data's users and items. The same
     preparation written again elsewhere (same inputs and options: same fingerprint) is the same data."""
-    prep = ["prepare", "--source", "synthetic", "--users", "30", "--items", "20", "--interactions", "300", "--no-progress"]
+    prep = ["prepare", "--source", "synthetic", "--users", "30", "--items", "20", "--interactions", "300",
+            "--samples-per-shard", "10", "--no-progress"]
     assert main([*prep, "--out", str(tmp_path / "a")]) == 0
     assert main([*prep, "--out", str(tmp_path / "again")]) == 0
     assert main([*prep, "--out", str(tmp_path / "b"), "--seed", "1"]) == 0
