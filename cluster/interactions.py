@@ -155,19 +155,26 @@ class InteractionShard:
 
     # ------------------------------------------------------------------ epochs
     @ray.method(concurrency_group="feed", max_task_retries=-1)
-    def start_epoch(self, epoch: int, skip: int = 0, run: str | None = None) -> int:
+    def start_epoch(self, epoch: int, skip: int = 0, run: str | None = None, stages: list | None = None) -> int:
         """Begin producing ``epoch``'s batches, skipping the first ``skip`` samples (a restored cursor;
         a multiple of the batch size). Returns the number of batches that will follow. ``run``: a token
-        that ``next_batch`` calls must carry (calls left over from an earlier start get None). Idempotent,
-        so Ray sends it again when the actor died under it (as ``describe``); ``next_batch`` is not."""
+        that ``next_batch`` calls must carry (calls left over from an earlier start get None). ``stages``:
+        the cursor's earlier worker groups of this epoch (an elastic resume): the epoch is then what they
+        left untrained, re-planned over this group (``plan.regroup``). Idempotent, so Ray sends it again
+        when the actor died under it (as ``describe``); ``next_batch`` is not."""
         if skip % self.batch_size:
             raise DataError(f"cursor offset {skip} is not a multiple of the batch size {self.batch_size}")
         self._halt()
         self.stop.clear()
         self.ended, self.run = False, run
         self.queue = queue.Queue(maxsize=self.prefetch)
-        order = plan.epoch_lists(self.sizes, self.world_size, self.seed, epoch)[self.rank]
-        batches = plan.batches(order, self.steps, self.batch_size)[skip // self.batch_size:]
+        if stages:
+            lists = plan.replanned_lists(self.sizes, self.world_size, self.seed, epoch, stages)
+            steps = plan.steps_per_epoch(sum(map(len, lists)), self.world_size, self.batch_size)
+            order = lists[self.rank]
+        else:
+            order, steps = plan.epoch_lists(self.sizes, self.world_size, self.seed, epoch)[self.rank], self.steps
+        batches = plan.batches(order, steps, self.batch_size)[skip // self.batch_size:]
         self.thread = threading.Thread(target=self._produce, args=(batches,), daemon=True)
         self.thread.start()
         return len(batches)

@@ -47,6 +47,8 @@ class Handover:
     """Absolute run directory (metrics.json, TensorBoard, export/); None writes none of them."""
     checkpoint_uri: str | None = None
     """Where checkpoints are committed; None: no checkpoints."""
+    resume_from: str | None = None
+    """The checkpoint the driver planned the schedule's length from (run.resume=auto), or None."""
     staging_dir: str | None = None
     """Local directory where rank 0 stages a checkpoint before upload (default RUN/.staging)."""
     items: dict | None = None
@@ -163,12 +165,27 @@ class Recipe:
         restored = self.ckpt.restore(self.engine, self.model) if self.ckpt is not None else None
         if restored is not None:
             self.state = LoopState.from_dict(restored["loop"], resumed_from=restored["name"])
-            return restored["cursors"][self.rank]
+            return self._cursor(restored)
         self.refresh_items()                      # before anything is scored (a no-op for most methods)
         if self.cfg.run.eval_baseline and self.h.test:
             from .evaluate import evaluate
             self.state.no_injection = evaluate(self.engine, self.h.test[self.rank])[0]
         return None
+
+    def _cursor(self, restored: dict) -> dict | None:
+        """This rank's data cursor in a restored checkpoint; saved by another number of ranks (an elastic
+        resume), the epoch's untrained samples re-planned over this group (``cluster.plan.regroup``)."""
+        from cluster.plan import regroup
+        saved = restored["world_size"]
+        if saved != self.world and self.rank == 0:
+            from .checkpoint import _log
+            _log(f"{restored['name']} was saved by {saved} workers, this group has {self.world}: the rest of "
+                 f"the epoch is re-planned over {self.world} ranks")
+            if restored["name"] != self.h.resume_from:
+                _log(f"the driver planned the LR schedule from {self.h.resume_from}, not {restored['name']} (a "
+                     f"checkpoint staged by the crashed run and committed now): its length is off by the steps "
+                     f"between them")
+        return regroup(restored["cursors"], self.world)[self.rank]
 
     def refresh_items(self) -> None:
         """Encode every item with the current weights into ``model.item_table`` (methods that score against

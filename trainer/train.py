@@ -55,18 +55,48 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
 def handover(cfg: TrainConfig, actors: dict, cf_dim: int, hooks: list | None = None):
     """What the workers get besides the config: the actors, the CF width, the schedule's length, where to write
     (and ``hooks``, trainer.hooks objects that look into the workers: cora scale's measurements)."""
-    from cluster import plan
+    from cluster.interactions import split_shards
     from cora.data.schema import read_manifest
 
     from .recipe import Handover
-    rows = read_manifest(cfg.data.data_dir)["counts"]["splits"]["train"]["rows"]
-    micro = plan.steps_per_epoch(rows, cfg.run.workers, cfg.engine.micro_batch_size)
-    steps = -(-micro // cfg.engine.accumulation(cfg.run.workers)) * cfg.run.epochs  # an epoch ends on a step
+    from .schedule import run_steps
+    _, sizes = split_shards(read_manifest(cfg.data.data_dir), cfg.data.data_dir, "train")
+    saved = resume_point(cfg)
     run_dir = Path(cfg.run.run_dir).absolute()
     return Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], rank=actors.get("rank", []),
                     cf_dim=cf_dim, items=item_inputs(cfg),
-                    total_steps=max(1, steps), run_dir=str(run_dir),
+                    total_steps=run_steps(cfg, sizes, saved[1] if saved else None), run_dir=str(run_dir),
+                    resume_from=saved[0] if saved else None,
                     checkpoint_uri=checkpoint_uri(cfg), staging_dir=str(run_dir / ".staging"), hooks=list(hooks or []))
+
+
+def resume_point(cfg: TrainConfig) -> tuple[str, dict] | None:
+    """(name, state.json) of the checkpoint run.resume=auto will continue from (None: a fresh start); says on
+    stderr what an elastic resume (another run.workers than the checkpoint's) does to the data and the batch."""
+    from .checkpoint import newest_state
+    saved = newest_state(checkpoint_uri(cfg)) if cfg.run.resume == "auto" else None
+    if saved is not None and saved[1]["world_size"] != cfg.run.workers:
+        print(f"[train] {elastic_summary(cfg, saved[0], saved[1])}", file=sys.stderr)
+    return saved
+
+
+def elastic_summary(cfg: TrainConfig, name: str, state: dict) -> str:
+    """One line: how a checkpoint of W_0 workers continues on run.workers (data and global batch)."""
+    w0, w, e, loop = state["world_size"], cfg.run.workers, cfg.engine, state["loop"]
+    cursors = state["cursors"]
+    where = (f"epoch {loop['epoch']} starts on {w} ranks" if cursors[0] is None else
+             f"the samples of epoch {cursors[0]['epoch']} not yet trained are re-planned over {w} ranks, each "
+             f"once")
+    old, new = e.accumulation(w0), e.accumulation(w)
+    if e.global_batch_size is not None:
+        batch = (f"engine.global_batch_size={e.global_batch_size} is kept: accumulation {old} -> {new} "
+                 f"micro-batches per step")
+    else:
+        batch = (f"the global batch changes from {e.micro_batch_size * old * w0} to {e.micro_batch_size * new * w} "
+                 f"samples per step (micro-batch {e.micro_batch_size} x accumulation {new} x {w} workers; set "
+                 f"engine.global_batch_size to keep it)")
+    return (f"elastic resume from {name} (saved by {w0} workers) with run.workers={w}: {where}; {batch}; the LR "
+            f"schedule continues at step {loop['step']} and its length is recomputed for the steps left")
 
 
 def item_inputs(cfg: TrainConfig) -> dict | None:
@@ -201,9 +231,10 @@ def checkpoint_uri(cfg: TrainConfig) -> str:
 
 
 # what must not change when a run is resumed (the trainable state and the data cursors depend on them)
-RESUME_KEYS = ("method", "collm", "reccocktail", "laser", "data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
-               "generator", "engine.micro_batch_size", "engine.gradient_accumulation", "engine.global_batch_size",
-               "run.workers", "run.seed")
+# (run.workers may change: an elastic resume re-plans the epoch's remaining samples, cluster.plan.regroup)
+RESUME_KEYS = ("method", "collm", "reccocktail", "laser", "data.data_dir", "data.cf_dir", "data.max_history",
+               "data.max_length", "llm", "injection", "generator", "engine.micro_batch_size",
+               "engine.gradient_accumulation", "engine.global_batch_size", "run.seed")
 
 
 def check_run_dir(cfg: TrainConfig) -> list[str]:
