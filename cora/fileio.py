@@ -116,6 +116,78 @@ def open_fs(uri: str | Path, create_buckets: bool = False, fail_fast: bool = Fal
     return pafs.FileSystem.from_uri(uri)
 
 
+SCHEMES = ("s3", "gs", "gcs", "hdfs", "file")
+"""URI schemes a run or data location may use (through ``pyarrow.fs``)."""
+
+
+def location_problem(value: str, key: str) -> str | None:
+    """Why ``value`` is no usable location for config key ``key`` (a path, or a URI of ``SCHEMES``); None
+    when it is one. Catches what would otherwise silently become a local folder: ``s3:/b/r`` (what
+    ``Path("s3://b/r")`` prints), a scheme without "//", an unknown scheme, a URI without a bucket."""
+    import re
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(/*)(.*)$", value)
+    if not m or (len(m.group(1)) == 1 and m.group(2) in ("/", "")):     # a path (or a Windows drive letter)
+        return None
+    scheme, slashes, rest = m.group(1), m.group(2), m.group(3)
+    if scheme.lower() not in SCHEMES:
+        return (f"{key}={value!r} has the scheme {scheme!r}, which is none of {', '.join(s + '://' for s in SCHEMES)}; "
+                f"give a path or one of those URIs")
+    if scheme.lower() == "file":
+        return None if slashes.startswith("//") else (f"{key}={value!r} is not a URI (file: must be followed by "
+                                                      f"//); did you mean file:///{rest}?")
+    if len(slashes) > 2 or (slashes == "//" and not rest.split("/")[0]):
+        return f"{key}={value!r} names no bucket; write {scheme.lower()}://BUCKET/PATH"
+    if slashes != "//":
+        return (f"{key}={value!r} is not a URI ({scheme}: must be followed by //); did you mean "
+                f"{scheme.lower()}://{rest}?")
+    return None
+
+
+def location(value: str | Path) -> str:
+    """A location as the stages store it: an object-storage URI unchanged (trailing "/" removed), a path or
+    ``file://`` URI as an absolute local path (so that it does not depend on the working directory)."""
+    value = str(value)
+    if is_remote(value):
+        return value.rstrip("/")
+    return str(Path(value.removeprefix("file://")).absolute())
+
+
+def join(base: str, *parts: str) -> str:
+    """``base``/part/... for a path or a URI (``Path`` would turn ``s3://b`` into ``s3:/b``)."""
+    return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def read_bytes(uri: str) -> bytes:
+    """The bytes of a file at a path or URI (FileNotFoundError when there is none)."""
+    fs, path = open_fs(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file at a path or URI whole: locally through a temporary file and a rename, in object
+    storage as one PUT (an object appears complete or not at all)."""
+    if not is_remote(uri):
+        path = Path(uri.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fs, path = open_fs(uri)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def exists(uri: str) -> bool:
+    """Whether a file or directory (any object under the prefix, in object storage) is at a path or URI."""
+    fs, path = open_fs(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.NotFound:
+        return True
+    return bool(is_remote(uri) and fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
+
 def storage_env() -> dict[str, str]:
     """The storage-related environment variables of this process (for a Ray actor's runtime_env)."""
     return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}

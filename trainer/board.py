@@ -56,6 +56,11 @@ class Board:
                 if e[f"valid_{k}"] is not None:
                     self.writer.add_scalar(f"valid/{k}", e[f"valid_{k}"], n)
 
+    def flush(self) -> None:
+        """Write the buffered events to the event file (before it is copied: trainer.rundir)."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

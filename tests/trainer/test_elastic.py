@@ -1,7 +1,8 @@
 """Elastic resume of `cora train` (ZeRO-3 on the CPU, local Ray): a run checkpointed mid-epoch by W workers
 continues with W' != W; the epoch's samples not yet trained are re-planned over the W' ranks, so that the
 sample log shows every train sample of the epoch trained exactly once, and the LR schedule is recomputed for
-the steps the run really takes."""
+the steps the run really takes. The 1 -> 2 run keeps its whole run directory on moto's S3 server (each
+training run costs a minute here, so that test also serves the run directory as a URI)."""
 
 import json
 
@@ -9,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster import runtime
+from cora.fileio import open_fs
 from cora.optim import OptimConfig, lr_at
 from tests.conftest import TEST_CPUS
 from trainer.cli import main
@@ -40,14 +42,25 @@ def records(run) -> list[dict]:
             for line in f.read_text().splitlines()]
 
 
+def download(uri: str, local):
+    """A local copy of a run directory in object storage."""
+    import pyarrow.fs as pafs
+    fs, root = open_fs(uri)
+    pafs.copy_files(root, str(local), source_filesystem=fs)
+    return local
+
+
 def elastic(inputs, run, before: int, after: int, cut: int, *extra, capsys) -> tuple[list[dict], dict, str]:
     """Train ``cut`` steps on ``before`` workers (a checkpoint mid-epoch), then the rest of the epoch on ``after``
     workers with run.resume=auto; asserts that the epoch's train samples were each trained exactly once.
-    Returns (the sample log's records, the resumed run's metrics, its stderr)."""
+    ``run``: a path, or a URI (read back through a local copy). Returns (the sample log's records, the
+    resumed run's metrics, its stderr)."""
     assert main(args(inputs, run, before, f"run.max_steps={cut}", *extra)) == 0
     capsys.readouterr()
     assert main(args(inputs, run, after, "run.resume=auto", *extra)) == 0
     err = capsys.readouterr().err
+    if isinstance(run, str):
+        run = download(run, inputs / f"copy-{run.split('/')[-1]}")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["resumed_from"] == f"step-{cut:09d}"
     recs = records(run)
@@ -83,11 +96,18 @@ def test_two_workers_resumed_on_one_keep_the_global_batch_and_train_each_sample_
     schedule_is_followed(recs, total, cut)
 
 
-def test_one_worker_resumed_on_two_replans_the_rest_over_both_ranks(inputs, tmp_path, capsys):
-    """1 -> 2 without a global batch: the global batch doubles (4 -> 8 samples per step), said on stderr."""
+def test_one_worker_resumed_on_two_replans_the_rest_over_both_ranks(inputs, s3_server, tmp_path, capsys):
+    """1 -> 2 without a global batch: the global batch doubles (4 -> 8 samples per step), said on stderr. The
+    run directory is s3://runs/...: metrics.json, TensorBoard events, the sample logs (appended to by the
+    resumed run), the export, predictions and checkpoints land there, the resume reads it, and `cora eval
+    --run s3://...` scores the export as the run did."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    fs, _ = open_fs("s3://runs", create_buckets=True)
+    fs.create_dir("runs")
+    uri = f"s3://runs/{tmp_path.name}"
     n = pq.read_metadata(inputs / "data" / "train.parquet").num_rows
     cut = 4
-    recs, metrics, err = elastic(inputs, tmp_path / "run", 1, 2, cut, capsys=capsys)
+    recs, metrics, err = elastic(inputs, uri, 1, 2, cut, capsys=capsys)
     assert "the global batch changes from 4 to 8 samples per step" in err
     after = [r for r in recs if r["step"] > cut]
     assert {r["rank"] for r in after} == {0, 1} and {r["micro"] for r in after} == {0}
@@ -95,3 +115,13 @@ def test_one_worker_resumed_on_two_replans_the_rest_over_both_ranks(inputs, tmp_
     total = cut + -(-(-(-left // 2)) // 4)           # ceil(ceil(left / 2) / 4) steps on two ranks
     assert metrics["steps"] == total
     schedule_is_followed(recs, total, cut)
+    run = inputs / f"copy-{tmp_path.name}"
+    for name in ("config.json", "export/adapter.safetensors", "export/config.json", "test_predictions.parquet"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"step-{total:09d}"
+    board = EventAccumulator(str(run / "tensorboard")).Reload()      # both runs' event files
+    assert sorted({e.step for e in board.Scalars("train/loss")}) == list(range(1, total + 1))
+    capsys.readouterr()
+    assert main(["eval", "--run", uri, "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert abs(again["auc"] - metrics["test"]["auc"]) < 1e-4
