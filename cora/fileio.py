@@ -8,9 +8,13 @@ an entry of this format or of the older ones (data: ``{"bytes", "sha256"}``; CF:
 
 Object storage: ``s3://bucket/path`` (``gs://``, ``hdfs://`` and ``file://`` work the same way).
 An S3-compatible server other than AWS is selected with ``CORA_S3_ENDPOINT`` (e.g.
-``http://127.0.0.1:9000``); credentials come from the usual ``AWS_ACCESS_KEY_ID`` /
-``AWS_SECRET_ACCESS_KEY`` / ``AWS_DEFAULT_REGION`` (or the machine's role). ``storage_env()`` is what
-Ray actors need to see the same storage as the process that starts them.
+``http://127.0.0.1:9000``), the region with ``AWS_DEFAULT_REGION``. Credentials are never handed from
+process to process: each process finds its own through the SDK's chain (``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` in its environment, inherited from the Ray node it
+runs on; ``~/.aws/credentials`` and ``AWS_PROFILE``; the instance role; for GCS the service account or
+``GOOGLE_APPLICATION_CREDENTIALS`` on the node). ``storage_env()`` is what Ray actors are given so that
+they use the same endpoint and region as the process that starts them: never a secret, because a
+runtime_env is shown in the Ray dashboard's job and actor views.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-STORAGE_ENV = ("CORA_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-               "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+STORAGE_ENV = ("CORA_S3_ENDPOINT", "AWS_DEFAULT_REGION", "AWS_REGION")
+"""Storage settings a Ray actor is given (runtime_env, visible in the dashboard): where, never who."""
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
+"""Credentials (or where they are) that must not travel in a runtime_env: each node has its own."""
 
 
 FILES_VERSION = 1
@@ -188,6 +194,13 @@ def exists(uri: str) -> bool:
     return bool(is_remote(uri) and fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
 
 
+def read_parquet(uri: str):
+    """A Parquet file at a path or URI as a pyarrow Table."""
+    import pyarrow.parquet as pq
+    fs, path = open_fs(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
 def storage_env() -> dict[str, str]:
-    """The storage-related environment variables of this process (for a Ray actor's runtime_env)."""
+    """This process's storage endpoint and region (for a Ray actor's runtime_env); no credentials."""
     return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
