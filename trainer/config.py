@@ -21,7 +21,7 @@ class DataConfig:
     """Where the prepared data and the CF model are, and how batches are built."""
 
     data_dir: str = "runs/demo/data"
-    """A directory written by `cora prepare`."""
+    """A directory written by `cora prepare` (local path or s3://, gs://, file://: the actors stream its shards)."""
     cf_dir: str = "runs/demo/cf"
     """A directory written by `cora train-cf` (local path or s3://, gs://, file://)."""
     embedding_shards: int = 1
@@ -39,7 +39,8 @@ class DataConfig:
     def validate(self) -> list[str]:
         problems = [f"data.{k} must be >= 1, got {getattr(self, k)}"
                     for k in ("embedding_shards", "max_length", "prefetch") if getattr(self, k) < 1]
-        problems += [p for p in (location_problem(self.cf_dir, "data.cf_dir"),) if p]
+        problems += [p for p in (location_problem(self.data_dir, "data.data_dir"),
+                                 location_problem(self.cf_dir, "data.cf_dir")) if p]
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             problems.append(f"data.eval_batch_size must be >= 1 or null (= engine.micro_batch_size), "
                             f"got {self.eval_batch_size}")

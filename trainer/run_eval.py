@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cora.data.schema import DatasetError
-from cora.fileio import is_remote, join, location, open_fs, read_bytes, write_bytes
+from cora.fileio import is_remote, join, location, open_fs, read_bytes, read_parquet, write_bytes
 
 SASREC_HISTORY = 25         # the history length SASRec user vectors are computed from (as in cora train)
 
@@ -242,8 +242,8 @@ def evaluate_run(run: str | Path, split: str = "test", batch_size: int = 32, pro
         raise DatasetError(f"--split {split!r}: {data_dir} has {', '.join(manifest['shards'])}")
     model, tok, source = load_model(run, cfg, checkpoint)
     model.to(device)
-    frame = pq.read_table(Path(data_dir, f"{split}.parquet")).to_pandas()
-    titles = pq.read_table(Path(data_dir, "items.parquet")).column("title").to_numpy(zero_copy_only=False)
+    frame = read_parquet(join(data_dir, f"{split}.parquet")).to_pandas()
+    titles = read_parquet(join(data_dir, "items.parquet")).column("title").to_numpy(zero_copy_only=False)
     encoders, domains = _encoders(tok, model.method.template, manifest, frame, cfg["data"])
     emb = cf_embeddings(cf_dir, frame)
     item_table = None

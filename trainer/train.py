@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from cora.config import ConfigError, load, to_dict
-from cora.fileio import exists, is_remote, join, location, read_bytes, write_bytes
+from cora.fileio import exists, is_remote, join, location, read_bytes, read_parquet, write_bytes
 
 from .config import TrainConfig
 
@@ -105,12 +105,10 @@ def item_inputs(cfg: TrainConfig) -> dict | None:
     from cora.methods import make_method
     if not make_method(to_dict(cfg)).item_refresh_epochs:
         return None
-    import pyarrow.parquet as pq
-
     from cora.cf.store import read_embeddings
     from cora.data.schema import read_manifest
     from cora.fileio import open_fs
-    items = pq.read_table(Path(cfg.data.data_dir, "items.parquet")).to_pandas()
+    items = read_parquet(join(cfg.data.data_dir, "items.parquet")).to_pandas()
     domain = read_manifest(cfg.data.data_dir).get("domain")
     fs, path = open_fs(f"{cfg.data.cf_dir.rstrip('/')}/item_embeddings.parquet")
     with fs.open_input_file(path) as f:
