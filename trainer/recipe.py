@@ -373,6 +373,7 @@ class Recipe:
         """Wait for the uploads to commit, close TensorBoard, write RUN/metrics.json (rank 0), copy this rank's
         files to an object-storage run directory (retrying up to run.sync_timeout_s, then failing)."""
         import ray
+        import ray.train
         import torch.distributed as dist
         self.commits = self.ckpt.close() if self.ckpt is not None else []
         self.board.close()
@@ -382,7 +383,9 @@ class Recipe:
             self._write_metrics(nodes)
         if self.out is not None:
             self.out.sync(final=True)
-            self.out.discard()
+            dist.barrier()                     # ranks on one node share the mirror: all have copied their files
+            if ray.train.get_context().get_local_rank() == 0:
+                self.out.discard()
         for hook in self.h.hooks:
             hook.at_end(self)
 
