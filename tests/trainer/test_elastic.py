@@ -18,12 +18,15 @@ from trainer.cli import main
 pytestmark = pytest.mark.slow
 
 
+PREPARE = ("--users", "30", "--items", "20", "--interactions", "130", "--samples-per-shard", "6", "--rule", "additive",
+           "--no-progress")
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     runtime.init(num_cpus=TEST_CPUS)
     tmp = tmp_path_factory.mktemp("elastic")
-    assert main(["prepare", "--source", "synthetic", "--out", str(tmp / "data"), "--users", "30", "--items", "20",
-                 "--interactions", "130", "--samples-per-shard", "6", "--rule", "additive", "--no-progress"]) == 0
+    assert main(["prepare", "--source", "synthetic", "--out", str(tmp / "data"), *PREPARE]) == 0
     assert main(["train-cf", "--data", str(tmp / "data"), "--model", "mf", "--out", str(tmp / "cf"), "--dim", "8",
                  "--epochs", "2", "--no-progress"]) == 0
     return tmp
@@ -98,16 +101,22 @@ def test_two_workers_resumed_on_one_keep_the_global_batch_and_train_each_sample_
 
 def test_one_worker_resumed_on_two_replans_the_rest_over_both_ranks(inputs, s3_server, tmp_path, capsys):
     """1 -> 2 without a global batch: the global batch doubles (4 -> 8 samples per step), said on stderr. The
-    run directory is s3://runs/...: metrics.json, TensorBoard events, the sample logs (appended to by the
+    data directory and the run directory are s3://runs/...: metrics.json, TensorBoard events, the sample logs (appended to by the
     resumed run), the export, predictions and checkpoints land there, the resume reads it, and `cora eval
     --run s3://...` scores the export as the run did."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from cora.fileio import read_parquet
     fs, _ = open_fs("s3://runs", create_buckets=True)
     fs.create_dir("runs")
     uri = f"s3://runs/{tmp_path.name}"
-    n = pq.read_metadata(inputs / "data" / "train.parquet").num_rows
+    # the data directory in the bucket too (the same preparation: the actors stream their shards from it)
+    data = f"s3://runs/{tmp_path.name}-data"
+    assert main(["prepare", "--source", "synthetic", "--out", data, *PREPARE]) == 0
+    ids = read_parquet(f"{data}/train.parquet").column("sample_id").to_pylist()
+    assert ids == pq.read_table(inputs / "data" / "train.parquet").column("sample_id").to_pylist()
+    n = len(ids)
     cut = 4
-    recs, metrics, err = elastic(inputs, uri, 1, 2, cut, capsys=capsys)
+    recs, metrics, err = elastic(inputs, uri, 1, 2, cut, f"data.data_dir={data}", capsys=capsys)
     assert "the global batch changes from 4 to 8 samples per step" in err
     after = [r for r in recs if r["step"] > cut]
     assert {r["rank"] for r in after} == {0, 1} and {r["micro"] for r in after} == {0}
