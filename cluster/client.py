@@ -49,9 +49,10 @@ class BatchIterator:
             if cursor.epoch != epoch:
                 raise ValueError(f"cursor is for epoch {cursor.epoch}, not {epoch}")
             skip = cursor.delivered
+        self.stages = list(cursor.stages) if cursor is not None else []     # earlier groups (elastic resume)
         self.consumed = self._first = skip // self.info["batch_size"]
         self._run = uuid.uuid4().hex            # next_batch calls of an earlier start are answered None
-        self.remaining = ray.get(actor.start_epoch.remote(epoch, skip, self._run))
+        self.remaining = ray.get(actor.start_epoch.remote(epoch, skip, self._run, self.stages))
         self.wait_seconds, self.waits = 0.0, []
         self.in_flight = max(1, in_flight)
         self._ask_ahead()
@@ -62,7 +63,8 @@ class BatchIterator:
         if mismatch:
             raise ValueError(f"cannot resume rank {i['rank']} from this cursor: "
                              + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in mismatch.items())
-                             + "; resume with the same data, seed, batch size and number of workers")
+                             + "; resume with the same data, seed and batch size (cursors of another number "
+                               "of workers go through cluster.plan.regroup first)")
 
     def _ask_ahead(self) -> None:
         """Send the first ``in_flight`` next_batch calls after the batches handed over so far."""
@@ -119,7 +121,8 @@ class BatchIterator:
         self._refs.clear()              # the calls in flight died with the actor, or take nothing now
         self._run = uuid.uuid4().hex
         try:
-            left = ray.get(self.actor.start_epoch.remote(self.epoch, skip, self._run), timeout=RESTART_TIMEOUT_S)
+            left = ray.get(self.actor.start_epoch.remote(self.epoch, skip, self._run, self.stages),
+                           timeout=RESTART_TIMEOUT_S)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             raise DataActorLost(f"{where}: the InteractionShard actor did not come back after it failed "
                                 f"(recovery {self.recoveries} of {self.max_recoveries}): {e}; check the actor's "
@@ -142,4 +145,5 @@ class BatchIterator:
         i = self.info
         # batch slots handed over (a whole number of batches; the last batch of an epoch may be short)
         return Cursor(epoch=self.epoch, delivered=self.consumed * i["batch_size"], seed=i["seed"], world_size=i["world_size"],
-                      batch_size=i["batch_size"], shards=i["shards"], rng={"seed": [i["seed"], self.epoch, i["rank"]]})
+                      batch_size=i["batch_size"], shards=i["shards"], rng={"seed": [i["seed"], self.epoch, i["rank"]]},
+                      stages=self.stages)

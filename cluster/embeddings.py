@@ -195,6 +195,17 @@ def _retry(call, attempts: int = 5, wait: float = 0.5):
             time.sleep(wait * (2 ** k))
 
 
+def server_options(cf_dir: str, num_cpus: float, memory: int | None = None) -> dict:
+    """The EmbeddingServer actors' Ray options: from object storage, this process's endpoint and region
+    (``storage_env``: no credentials, which each node has in its own environment or role)."""
+    opts: dict = {"num_cpus": num_cpus}
+    if is_remote(cf_dir):
+        opts["runtime_env"] = {"env_vars": storage_env()}
+    if memory:
+        opts["memory"] = memory
+    return opts
+
+
 def start_embedding_servers(cf_dir: str, shards: int = 1, dim: int | None = None, num_cpus: float = 0.5,
                             memory_per_shard: int | None = None, sasrec: bool = False) -> EmbeddingClient:
     """K servers per table from ``cf_dir`` (``user_embeddings.parquet``, ``item_embeddings.parquet``).
@@ -208,11 +219,7 @@ def start_embedding_servers(cf_dir: str, shards: int = 1, dim: int | None = None
             raise EmbeddingError(f"{uri}: embeddings have dimension {table_dim}, the configuration says {dim}; "
                                  f"set the CF dimension to {table_dim} or retrain the CF model")
         bounds[key], dims[key] = shard_bounds(rows, shards), table_dim
-        opts = {"num_cpus": num_cpus}
-        if is_remote(cf_dir):      # the actors read the tables with this process's storage settings
-            opts["runtime_env"] = {"env_vars": storage_env()}
-        if memory_per_shard:
-            opts["memory"] = memory_per_shard
+        opts = server_options(cf_dir, num_cpus, memory_per_shard)
         servers[key] = [EmbeddingServer.options(**opts).remote(
             uri, key, s, int(bounds[key][s]), int(bounds[key][s + 1]), table_dim,
             cf_dir if (sasrec and key == "user") else None) for s in range(shards)]

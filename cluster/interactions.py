@@ -31,6 +31,7 @@ Dashboard metrics: ``cora_prefetch_depth`` (gauge, ready batches queued), ``cora
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import sys
@@ -41,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import webdataset as wds
 from ray.util.metrics import Counter, Gauge
 
 from cora.data.schema import manifest_domains, read_manifest
+from cora.fileio import entry_problem, is_remote, join, open_fs, storage_env
 from cora.prompts import pad_prompts
 
 from . import plan
@@ -64,7 +65,40 @@ def split_shards(manifest: dict, data_dir: str, split: str) -> tuple[list[str], 
         raise DataError(f"split {split!r} not in {data_dir}/dataset.json; splits: {', '.join(manifest['shards'])}")
     rows, per = manifest["counts"]["splits"][split]["rows"], manifest["samples_per_shard"]
     sizes = [per] * (len(names) - 1) + [rows - per * (len(names) - 1)]
-    return [str(Path(data_dir) / n) for n in names], sizes
+    return [join(str(data_dir), n) for n in names], sizes
+
+
+class _Hashing:
+    """A read-only stream that counts and hashes what is read through it (a shard checked as it streams)."""
+
+    def __init__(self, raw):
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+
+def read_shard(uri: str, entry: dict | str | None) -> list[dict]:
+    """The samples of one WebDataset shard at a path or URI (``pyarrow.fs``), streamed: the tar is parsed
+    as its bytes arrive, never held whole, and its size and sha256 are checked against ``entry`` (its
+    dataset.json entry; None: unchecked, a directory written before checksums) once read to the end."""
+    from webdataset.tariterators import tar_file_iterator
+    fs, path = open_fs(uri)
+    try:
+        with fs.open_input_stream(path) as raw:
+            src = _Hashing(raw)     # one "<key>.json" member per sample (cora.data.write.write_shards)
+            samples = [json.loads(m["data"]) for m in tar_file_iterator(src) if m["fname"].endswith(".json")]
+            while src.read(1 << 20):          # the tar's end blocks count in the checksum too
+                pass
+    except FileNotFoundError:
+        raise DataError(f"shard file {uri} is missing; prepare the data again") from None
+    problem = entry_problem(entry, src.size, src.sha.hexdigest) if entry is not None else None
+    if problem:
+        raise DataError(f"shard file {uri} {problem} (dataset.json); prepare the data again")
+    return samples
 
 
 def check_assignment(names: list[str], split: str, world_size: int) -> None:
@@ -96,11 +130,10 @@ class InteractionShard:
         self.paths, self.sizes = split_shards(manifest, data_dir, split)
         check_assignment(self.paths, split, world_size)
         mine = plan.owned_shards(len(self.paths), rank, world_size)
-        missing = [self.paths[s] for s in mine if not Path(self.paths[s]).is_file()]
-        if missing:
-            raise DataError(f"rank {rank}: shard file {missing[0]} is missing; prepare the data again")
-        self.samples = [json.loads(s["json"]) for s in
-                        wds.WebDataset([self.paths[s] for s in mine], shardshuffle=False)]
+        # only this rank's shards, streamed from a path or object storage and checked against dataset.json
+        entries = manifest.get("files", {})
+        names = manifest["shards"][split]
+        self.samples = [sample for s in mine for sample in read_shard(self.paths[s], entries.get(names[s]))]
         want = sum(self.sizes[s] for s in mine)
         if len(self.samples) != want:
             raise DataError(f"rank {rank}: read {len(self.samples)} samples from {len(mine)} shards of split "
@@ -155,19 +188,26 @@ class InteractionShard:
 
     # ------------------------------------------------------------------ epochs
     @ray.method(concurrency_group="feed", max_task_retries=-1)
-    def start_epoch(self, epoch: int, skip: int = 0, run: str | None = None) -> int:
+    def start_epoch(self, epoch: int, skip: int = 0, run: str | None = None, stages: list | None = None) -> int:
         """Begin producing ``epoch``'s batches, skipping the first ``skip`` samples (a restored cursor;
         a multiple of the batch size). Returns the number of batches that will follow. ``run``: a token
-        that ``next_batch`` calls must carry (calls left over from an earlier start get None). Idempotent,
-        so Ray sends it again when the actor died under it (as ``describe``); ``next_batch`` is not."""
+        that ``next_batch`` calls must carry (calls left over from an earlier start get None). ``stages``:
+        the cursor's earlier worker groups of this epoch (an elastic resume): the epoch is then what they
+        left untrained, re-planned over this group (``plan.regroup``). Idempotent, so Ray sends it again
+        when the actor died under it (as ``describe``); ``next_batch`` is not."""
         if skip % self.batch_size:
             raise DataError(f"cursor offset {skip} is not a multiple of the batch size {self.batch_size}")
         self._halt()
         self.stop.clear()
         self.ended, self.run = False, run
         self.queue = queue.Queue(maxsize=self.prefetch)
-        order = plan.epoch_lists(self.sizes, self.world_size, self.seed, epoch)[self.rank]
-        batches = plan.batches(order, self.steps, self.batch_size)[skip // self.batch_size:]
+        if stages:
+            lists = plan.replanned_lists(self.sizes, self.world_size, self.seed, epoch, stages)
+            steps = plan.steps_per_epoch(sum(map(len, lists)), self.world_size, self.batch_size)
+            order = lists[self.rank]
+        else:
+            order, steps = plan.epoch_lists(self.sizes, self.world_size, self.seed, epoch)[self.rank], self.steps
+        batches = plan.batches(order, steps, self.batch_size)[skip // self.batch_size:]
         self.thread = threading.Thread(target=self._produce, args=(batches,), daemon=True)
         self.thread.start()
         return len(batches)
@@ -294,8 +334,10 @@ def start_interaction_shards(data_dir: str, split: str, world_size: int, *, embe
     check_assignment(names, split, world_size)
     group = uuid.uuid4().hex[:8]                   # two groups (runs, splits) never share a name
     peers = [f"cora-data-{split}-{group}-r{r}" for r in range(world_size)]
+    # from object storage: this process's endpoint and region (never credentials: each node has its own)
+    env = {"runtime_env": {"env_vars": storage_env()}} if is_remote(data_dir) else {}
     actors = [InteractionShard.options(num_cpus=num_cpus, name=peers[r], namespace=NAMESPACE,
-                                       max_restarts=max_restarts).remote(
+                                       max_restarts=max_restarts, **env).remote(
         data_dir, split, r, world_size, batch_size=batch_size, seed=seed, embeddings=embeddings, peers=peers,
         **kwargs) for r in range(world_size)]
     ray.get([a.describe.remote() for a in actors])

@@ -15,12 +15,21 @@ so that all ranks enter the same collectives. No sample is dropped or repeated.
 The cursor of a rank is (epoch, samples delivered in the epoch, seed, world size, batch size,
 shard list fingerprint): the epoch's list is a pure function of those, so a restored actor skips
 exactly the delivered samples and continues with the rest.
+
+Elastic resume (another number of ranks). A sample's identity that does not depend on W is its
+position (shard, index in the shard). When a run saved by W ranks resumes with W' ranks mid-epoch,
+``regroup`` turns the W cursors into W' cursors that carry a *stage* {"world_size": W, "delivered":
+[d_0, ..., d_{W-1}]}: the samples of the epoch still to train are the tails of the W ranks' lists
+after d_r. ``epoch_positions`` re-plans exactly those over the W' ranks (``spread``: each rank first
+takes the remaining samples of the shards it owns, r' = shard mod W', up to its quota, the rest is
+handed to the ranks below quota, as above), and the W' ranks count their cursors from 0 in that new
+list. Stages chain (W -> W' -> W'' within one epoch); the next epoch is planned for W' as usual.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -38,6 +47,9 @@ class Cursor:
     """Fingerprint of the split's shard list and sizes: a cursor only fits the data it came from."""
     rng: dict
     """State of the epoch's permutation generator before it shuffled (a record; derived from seed)."""
+    stages: list = field(default_factory=list)
+    """Earlier worker groups of this epoch, oldest first: [{"world_size", "delivered": per rank}] (empty
+    unless the run was resumed with another number of ranks mid-epoch; see ``regroup``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,3 +100,83 @@ def epoch_lists(shard_sizes: list[int], world_size: int, seed: int, epoch: int) 
 def batches(order: list[tuple[int, int]], steps: int, batch_size: int) -> list[list[tuple[int, int]]]:
     """The rank's list cut into ``steps`` batches; an empty one stands for the weight-0 padding batch."""
     return [order[k * batch_size:(k + 1) * batch_size] for k in range(steps)]
+
+
+# ---------------------------------------------------------------------- elastic resume
+Position = tuple[int, int]
+"""(shard, index in the shard): a sample's identity whatever the number of ranks."""
+
+
+def owned_positions(shard_sizes: list[int], rank: int, world_size: int) -> list[Position]:
+    """Rank ``rank``'s own samples as positions, in the order of its owner indexes."""
+    return [(s, j) for s in owned_shards(len(shard_sizes), rank, world_size) for j in range(shard_sizes[s])]
+
+
+def spread(left: list[Position], n_shards: int, world_size: int) -> list[list[Position]]:
+    """Plan ``left`` (in this order) over ``world_size`` ranks: balanced quotas, each rank first taking
+    the samples of the shards it owns (no peer fetch), the surplus handed in rank order to those short."""
+    quota = quotas(len(left), world_size)
+    own: list[list[Position]] = [[] for _ in range(world_size)]
+    for p in left:
+        own[p[0] % world_size].append(p)
+    lists = [own[r][:quota[r]] for r in range(world_size)]
+    pool = [p for r in range(world_size) for p in own[r][quota[r]:]]
+    for r in range(world_size):
+        need = quota[r] - len(lists[r])
+        lists[r] += pool[:need]
+        pool = pool[need:]
+    assert not pool
+    return lists
+
+
+def epoch_positions(shard_sizes: list[int], world_size: int, seed: int, epoch: int,
+                    stages: list[dict] = ()) -> list[list[Position]]:
+    """For each of ``world_size`` ranks, its list of ``epoch`` as positions: ``epoch_lists`` when no
+    earlier group trained part of the epoch, else the samples ``stages`` left untrained, re-planned."""
+    if not stages:
+        owned = [owned_positions(shard_sizes, r, world_size) for r in range(world_size)]
+        return [[owned[o][i] for o, i in lst] for lst in epoch_lists(shard_sizes, world_size, seed, epoch)]
+    last = stages[-1]
+    before = epoch_positions(shard_sizes, last["world_size"], seed, epoch, stages[:-1])
+    left = [p for lst, done in zip(before, last["delivered"]) for p in lst[done:]]
+    return spread(left, len(shard_sizes), world_size)
+
+
+def replanned_lists(shard_sizes: list[int], world_size: int, seed: int, epoch: int,
+                    stages: list[dict]) -> list[list[tuple[int, int]]]:
+    """``epoch_positions`` as (owner rank, index into the owner's samples), what the actors serve."""
+    if not stages:
+        return epoch_lists(shard_sizes, world_size, seed, epoch)
+    index = {p: (r, i) for r in range(world_size) for i, p in enumerate(owned_positions(shard_sizes, r, world_size))}
+    return [[index[p] for p in lst] for lst in epoch_positions(shard_sizes, world_size, seed, epoch, stages)]
+
+
+def left_in_epoch(shard_sizes: list[int], seed: int, epoch: int, stages: list[dict]) -> int:
+    """Samples of ``epoch`` that the groups in ``stages`` did not train (the whole split when none)."""
+    if not stages:
+        return sum(shard_sizes)
+    before = epoch_positions(shard_sizes, stages[-1]["world_size"], seed, epoch, stages[:-1])
+    return sum(max(0, len(lst) - done) for lst, done in zip(before, stages[-1]["delivered"]))
+
+
+def regroup(cursors: list[dict | None], world_size: int) -> list[dict | None]:
+    """The cursors of ``world_size`` ranks that continue where the saved group's ``cursors`` (one per
+    saved rank) stopped. The same world size: unchanged. At an epoch's end (all None): None for each
+    rank. Mid-epoch: each new rank starts at 0 of the re-planned remainder (a new stage)."""
+    if len(cursors) == world_size:
+        return list(cursors)
+    if all(c is None for c in cursors):
+        return [None] * world_size
+    if any(c is None for c in cursors):
+        raise ValueError("the saved cursors mix ranks at an epoch's end and ranks mid-epoch; the checkpoint "
+                         "is not a consistent cut of the data")
+    first = cursors[0]
+    keys = ("epoch", "seed", "batch_size", "shards", "world_size")
+    odd = [c for c in cursors if any(c[k] != first[k] for k in keys)]
+    if odd or first["world_size"] != len(cursors):
+        raise ValueError(f"the saved cursors disagree on {keys} (or with their count {len(cursors)}): "
+                         f"{first} vs {odd[:1]}; the checkpoint was not written by one worker group")
+    stage = {"world_size": len(cursors), "delivered": [c["delivered"] for c in cursors]}
+    stages = [*first.get("stages", []), stage]
+    return [dict(first, delivered=0, world_size=world_size, stages=stages,
+                 rng={"seed": [first["seed"], first["epoch"], r]}) for r in range(world_size)]

@@ -8,9 +8,13 @@ an entry of this format or of the older ones (data: ``{"bytes", "sha256"}``; CF:
 
 Object storage: ``s3://bucket/path`` (``gs://``, ``hdfs://`` and ``file://`` work the same way).
 An S3-compatible server other than AWS is selected with ``CORA_S3_ENDPOINT`` (e.g.
-``http://127.0.0.1:9000``); credentials come from the usual ``AWS_ACCESS_KEY_ID`` /
-``AWS_SECRET_ACCESS_KEY`` / ``AWS_DEFAULT_REGION`` (or the machine's role). ``storage_env()`` is what
-Ray actors need to see the same storage as the process that starts them.
+``http://127.0.0.1:9000``), the region with ``AWS_DEFAULT_REGION``. Credentials are never handed from
+process to process: each process finds its own through the SDK's chain (``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` in its environment, inherited from the Ray node it
+runs on; ``~/.aws/credentials`` and ``AWS_PROFILE``; the instance role; for GCS the service account or
+``GOOGLE_APPLICATION_CREDENTIALS`` on the node). ``storage_env()`` is what Ray actors are given so that
+they use the same endpoint and region as the process that starts them: never a secret, because a
+runtime_env is shown in the Ray dashboard's job and actor views.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-STORAGE_ENV = ("CORA_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-               "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+STORAGE_ENV = ("CORA_S3_ENDPOINT", "AWS_DEFAULT_REGION", "AWS_REGION")
+"""Storage settings a Ray actor is given (runtime_env, visible in the dashboard): where, never who."""
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS")
+"""Credentials (or where they are) that must not travel in a runtime_env: each node has its own."""
 
 
 FILES_VERSION = 1
@@ -116,6 +122,85 @@ def open_fs(uri: str | Path, create_buckets: bool = False, fail_fast: bool = Fal
     return pafs.FileSystem.from_uri(uri)
 
 
+SCHEMES = ("s3", "gs", "gcs", "hdfs", "file")
+"""URI schemes a run or data location may use (through ``pyarrow.fs``)."""
+
+
+def location_problem(value: str, key: str) -> str | None:
+    """Why ``value`` is no usable location for config key ``key`` (a path, or a URI of ``SCHEMES``); None
+    when it is one. Catches what would otherwise silently become a local folder: ``s3:/b/r`` (what
+    ``Path("s3://b/r")`` prints), a scheme without "//", an unknown scheme, a URI without a bucket."""
+    import re
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(/*)(.*)$", value)
+    if not m or (len(m.group(1)) == 1 and m.group(2) in ("/", "")):     # a path (or a Windows drive letter)
+        return None
+    scheme, slashes, rest = m.group(1), m.group(2), m.group(3)
+    if scheme.lower() not in SCHEMES:
+        return (f"{key}={value!r} has the scheme {scheme!r}, which is none of {', '.join(s + '://' for s in SCHEMES)}; "
+                f"give a path or one of those URIs")
+    if scheme.lower() == "file":
+        return None if slashes.startswith("//") else (f"{key}={value!r} is not a URI (file: must be followed by "
+                                                      f"//); did you mean file:///{rest}?")
+    if len(slashes) > 2 or (slashes == "//" and not rest.split("/")[0]):
+        return f"{key}={value!r} names no bucket; write {scheme.lower()}://BUCKET/PATH"
+    if slashes != "//":
+        return (f"{key}={value!r} is not a URI ({scheme}: must be followed by //); did you mean "
+                f"{scheme.lower()}://{rest}?")
+    return None
+
+
+def location(value: str | Path) -> str:
+    """A location as the stages store it: an object-storage URI unchanged (trailing "/" removed), a path or
+    ``file://`` URI as an absolute local path (so that it does not depend on the working directory)."""
+    value = str(value)
+    if is_remote(value):
+        return value.rstrip("/")
+    return str(Path(value.removeprefix("file://")).absolute())
+
+
+def join(base: str, *parts: str) -> str:
+    """``base``/part/... for a path or a URI (``Path`` would turn ``s3://b`` into ``s3:/b``)."""
+    return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def read_bytes(uri: str) -> bytes:
+    """The bytes of a file at a path or URI (FileNotFoundError when there is none)."""
+    fs, path = open_fs(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file at a path or URI whole: locally through a temporary file and a rename, in object
+    storage as one PUT (an object appears complete or not at all)."""
+    if not is_remote(uri):
+        path = Path(uri.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fs, path = open_fs(uri)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def exists(uri: str) -> bool:
+    """Whether a file or directory (any object under the prefix, in object storage) is at a path or URI."""
+    fs, path = open_fs(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.NotFound:
+        return True
+    return bool(is_remote(uri) and fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
+
+def read_parquet(uri: str):
+    """A Parquet file at a path or URI as a pyarrow Table."""
+    import pyarrow.parquet as pq
+    fs, path = open_fs(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
 def storage_env() -> dict[str, str]:
-    """The storage-related environment variables of this process (for a Ray actor's runtime_env)."""
+    """This process's storage endpoint and region (for a Ray actor's runtime_env); no credentials."""
     return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}

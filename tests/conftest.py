@@ -9,6 +9,13 @@ import urllib.request
 
 import pytest
 
+# Storage credentials of this machine, as a cluster node has them in its environment: set before any test
+# starts Ray, so that every Ray process inherits them (moto accepts any). They must never travel through a
+# runtime_env (shown in the dashboard): tests/cluster/test_credentials.py looks for these values there.
+TEST_SECRETS = {"AWS_ACCESS_KEY_ID": "cora-test-key-id-5f1c", "AWS_SECRET_ACCESS_KEY": "cora-test-secret-9d2e7a41b8"}
+os.environ.update(TEST_SECRETS)
+os.environ.pop("AWS_SESSION_TOKEN", None)
+
 # Logical CPUs of the tests' local Ray instance (whichever test starts it first). Ray's CPU counts are
 # reservations, not cores: generous, so that actors left by earlier tests never starve a worker group.
 TEST_CPUS = 32
@@ -23,7 +30,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto in server mode) on 127.0.0.1, with the storage environment
-    (CORA_S3_ENDPOINT, AWS credentials) pointing at it. Yields (endpoint, process)."""
+    (CORA_S3_ENDPOINT, region) pointing at it; the credentials are TEST_SECRETS, set for the whole session
+    (a Ray instance started before this fixture has them too). Yields (endpoint, process)."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -38,8 +46,7 @@ def s3_server():
                 proc.kill()
                 raise RuntimeError(f"moto server did not start on {endpoint}")
             time.sleep(0.2)
-    env = {"CORA_S3_ENDPOINT": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {"CORA_S3_ENDPOINT": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield endpoint, proc

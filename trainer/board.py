@@ -52,8 +52,14 @@ class Board:
     def evaluation(self, n: int, e: dict) -> None:
         self.auc = e["valid_auc"]
         if self.writer is not None:
-            self.writer.add_scalar("valid/auc", e["valid_auc"], n)
-            self.writer.add_scalar("valid/uauc", e["valid_uauc"], n)
+            for k in ("auc", "uauc"):      # UAUC is None when no user has both labels (a small valid split)
+                if e[f"valid_{k}"] is not None:
+                    self.writer.add_scalar(f"valid/{k}", e[f"valid_{k}"], n)
+
+    def flush(self) -> None:
+        """Write the buffered events to the event file (before it is copied: trainer.rundir)."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cora.fileio import location_problem
 from cora.generator import GeneratorConfig
 from cora.injection import InjectionConfig
 from cora.llm import LLMConfig
@@ -21,7 +22,7 @@ class DataConfig:
     """Where the prepared data and the CF model are, and how batches are built."""
 
     data_dir: str = "runs/demo/data"
-    """A directory written by `cora prepare`."""
+    """A directory written by `cora prepare` (local path or s3://, gs://, file://: the actors stream its shards)."""
     cf_dir: str = "runs/demo/cf"
     """A directory written by `cora train-cf` (local path or s3://, gs://, file://)."""
     embedding_shards: int = 1
@@ -39,6 +40,8 @@ class DataConfig:
     def validate(self) -> list[str]:
         problems = [f"data.{k} must be >= 1, got {getattr(self, k)}"
                     for k in ("embedding_shards", "max_length", "prefetch") if getattr(self, k) < 1]
+        problems += [p for p in (location_problem(self.data_dir, "data.data_dir"),
+                                 location_problem(self.cf_dir, "data.cf_dir")) if p]
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             problems.append(f"data.eval_batch_size must be >= 1 or null (= engine.micro_batch_size), "
                             f"got {self.eval_batch_size}")
@@ -54,7 +57,8 @@ class RunConfig:
     """The job: where it writes, how long it trains, how many workers."""
 
     run_dir: str = "runs/demo/run"
-    """Run directory: metrics.json, tensorboard/, export/, test_predictions.parquet."""
+    """Run directory: metrics.json, tensorboard/, export/, test_predictions.parquet, checkpoints/; a path or
+    an s3://, gs://, file:// URI (workers write a local mirror and sync it there: trainer.rundir)."""
     epochs: int = 1
     """Training epochs (validation after each)."""
     patience: int = 3
@@ -94,6 +98,8 @@ class RunConfig:
     injection): the no-injection baseline, reported as no_injection_test."""
     dashboard: bool = True
     """Start the Ray dashboard (on 127.0.0.1) with the local Ray instance; its URL is printed."""
+    sync_timeout_s: float = 300.0
+    """Object-storage run_dir: how long the final copy of a worker's run files retries before it fails."""
 
     def validate(self) -> list[str]:
         problems = [f"run.{k} must be >= 1, got {getattr(self, k)}" for k in ("epochs", "patience", "workers",
@@ -105,6 +111,11 @@ class RunConfig:
             problems.append("run.resume=auto and run.overwrite=true contradict each other: pick one")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"run.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.sync_timeout_s <= 0:
+            problems.append(f"run.sync_timeout_s must be > 0, got {self.sync_timeout_s}")
+        problems += [p for p in (location_problem(self.run_dir, "run.run_dir"),
+                                 self.checkpoint_uri and location_problem(self.checkpoint_uri, "run.checkpoint_uri"))
+                     if p]
         return problems
 
 

@@ -45,11 +45,17 @@ class Handover:
     total_steps: int = 1
     """Optimiser steps of the whole run: the length of the LR schedule."""
     run_dir: str | None = None
-    """Absolute run directory (metrics.json, TensorBoard, export/); None writes none of them."""
+    """The run directory, an absolute path or an object-storage URI (metrics.json, TensorBoard, export/); None
+    writes none of them."""
+    mirror_key: str = "run"
+    """Names this invocation's local mirror of an object-storage run directory (trainer.rundir.Mirror)."""
     checkpoint_uri: str | None = None
     """Where checkpoints are committed; None: no checkpoints."""
+    resume_from: str | None = None
+    """The checkpoint the driver planned the schedule's length from (run.resume=auto), or None."""
     staging_dir: str | None = None
-    """Local directory where rank 0 stages a checkpoint before upload (default RUN/.staging)."""
+    """Local directory where rank 0 stages a checkpoint before upload (default: .staging in the run
+    directory's local mirror, which is RUN itself for a local run directory)."""
     items: dict | None = None
     """For a method that scores against item encodings (Laser): every item's "titles", "domains" (its prompt
     domain) and CF "emb" (n_items, d); None otherwise."""
@@ -134,18 +140,39 @@ class Recipe:
             self.model.method.connect(self.model, self.h.store, self.rank, self.world,
                                       {"data_dir": self.cfg.data.data_dir, "cf_dir": self.cfg.data.cf_dir,
                                        "seed": self.cfg.run.seed})
+        self.out = self._mirror()
         if self.h.checkpoint_uri:
             from .checkpoint import Checkpointer
             run = self.cfg.run
-            staging = self.h.staging_dir or str(Path(self.h.run_dir or ".", ".staging"))
+            staging = self.h.staging_dir or str(Path(self.out.local if self.out else ".", ".staging"))
             saved = dict(to_dict(self.cfg), cf_dim=self.h.cf_dim)
             if self.h.items:
                 saved["num_items"] = len(self.h.items["titles"])
             self.ckpt = Checkpointer(self.h.checkpoint_uri, run.checkpoint_every, run.keep_last, staging, saved,
                                      self.rank)
-        self.board = Board(self.h.run_dir, self.rank)
+        self.board = Board(str(self.out.local) if self.out else None, self.rank)
         for hook in self.h.hooks:
             hook.after_setup(self)
+
+    def _mirror(self):
+        """Where this rank writes its run files (trainer.rundir): the run directory, or a local mirror of an
+        object-storage one; a resumed run's sample log is fetched first (its lines are appended to)."""
+        if not self.h.run_dir:
+            return None
+        from .rundir import Mirror, owned_files
+        out = Mirror(self.h.run_dir, owned_files(self.rank), self.h.mirror_key, self.cfg.run.sync_timeout_s)
+        if self.cfg.run.sample_log:
+            log = f"samples/rank{self.rank}.jsonl"
+            if not (out.local / log).exists():       # else: a restarted group on this node, its own copy is newer
+                out.pull(log)
+            (out.local / "samples").mkdir(parents=True, exist_ok=True)
+        return out
+
+    def sync(self, final: bool = False) -> None:
+        """Copy this rank's run files to an object-storage run directory (trainer.rundir.Mirror.sync)."""
+        if self.out is not None:
+            self.board.flush()
+            self.out.sync(final=final)
 
     def _build(self):
         from cora.llm import resolve_answer_token
@@ -172,12 +199,27 @@ class Recipe:
         restored = self.ckpt.restore(self.engine, self.model) if self.ckpt is not None else None
         if restored is not None:
             self.state = LoopState.from_dict(restored["loop"], resumed_from=restored["name"])
-            return restored["cursors"][self.rank]
+            return self._cursor(restored)
         self.refresh_items()                      # before anything is scored (a no-op for most methods)
         if self.cfg.run.eval_baseline and self.h.test:
             from .evaluate import evaluate
             self.state.no_injection = evaluate(self.engine, self.h.test[self.rank])[0]
         return None
+
+    def _cursor(self, restored: dict) -> dict | None:
+        """This rank's data cursor in a restored checkpoint; saved by another number of ranks (an elastic
+        resume), the epoch's untrained samples re-planned over this group (``cluster.plan.regroup``)."""
+        from cluster.plan import regroup
+        saved = restored["world_size"]
+        if saved != self.world and self.rank == 0:
+            from .checkpoint import _log
+            _log(f"{restored['name']} was saved by {saved} workers, this group has {self.world}: the rest of "
+                 f"the epoch is re-planned over {self.world} ranks")
+            if restored["name"] != self.h.resume_from:
+                _log(f"the driver planned the LR schedule from {self.h.resume_from}, not {restored['name']} (a "
+                     f"checkpoint staged by the crashed run and committed now): its length is off by the steps "
+                     f"between them")
+        return regroup(restored["cursors"], self.world)[self.rank]
 
     def refresh_items(self) -> None:
         """Encode every item with the current weights into ``model.item_table`` (methods that score against
@@ -267,13 +309,15 @@ class Recipe:
         self.state.train_seconds += record["seconds"] + record["data_wait"]
         self.last_loss = record["loss"]
         self.board.step(self.state.step, record)
+        if self.out is not None and self.out.due():
+            self.sync()
         for hook in self.h.hooks:
             hook.after_step(self, record, raw)
 
     def _sample_log(self):
-        if not (self.cfg.run.sample_log and self.h.run_dir):
+        if not (self.cfg.run.sample_log and self.out is not None):
             return contextlib.nullcontext()
-        return open(Path(self.h.run_dir, "samples", f"rank{self.rank}.jsonl"), "a")
+        return open(Path(self.out.local, "samples", f"rank{self.rank}.jsonl"), "a")
 
     # ------------------------------------------------------------------ evaluate and save
     def end_epoch(self, epoch: int, cut: dict | None) -> None:
@@ -291,6 +335,7 @@ class Recipe:
         if self.ckpt is not None:
             evals = self.state.evals
             self.save(cut, best=improved, valid_auc=evals[-1]["valid_auc"] if evals else None)
+        self.sync()
 
     def evaluate(self, epoch: int) -> bool:
         """Validation AUC over all ranks; on a better one also test and export the adapter. Returns whether
@@ -319,19 +364,19 @@ class Recipe:
         split, RUN/rank_predictions.parquet."""
         from .evaluate import export_trainable, exported_state
         weights = exported_state(self.model)                      # collective: every rank gathers
-        if self.rank != 0 or not self.h.run_dir:
+        if self.rank != 0 or self.out is None:
             return
         model_config = {k: to_dict(getattr(self.cfg, k)) for k in ("llm", "injection", "generator")}
         model_config["method"] = self.cfg.method
         section = self.model.method.section()
         if section is not None:
             model_config[self.cfg.method] = section
-        export_trainable(weights, Path(self.h.run_dir, "export"), dict(model_config, cf_dim=self.h.cf_dim))
+        export_trainable(weights, Path(self.out.local, "export"), dict(model_config, cf_dim=self.h.cf_dim))
         import pyarrow as pa
         import pyarrow.parquet as pq
         for name, table in (("test", preds), ("rank", ranked)):
             if table is not None:
-                pq.write_table(pa.table(table), Path(self.h.run_dir, f"{name}_predictions.parquet"))
+                pq.write_table(pa.table(table), Path(self.out.local, f"{name}_predictions.parquet"))
 
     def save(self, cursor: dict | None, best: bool = False, valid_auc: float | None = None) -> None:
         """A checkpoint of this moment (a collective; the upload goes on in the background)."""
@@ -340,15 +385,22 @@ class Recipe:
 
     # ------------------------------------------------------------------ the end
     def cleanup(self) -> None:
-        """Wait for the uploads to commit, close TensorBoard, write RUN/metrics.json (rank 0)."""
+        """Wait for the uploads to commit, close TensorBoard, write RUN/metrics.json (rank 0), copy this rank's
+        files to an object-storage run directory (retrying up to run.sync_timeout_s, then failing)."""
         import ray
+        import ray.train
         import torch.distributed as dist
         self.commits = self.ckpt.close() if self.ckpt is not None else []
         self.board.close()
         nodes: list = [None] * self.world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-        if self.rank == 0 and self.h.run_dir:
+        if self.rank == 0 and self.out is not None:
             self._write_metrics(nodes)
+        if self.out is not None:
+            self.out.sync(final=True)
+            dist.barrier()                     # ranks on one node share the mirror: all have copied their files
+            if ray.train.get_context().get_local_rank() == 0:
+                self.out.discard()
         for hook in self.h.hooks:
             hook.at_end(self)
 
@@ -363,8 +415,8 @@ class Recipe:
                    "samples": s.samples, "train_seconds": round(s.train_seconds, 3),
                    "samples_per_second": round(s.samples / s.train_seconds, 2) if s.train_seconds else None}
         summary.update(self.model.method.summary(s.method_evals))
-        Path(self.h.run_dir).mkdir(parents=True, exist_ok=True)
-        Path(self.h.run_dir, "metrics.json").write_text(json.dumps(summary, indent=1))
+        from cora.fileio import write_bytes
+        write_bytes(str(Path(self.out.local, "metrics.json")), json.dumps(summary, indent=1).encode())
 
     def trainable_parameters(self) -> int:
         """Elements of the trainable parameters (whole sizes, not this rank's ZeRO-3 partition)."""

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cora.data.schema import DatasetError
-from cora.fileio import is_remote, open_fs
+from cora.fileio import is_remote, join, location, open_fs, read_bytes, read_parquet, write_bytes
 
 SASREC_HISTORY = 25         # the history length SASRec user vectors are computed from (as in cora train)
 
@@ -126,19 +126,24 @@ def find_checkpoint(uri: str, which: str) -> tuple[str, dict, dict[str, bytes]]:
     return name, manifest, files
 
 
-def load_model(run: Path, run_config: dict, checkpoint: str | None = None) -> tuple[object, object, str]:
+def load_model(run: str, run_config: dict, checkpoint: str | None = None) -> tuple[object, object, str]:
     """(CoRAModel in eval mode, tokenizer, source) with the generator and P of RUN/export (checkpoint
-    None; source "export") or of a committed checkpoint (source "checkpoint step-...")."""
+    None; source "export") or of a committed checkpoint (source "checkpoint step-..."); RUN a path or URI."""
     if checkpoint is None:
         from cora.export import load_exported
-        if not (run / "export" / "adapter.safetensors").is_file():
-            raise DatasetError(f"{run} has no export/adapter.safetensors (it is written at each better valid AUC: no "
-                               f"validation has finished); evaluate a checkpoint with --checkpoint latest")
-        print(f"[eval] generator and P from {run / 'export'}", file=sys.stderr)
-        model, tok = load_exported(run / "export")
+        export = join(run, "export")
+        with tempfile.TemporaryDirectory(prefix="cora-eval-export-") as tmp:
+            try:                          # two small files; from object storage through a local copy
+                for name in ("adapter.safetensors", "config.json"):
+                    Path(tmp, name).write_bytes(read_bytes(join(export, name)))
+            except FileNotFoundError:
+                raise DatasetError(f"{run} has no export/{name} (it is written at each better valid AUC: no "
+                                   f"validation has finished); evaluate a checkpoint with --checkpoint latest") from None
+            print(f"[eval] generator and P from {export}", file=sys.stderr)
+            model, tok = load_exported(tmp)
         return model, tok, "export"
     from trainer.checkpoint import CheckpointError, parse
-    uri = run_config["run"].get("checkpoint_uri") or str(run.absolute() / "checkpoints")
+    uri = run_config["run"].get("checkpoint_uri") or join(run, "checkpoints")
     name, manifest, files = find_checkpoint(uri, checkpoint)
     try:
         trainable, _, _, state = parse(files)
@@ -224,18 +229,22 @@ def evaluate_run(run: str | Path, split: str = "test", batch_size: int = 32, pro
     check_device(device)
     if batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
-    run = Path(run)
-    if not (run / "config.json").is_file():
-        raise DatasetError(f"{run} is not a run directory (no config.json); train one with `cora train`")
-    cfg = json.loads((run / "config.json").read_text())
+    run = location(run)
+    try:
+        cfg = json.loads(read_bytes(join(run, "config.json")))
+    except FileNotFoundError:
+        raise DatasetError(f"{run} is not a run directory (no config.json); train one with `cora train`") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read {run}/config.json ({type(e).__name__}: {e}); check the URI, the endpoint "
+                           f"(CORA_S3_ENDPOINT) and this machine's storage credentials") from None
     data_dir, cf_dir = cfg["data"]["data_dir"], cfg["data"]["cf_dir"]
     manifest = read_manifest(data_dir)
     if split not in manifest["shards"]:
         raise DatasetError(f"--split {split!r}: {data_dir} has {', '.join(manifest['shards'])}")
     model, tok, source = load_model(run, cfg, checkpoint)
     model.to(device)
-    frame = pq.read_table(Path(data_dir, f"{split}.parquet")).to_pandas()
-    titles = pq.read_table(Path(data_dir, "items.parquet")).column("title").to_numpy(zero_copy_only=False)
+    frame = read_parquet(join(data_dir, f"{split}.parquet")).to_pandas()
+    titles = read_parquet(join(data_dir, "items.parquet")).column("title").to_numpy(zero_copy_only=False)
     encoders, domains = _encoders(tok, model.method.template, manifest, frame, cfg["data"])
     emb = cf_embeddings(cf_dir, frame)
     item_table = None
@@ -251,15 +260,18 @@ def evaluate_run(run: str | Path, split: str = "test", batch_size: int = 32, pro
         from cora.metrics import ranking
         result["ranking"] = ranking(frame["query"].to_numpy(), labels, scores, users=users)
     suffix = "" if source == "export" else f"-{source.split()[-1]}"
+    sink = pa.BufferOutputStream()
     pq.write_table(pa.table({"sample_id": frame["sample_id"], "user": users, "item": frame["item"],
-                             "label": labels, "score": scores}), run / f"predictions-{split}{suffix}.parquet")
+                             "label": labels, "score": scores}), sink)
+    write_bytes(join(run, f"predictions-{split}{suffix}.parquet"), sink.getvalue().to_pybytes())
     return dict(result, source=source)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="score a split with a trained run (one process, no DeepSpeed)",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a run directory written by `cora train`")
+    p.add_argument("--run", required=True, help="a run directory written by `cora train` (a path, or s3://, gs://, "
+                                                "file://)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test", "rank"],
                    help="rank: the candidate split of `cora prepare --rank-negatives` (adds ranking metrics)")
     p.add_argument("--checkpoint", default=None, metavar="NAME|latest|best",

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from cora.config import ConfigError, load, to_dict
-from cora.fileio import is_remote
+from cora.fileio import exists, is_remote, join, location, read_bytes, read_parquet, write_bytes
 
 from .config import TrainConfig
 
@@ -52,23 +52,55 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
                                             **common) for split in batch}, client
 
 
-def handover(cfg: TrainConfig, actors: dict, cf_dim: int, hooks: list | None = None, store=None):
+def handover(cfg: TrainConfig, actors: dict, cf_dim: int, hooks: list | None = None, mirror_key: str = "run",
+             store=None):
     """What the workers get besides the config: the actors, the CF width, the schedule's length, where to write
     (and ``hooks``, trainer.hooks objects that look into the workers: cora scale's measurements; ``store``: BDLM's
     shared store)."""
-    from cluster import plan
+    from cluster.interactions import split_shards
     from cora.data.schema import read_manifest
 
     from .recipe import Handover
-    rows = read_manifest(cfg.data.data_dir)["counts"]["splits"]["train"]["rows"]
-    micro = plan.steps_per_epoch(rows, cfg.run.workers, cfg.engine.micro_batch_size)
-    steps = -(-micro // cfg.engine.accumulation(cfg.run.workers)) * cfg.run.epochs  # an epoch ends on a step
-    run_dir = Path(cfg.run.run_dir).absolute()
+    from .schedule import run_steps
+    _, sizes = split_shards(read_manifest(cfg.data.data_dir), cfg.data.data_dir, "train")
+    saved = resume_point(cfg)
+    run_dir = location(cfg.run.run_dir)
     return Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], rank=actors.get("rank", []),
                     cf_dim=cf_dim, items=item_inputs(cfg),
-                    total_steps=max(1, steps), run_dir=str(run_dir),
-                    checkpoint_uri=checkpoint_uri(cfg), staging_dir=str(run_dir / ".staging"), hooks=list(hooks or []),
+                    total_steps=run_steps(cfg, sizes, saved[1] if saved else None), run_dir=run_dir,
+                    resume_from=saved[0] if saved else None, mirror_key=mirror_key,
+                    checkpoint_uri=checkpoint_uri(cfg),
+                    staging_dir=None if is_remote(run_dir) else str(Path(run_dir, ".staging")), hooks=list(hooks or []),
                     store=store)
+
+
+def resume_point(cfg: TrainConfig) -> tuple[str, dict] | None:
+    """(name, state.json) of the checkpoint run.resume=auto will continue from (None: a fresh start); says on
+    stderr what an elastic resume (another run.workers than the checkpoint's) does to the data and the batch."""
+    from .checkpoint import newest_state
+    saved = newest_state(checkpoint_uri(cfg)) if cfg.run.resume == "auto" else None
+    if saved is not None and saved[1]["world_size"] != cfg.run.workers:
+        print(f"[train] {elastic_summary(cfg, saved[0], saved[1])}", file=sys.stderr)
+    return saved
+
+
+def elastic_summary(cfg: TrainConfig, name: str, state: dict) -> str:
+    """One line: how a checkpoint of W_0 workers continues on run.workers (data and global batch)."""
+    w0, w, e, loop = state["world_size"], cfg.run.workers, cfg.engine, state["loop"]
+    cursors = state["cursors"]
+    where = (f"epoch {loop['epoch']} starts on {w} ranks" if cursors[0] is None else
+             f"the samples of epoch {cursors[0]['epoch']} not yet trained are re-planned over {w} ranks, each "
+             f"once")
+    old, new = e.accumulation(w0), e.accumulation(w)
+    if e.global_batch_size is not None:
+        batch = (f"engine.global_batch_size={e.global_batch_size} is kept: accumulation {old} -> {new} "
+                 f"micro-batches per step")
+    else:
+        batch = (f"the global batch changes from {e.micro_batch_size * old * w0} to {e.micro_batch_size * new * w} "
+                 f"samples per step (micro-batch {e.micro_batch_size} x accumulation {new} x {w} workers; set "
+                 f"engine.global_batch_size to keep it)")
+    return (f"elastic resume from {name} (saved by {w0} workers) with run.workers={w}: {where}; {batch}; the LR "
+            f"schedule continues at step {loop['step']} and its length is recomputed for the steps left")
 
 
 def item_inputs(cfg: TrainConfig) -> dict | None:
@@ -76,12 +108,10 @@ def item_inputs(cfg: TrainConfig) -> dict | None:
     from cora.methods import make_method
     if not make_method(to_dict(cfg)).item_refresh_epochs:
         return None
-    import pyarrow.parquet as pq
-
     from cora.cf.store import read_embeddings
     from cora.data.schema import read_manifest
     from cora.fileio import open_fs
-    items = pq.read_table(Path(cfg.data.data_dir, "items.parquet")).to_pandas()
+    items = read_parquet(join(cfg.data.data_dir, "items.parquet")).to_pandas()
     domain = read_manifest(cfg.data.data_dir).get("domain")
     fs, path = open_fs(f"{cfg.data.cf_dir.rstrip('/')}/item_embeddings.parquet")
     with fs.open_input_file(path) as f:
@@ -225,36 +255,47 @@ def check_store(cfg: TrainConfig) -> list[str]:
 
 
 def checkpoint_uri(cfg: TrainConfig) -> str:
-    return cfg.run.checkpoint_uri or str(Path(cfg.run.run_dir).absolute() / "checkpoints")
+    return cfg.run.checkpoint_uri or join(location(cfg.run.run_dir), "checkpoints")
 
 
 # what must not change when a run is resumed (the trainable state and the data cursors depend on them)
-RESUME_KEYS = ("method", "collm", "reccocktail", "laser", "bdlm", "data.data_dir", "data.cf_dir", "data.max_history", "data.max_length", "llm", "injection",
-               "generator", "engine.micro_batch_size", "engine.gradient_accumulation", "engine.global_batch_size",
-               "run.workers", "run.seed")
+# (run.workers may change: an elastic resume re-plans the epoch's remaining samples, cluster.plan.regroup)
+RESUME_KEYS = ("method", "collm", "reccocktail", "laser", "bdlm", "data.data_dir", "data.cf_dir", "data.max_history",
+               "data.max_length", "llm", "injection", "generator", "engine.micro_batch_size",
+               "engine.gradient_accumulation", "engine.global_batch_size", "run.seed")
 
 
 def check_run_dir(cfg: TrainConfig) -> list[str]:
     """The run directory and the checkpoint location: reachable, and holding an earlier run only when
     asked to resume it (with a compatible config) or to overwrite it."""
     from .checkpoint import check_storage, list_checkpoints
-    uri, run_dir = checkpoint_uri(cfg), Path(cfg.run.run_dir)
+    uri, run_dir = checkpoint_uri(cfg), location(cfg.run.run_dir)
+    if is_remote(run_dir) and not uri.startswith(run_dir + "/"):
+        try:
+            check_storage(run_dir)
+        except RuntimeError as e:
+            return [f"run.run_dir: {str(e).replace('checkpoints', 'the run directory', 1)}"]
     try:
         check_storage(uri)
-        found = [m for m in RUN_MARKERS if m != "checkpoints" and (run_dir / m).exists()]
+        found = [m for m in RUN_MARKERS if m != "checkpoints" and exists(join(run_dir, m))]
         if list_checkpoints(uri):
             found.append(f"checkpoints in {uri}")
     except RuntimeError as e:
         return [f"run.checkpoint_uri: {e}"]
+    except OSError as e:
+        return [f"run.run_dir: cannot read {run_dir} ({type(e).__name__}: {e}); check the URI, the endpoint "
+                f"(CORA_S3_ENDPOINT) and this machine's storage credentials"]
     if not found or cfg.run.overwrite:
         return []
     if cfg.run.resume != "auto":
         return [f"run.run_dir: {run_dir} already holds a run ({', '.join(found)}); set run.resume=auto to "
                 f"continue it, choose a new run.run_dir, or set run.overwrite=true to replace it"]
-    saved = run_dir / "config.json"
-    if not saved.is_file():
+    saved = join(run_dir, "config.json")
+    try:
+        old = flatten(json.loads(read_bytes(saved)))
+    except FileNotFoundError:
         return []
-    old, new = flatten(json.loads(saved.read_text())), flatten(to_dict(cfg))
+    new = flatten(to_dict(cfg))
     changed = [k for k in sorted(set(old) | set(new)) if any(k == p or k.startswith(p + ".") for p in RESUME_KEYS)
                and old.get(k) != new.get(k)]
     return [f"run.resume=auto: {k} was {old.get(k)!r} in {saved}, now {new.get(k)!r}; a resumed run must keep it "
@@ -272,30 +313,32 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def clear_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+def clear_run_dir(cfg: TrainConfig, run_dir: str) -> None:
     """run.overwrite: remove an earlier run's results and checkpoints (nothing else in the directory)."""
-    import shutil
+    import pyarrow.fs as pafs
+
+    from cora.fileio import open_fs
 
     from .checkpoint import clear
     clear(checkpoint_uri(cfg))
+    fs, root = open_fs(run_dir)
     for m in RUN_MARKERS + ("tensorboard", "ray", "test_predictions.parquet", "rank_predictions.parquet", "samples",
                             ".staging"):
-        path = run_dir / m
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        kind = fs.get_file_info(f"{root}/{m}").type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(f"{root}/{m}")
+        elif kind == pafs.FileType.File:
+            fs.delete_file(f"{root}/{m}")
 
 
 def train(cfg: TrainConfig, hooks: list | None = None) -> dict:
     from cluster import runtime
     t0 = time.time()
     for key in ("data_dir", "cf_dir"):       # the run's config.json must not depend on the cwd
-        value = getattr(cfg.data, key)
-        if not is_remote(value):
-            setattr(cfg.data, key, str(Path(value).absolute()))
+        setattr(cfg.data, key, location(getattr(cfg.data, key)))
+    cfg.run.run_dir = location(cfg.run.run_dir)
     preflight(cfg)
-    run_dir = Path(cfg.run.run_dir).absolute()
+    run_dir = cfg.run.run_dir
     if cfg.run.overwrite:
         clear_run_dir(cfg, run_dir)
     info = runtime.init(cfg.run.address, num_cpus=max(4, cfg.run.workers * cfg.run.cpus_per_worker + 2),
@@ -333,20 +376,27 @@ def stop_data(actors: dict, client, store=None) -> None:
         ray.kill(handle)
 
 
-def _train(cfg: TrainConfig, actors: dict, cf_dim: int, run_dir: Path, dashboard: str, t0: float,
+def _train(cfg: TrainConfig, actors: dict, cf_dim: int, run_dir: str, dashboard: str, t0: float,
            hooks: list | None = None, store=None) -> dict:
+    from .rundir import cache_root, mirror_key
     from .worker import run
     check_resources(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    if cfg.run.sample_log:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    run(cfg, handover(cfg, actors, cf_dim, hooks, store), str(run_dir / "ray"), name="train", max_failures=cfg.run.max_failures)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    write_bytes(join(run_dir, "config.json"), json.dumps(to_dict(cfg), indent=1).encode())
+    key = mirror_key(run_dir)             # the workers' local copies of this invocation's run files
+    # Ray Train's own bookkeeping (no checkpoints are reported to it): beside the run, or in this node's cache
+    ray_dir = cache_root() / f"{key}.ray" if is_remote(run_dir) else Path(run_dir, "ray")
+    run(cfg, handover(cfg, actors, cf_dim, hooks, mirror_key=key, store=store), str(ray_dir), name="train",
+        max_failures=cfg.run.max_failures)
+    if is_remote(run_dir):
+        import shutil
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    metrics = json.loads(read_bytes(join(run_dir, "metrics.json")))
     metrics["seconds"] = round(time.time() - t0, 1)
     metrics["llm"] = cfg.llm.name
-    print(f"[train] run directory: {run_dir}\n[train] TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
-          f"\n[train] Ray dashboard: {dashboard}", file=sys.stderr)
+    board = join(run_dir, "tensorboard")
+    print(f"[train] run directory: {run_dir}\n[train] TensorBoard: tensorboard --logdir {board}"
+          + (" (or copy it first: the events are synced there from rank 0's local copy)" if is_remote(run_dir) else "")
+          + f"\n[train] Ray dashboard: {dashboard}", file=sys.stderr)
     return metrics
 
 

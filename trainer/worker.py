@@ -55,16 +55,22 @@ def run(cfg, handover, storage_path: str, name: str = "cora", max_failures: int 
     """Start the worker group (``cfg.run.workers`` ranks; gloo on CPU, NCCL on GPU) and train; after a
     failure Ray Train starts a new group (up to ``max_failures`` times), which resumes from the newest
     committed checkpoint."""
+    return trainer_for(cfg, train_loop, {"cfg": cfg, "handover": handover}, storage_path, name, max_failures).fit()
+
+
+def trainer_for(cfg, loop, loop_config: dict, storage_path: str, name: str = "cora", max_failures: int = 0):
+    """The TorchTrainer of ``cfg``'s worker group running ``loop(loop_config)``. Its workers are given the
+    storage endpoint and region only (``cora.fileio.storage_env``: a runtime_env shows in the dashboard);
+    they find their storage credentials in their node's environment or role."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cora.fileio import storage_env
     gpu = cfg.run.device == "cuda"
-    trainer = TorchTrainer(train_loop, train_loop_config={"cfg": cfg, "handover": handover},
-                           scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpu,
-                                                        resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
-                           torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-                           run_config=RunConfig(storage_path=storage_path, name=name,
-                                                failure_config=FailureConfig(max_failures=max_failures),
-                                                worker_runtime_env={"env_vars": storage_env()}))
-    return trainer.fit()
+    return TorchTrainer(loop, train_loop_config=loop_config,
+                        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=gpu,
+                                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+                        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+                        run_config=RunConfig(storage_path=storage_path, name=name,
+                                             failure_config=FailureConfig(max_failures=max_failures),
+                                             worker_runtime_env={"env_vars": storage_env()}))

@@ -34,8 +34,8 @@ import pandas as pd
 from . import candidates, domains, planted, protocol, sources
 from .accounting import Accounting
 from .schema import SCHEMA_VERSION, DatasetError
-from ..fileio import sha256, write_atomically
-from .write import write_dataset
+from ..fileio import exists, is_remote, join, read_bytes, sha256, write_atomically
+from .write import publish, write_dataset
 
 SOURCES = ("movielens", "collm", "parquet", "csv", "synthetic")
 
@@ -183,9 +183,11 @@ def _domain_options(args, defaults: dict, req: domains.Request, found: list[str]
     return opts
 
 
-def _check_out(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
+def _check_out(out: Path | str, fingerprint: str, overwrite: bool) -> dict | None:
     """The existing dataset.json when ``out`` already holds this exact dataset; raise when it holds
     something else (unless overwrite)."""
+    if isinstance(out, str):                 # object storage
+        return _check_remote_out(out, fingerprint, overwrite)
     if not out.exists() or not any(out.iterdir()):
         return None
     existing = out / "dataset.json"
@@ -200,14 +202,38 @@ def _check_out(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
     return None
 
 
+def _check_remote_out(out: str, fingerprint: str, overwrite: bool) -> dict | None:
+    """_check_out for an object-storage --out."""
+    try:
+        old = json.loads(read_bytes(join(out, "dataset.json")))
+        if old.get("fingerprint") == fingerprint:
+            return old
+        what = "a different dataset"
+    except FileNotFoundError:
+        if not exists(out):
+            return None
+        what = "other files (or an incomplete upload: no dataset.json)"
+    except OSError as e:
+        raise DatasetError(f"--out {out}: cannot read it ({type(e).__name__}: {e}); check the URI, the endpoint "
+                           f"(CORA_S3_ENDPOINT) and the storage credentials") from None
+    if not overwrite:
+        raise DatasetError(f"--out {out} already holds {what}; choose another --out, or pass --overwrite to "
+                           f"replace it")
+    return None
+
+
 def prepare(args, progress: bool = True) -> dict:
     """Run the whole pipeline; returns dataset.json's content ({"source": ..., "target": ...} for a
     multi-domain preparation)."""
     t0 = time.time()
-    out = Path(args.out)
+    remote = is_remote(args.out)
+    out = args.out.rstrip("/") if remote else Path(args.out.removeprefix("file://"))
     _validate(args)
     req = domains.request(args)
     if req is not None:
+        if remote:
+            raise DatasetError(f"--out {args.out}: a multi-domain preparation (--target-domain) is written to a "
+                               f"local directory only; prepare it locally, then copy OUT/source and OUT/target")
         return prepare_domains(args, req, progress)
     acc = Accounting(args.on_bad_row)
     raw = read_source(args, acc)
@@ -230,9 +256,15 @@ def prepare(args, progress: bool = True) -> dict:
     manifest = _manifest(args, raw, opts, inputs, fingerprint, counts)
     if rank is not None:
         manifest["rank"] = rank_record
-    manifest = write_dataset(prep, out, manifest, samples_per_shard=args.samples_per_shard,
-                             history_in_prompt=args.history_in_prompt, overwrite=args.overwrite,
-                             progress=progress, rank=rank)
+    write = dict(samples_per_shard=args.samples_per_shard, history_in_prompt=args.history_in_prompt,
+                 overwrite=args.overwrite, progress=progress, rank=rank)
+    if remote:                               # written locally, then uploaded with dataset.json last
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="cora-prepare-") as tmp:
+            manifest = write_dataset(prep, Path(tmp, "data"), manifest, **write)
+            publish(Path(tmp, "data"), out)
+    else:
+        manifest = write_dataset(prep, out, manifest, **write)
     print(f"[prepare] wrote {out}: " + ", ".join(f"{s} {c['rows']}" for s, c in manifest["counts"]["splits"].items())
           + f"; dropped {counts['dropped'] or 'none'}; {time.time() - t0:.1f}s", file=sys.stderr)
     return manifest
@@ -347,7 +379,8 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, choices=SOURCES)
     p.add_argument("--input", help="file or directory to read (not for synthetic)")
-    p.add_argument("--out", required=True, help="the data directory to create")
+    p.add_argument("--out", required=True, help="the data directory to create: a path, or s3://, gs:// (uploaded with "
+                                                "dataset.json last)")
     p.add_argument("--domain", choices=["movies", "books", "items"], help="prompt template domain")
     p.add_argument("--target-domain", metavar="DOMAIN",
                    help="multi-domain data: write OUT/source (the other domains) and OUT/target (this one)")

@@ -73,16 +73,25 @@ class DatasetError(ValueError):
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    """dataset.json of a prepared directory, with a clear error when it is not one."""
-    path = Path(data_dir) / "dataset.json"
-    if not path.is_file() and all((Path(data_dir) / p / "dataset.json").is_file() for p in ("source", "target")):
-        raise DatasetError(f"{data_dir} holds a multi-domain preparation (cora prepare --target-domain), not one "
-                           f"data directory; use {Path(data_dir) / 'source'} (the source domains) or "
-                           f"{Path(data_dir) / 'target'} (the target domain)")
-    if not path.is_file():
+    """dataset.json of a prepared directory (a path, or an s3://, gs://, file:// URI), with a clear error
+    when it is not one. In object storage a directory is complete only once its dataset.json is there
+    (`cora prepare --out URI` uploads it last)."""
+    from cora.fileio import exists, join, read_bytes
+    path = join(str(data_dir), "dataset.json")
+    try:
+        manifest = json.loads(read_bytes(path))
+    except FileNotFoundError:
+        if all(exists(join(str(data_dir), p, "dataset.json")) for p in ("source", "target")):
+            raise DatasetError(f"{data_dir} holds a multi-domain preparation (cora prepare --target-domain), not one "
+                               f"data directory; use {join(str(data_dir), 'source')} (the source domains) or "
+                               f"{join(str(data_dir), 'target')} (the target domain)") from None
         raise DatasetError(f"{data_dir} is not a prepared data directory (no dataset.json); "
-                           f"create it with `cora prepare --source ... --out {data_dir}`")
-    manifest = json.loads(path.read_text())
+                           f"create it with `cora prepare --source ... --out {data_dir}`") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); check the URI, the endpoint "
+                           f"(CORA_S3_ENDPOINT) and this machine's storage credentials") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON ({e}); prepare the data again") from None
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise DatasetError(f"{path} has schema_version {version!r}; this version of cora reads "

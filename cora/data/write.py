@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
-from ..fileio import FILES_VERSION, file_entry, file_problem, write_atomically
+from ..fileio import FILES_VERSION, file_entry, file_problem, open_fs, write_atomically
 from .protocol import Prepared
 from .schema import (INTERACTIONS, ITEMS, RANK, RANK_SPLIT, SPLITS, USERS, DatasetError, read_manifest,
                      with_domain)
@@ -108,6 +108,28 @@ def write_dataset(prep: Prepared, out: Path, manifest: dict, *, samples_per_shar
 
     write_atomically(out, write)
     return result
+
+
+def publish(local: Path, uri: str) -> None:
+    """Upload the prepared directory ``local`` to object storage ``uri`` so that it is complete only when its
+    dataset.json is: a dataset.json already there is deleted first (then everything else under ``uri``),
+    every other file is uploaded, dataset.json last. A failure leaves ``uri`` without dataset.json, which
+    every reader refuses ("not a prepared data directory")."""
+    import pyarrow.fs as pafs
+    fs, root = open_fs(uri)
+    try:
+        if fs.get_file_info(f"{root}/dataset.json").type == pafs.FileType.File:
+            fs.delete_file(f"{root}/dataset.json")            # the old directory stops being complete first
+        fs.delete_dir_contents(root, missing_dir_ok=True)
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != "dataset.json")
+        for p in [*files, local / "dataset.json"]:
+            with open(p, "rb") as src, fs.open_output_stream(f"{root}/{p.relative_to(local).as_posix()}") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+    except OSError as e:
+        raise DatasetError(f"uploading the prepared data to {uri} failed ({type(e).__name__}: {e}); {uri} has no "
+                           f"dataset.json now, so nothing reads it as a data directory: check the storage and run "
+                           f"`cora prepare` again") from None
 
 
 def verify(data_dir: str | Path) -> dict:

@@ -285,3 +285,51 @@ def test_each_sample_is_prompted_with_its_domains_template(served, multi_dir, fa
     assert set(seen) == {"movies", "books"}
     for a in actors:
         ray.kill(a)
+
+
+def test_a_data_directory_in_object_storage_is_prepared_atomically_streamed_and_checked(served, data_dir, s3_server,
+                                                                                        tmp_path, capsys):
+    """`cora prepare --out s3://...` uploads dataset.json last; the actors stream their shards from the bucket
+    (every train sample once over 2 ranks); a shard changed in the bucket fails its sha256 check; an upload
+    that fails midway leaves a directory without dataset.json, which is refused as a data directory."""
+    from cora.data.schema import DatasetError
+    from cora.data.write import publish
+    from cora.fileio import open_fs, read_bytes, read_parquet, storage_env, write_bytes
+    from trainer.cli import main
+    client, _, _ = served
+    fs, _ = open_fs("s3://data-bucket", create_buckets=True)
+    fs.create_dir("data-bucket")
+    uri = f"s3://data-bucket/{tmp_path.name}"
+    prepare = ["prepare", "--source", "synthetic", "--out", uri, "--users", "50", "--items", "40",
+               "--interactions", "600", "--samples-per-shard", "60", "--no-progress"]
+    assert main(prepare) == 0
+    manifest = read_manifest(uri)
+    assert main(prepare) == 0 and "already holds this dataset" in capsys.readouterr().err
+    assert main([a if a != "600" else "500" for a in prepare]) == 2
+    assert "already holds a different dataset" in capsys.readouterr().err
+    actors = _actors(uri, client)
+    per_rank, _ = _run(actors, epoch=0)
+    want = read_parquet(f"{uri}/train.parquet").column("sample_id").to_pylist()
+    assert sorted(_ids(per_rank[0]) + _ids(per_rank[1])) == sorted(want)
+    for a in actors:
+        ray.kill(a)
+    shard = manifest["shards"]["train"][1]                          # rank 1's first shard, one label flipped
+    data = read_bytes(f"{uri}/{shard}")
+    k = data.index(b'"label": ') + len(b'"label": ')
+    write_bytes(f"{uri}/{shard}", data[:k] + (b"1" if data[k:k + 1] == b"0" else b"0") + data[k + 1:])
+    actor = InteractionShard.options(num_cpus=0.1, runtime_env={"env_vars": storage_env()}).remote(
+        uri, "train", 1, 2, batch_size=BATCH, seed=0, embeddings=client)
+    with pytest.raises(ray.exceptions.RayActorError, match=f"{shard} does not match the sha256 in the manifest"):
+        ray.get(actor.describe.remote())
+    local = tmp_path / "local"                                      # an upload that fails midway
+    local.mkdir()
+    for p in data_dir.rglob("*"):
+        if p.is_file():
+            (local / p.relative_to(data_dir)).parent.mkdir(parents=True, exist_ok=True)
+            (local / p.relative_to(data_dir)).write_bytes(p.read_bytes())
+    # a file that fails while it is read (reading /proc/self/mem at offset 0 is an I/O error on Linux)
+    (local / "shards" / "zz-unreadable.tar").symlink_to("/proc/self/mem")
+    with pytest.raises(DatasetError, match="has no dataset.json now"):
+        publish(local, uri)
+    with pytest.raises(DatasetError, match="is not a prepared data directory"):
+        read_manifest(uri)

@@ -221,6 +221,29 @@ def test_cora_eval_reads_the_cf_dir_and_the_checkpoints_from_object_storage(run,
     assert rc == 2 and f"s3://cf-bucket/{tmp_path.name}/nothing/item_embeddings.parquet is missing" in err
 
 
+
+def test_cora_eval_reads_a_run_directory_in_object_storage(run, tmp_path, s3_server, capsys):
+    """`cora eval --run s3://...`: config.json, export/ and checkpoints/ read from the bucket score exactly like
+    the local run directory; the predictions are written into the bucket."""
+    from cora.fileio import read_bytes
+    run, _, _ = run
+    remote = f"s3://cf-bucket/{tmp_path.name}/run"
+    fs, root = open_fs(remote, create_buckets=True)
+    fs.create_dir(root.split("/")[0])
+    for f in [p for p in run.rglob("*") if p.is_file() and not p.name.startswith("predictions")]:
+        with fs.open_output_stream(f"{root}/{f.relative_to(run).as_posix()}") as out:
+            out.write(f.read_bytes())
+    rc, want, _ = cora_eval(capsys, "--run", str(run), "--no-progress")
+    for which, suffix in ((None, ""), ("best", "-step-000000004")):
+        rc, got, err = cora_eval(capsys, "--run", remote, "--no-progress", *(["--checkpoint", which] if which else []))
+        assert rc == 0, err
+        assert got["auc"] == want["auc"] and got["source"] == ("export" if which is None else "checkpoint step-000000004")
+        local = tmp_path / f"predictions{suffix}.parquet"
+        local.write_bytes(read_bytes(f"{remote}/predictions-test{suffix}.parquet"))
+        np.testing.assert_array_equal(scores(local), scores(run / "predictions-test.parquet"))
+    rc, _, err = cora_eval(capsys, "--run", f"s3://cf-bucket/{tmp_path.name}/nothing", "--no-progress")
+    assert rc == 2 and "is not a run directory (no config.json)" in err
+
 # ----------------------------------------------------------------------------- a multi-domain data directory
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 
 from .storage import (FILES, MANIFEST, NAME, STAGED, CheckpointError, _log, check_storage, checkpoint_name, clear,
-                      latest_committed, list_checkpoints, parse, prune, read_checkpoint, read_commit)
+                      latest_committed, list_checkpoints, newest_state, parse, prune, read_checkpoint, read_commit)
 from .uploader import Commit, Uploader, stage
 from .zero_state import OPT_KEYS, capture, load_into
 
 __all__ = ["FILES", "MANIFEST", "NAME", "OPT_KEYS", "STAGED", "CheckpointError", "Checkpointer", "Commit", "Uploader",
            "capture", "check_storage", "checkpoint_name", "clear", "latest_committed", "list_checkpoints", "load_into",
-           "parse", "prune", "read_checkpoint", "read_commit", "stage"]
+           "newest_state", "parse", "prune", "read_checkpoint", "read_commit", "stage"]
 
 
 class Checkpointer:

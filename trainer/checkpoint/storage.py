@@ -78,6 +78,21 @@ def read_checkpoint(uri: str, name: str) -> tuple[dict, dict[str, bytes]]:
     return manifest, files
 
 
+def newest_state(uri: str) -> tuple[str, dict] | None:
+    """(name, state.json) of the newest committed checkpoint whose state.json matches its manifest (the
+    small file only: what the driver needs to plan a resume); None when there is none."""
+    fs, root = open_fs(uri)
+    for name in reversed(list_checkpoints(uri)):
+        try:
+            entry = read_commit(uri, name).get("files", {})["state.json"]
+            data = _read(fs, f"{root}/{name}/state.json")
+            if entry_problem(entry, len(data), lambda: hashlib.sha256(data).hexdigest()) is None:
+                return name, json.loads(data)
+        except (CheckpointError, KeyError, FileNotFoundError, json.JSONDecodeError):
+            pass
+    return None
+
+
 def parse(files: dict[str, bytes]) -> tuple[dict, dict, dict, dict]:
     """(trainable, optimizer, rng, state) from a checkpoint's bytes: safetensors and JSON parsers only."""
     from safetensors import SafetensorError

@@ -113,10 +113,6 @@ def load_into(engine, model, files: dict[str, bytes], rank: int) -> dict:
         diff = sorted(set(want.items()) ^ set(have.items()))[:4]
         raise CheckpointError(f"the checkpoint holds other trainable tensors than this model (e.g. {diff}): "
                               f"it was saved with a different generator, injection or LLM config")
-    if state["world_size"] != engine.world_size:
-        raise CheckpointError(f"the checkpoint was saved by {state['world_size']} workers and this run has "
-                              f"{engine.world_size}: the data cursors are per rank; resume with "
-                              f"run.workers={state['world_size']}")
     zero = engine.optimizer
     for g in zero.fp32_partitioned_groups_flat:   # AdamW creates its state at the first step: create it now
         if not zero.optimizer.state[g]:
@@ -139,8 +135,22 @@ def load_into(engine, model, files: dict[str, bytes], rank: int) -> dict:
         model.method.load_state(model, extra)
     restore_schedule(engine.lr_scheduler, zero.optimizer, state["scheduler"], rank)
     engine.global_steps, engine.global_samples = state["global_steps"], state["global_samples"]
-    engine.micro_steps = state["micro_steps"]
+    # checkpoints fall on window ends: with another world size (an elastic resume) the accumulation may
+    # differ, and DeepSpeed finds its window boundaries from micro_steps
+    same = state["world_size"] == engine.world_size
+    engine.micro_steps = state["micro_steps"] if same else state["global_steps"] * engine.gradient_accumulation_steps()
+    restore_rng(rng, rank, state)
+    return state
+
+
+def restore_rng(rng: dict, rank: int, state: dict) -> None:
+    """This rank's saved torch RNG state; a rank the saving group did not have (an elastic resume with more
+    workers) gets a fresh generator seeded from (optimiser step, rank), so that its dropout masks differ
+    from the other ranks' and repeat on a second resume from the same checkpoint."""
+    import torch
+    if f"rank{rank}" not in rng:
+        torch.manual_seed(int(state["global_steps"]) * 1_000_003 + rank)
+        return
     torch.set_rng_state(rng[f"rank{rank}"])
     if f"rank{rank}.cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng[f"rank{rank}.cuda"])
-    return state
