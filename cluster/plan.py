@@ -89,8 +89,14 @@ def epoch_lists(shard_sizes: list[int], world_size: int, seed: int, epoch: int) 
     orders = [epoch_generator(seed, epoch, r).permutation(n) for r, n in enumerate(owned)]
     lists = [[(r, int(i)) for i in orders[r][:quota[r]]] for r in range(world_size)]
     pool = [(r, int(i)) for r in range(world_size) for i in orders[r][quota[r]:]]
-    for r in range(world_size):
-        need = quota[r] - len(lists[r])
+    return top_up(lists, pool, quota)
+
+
+def top_up(lists: list[list], pool: list, quota: list[int]) -> list[list]:
+    """Each rank's list filled up to its quota from ``pool`` (the samples beyond the others' quotas), in rank
+    order; the pool must be used up exactly."""
+    for r, want in enumerate(quota):
+        need = want - len(lists[r])
         lists[r] += pool[:need]
         pool = pool[need:]
     assert not pool
@@ -121,12 +127,7 @@ def spread(left: list[Position], n_shards: int, world_size: int) -> list[list[Po
         own[p[0] % world_size].append(p)
     lists = [own[r][:quota[r]] for r in range(world_size)]
     pool = [p for r in range(world_size) for p in own[r][quota[r]:]]
-    for r in range(world_size):
-        need = quota[r] - len(lists[r])
-        lists[r] += pool[:need]
-        pool = pool[need:]
-    assert not pool
-    return lists
+    return top_up(lists, pool, quota)
 
 
 def epoch_positions(shard_sizes: list[int], world_size: int, seed: int, epoch: int,
