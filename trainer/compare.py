@@ -48,9 +48,7 @@ import argparse
 import csv
 import difflib
 import json
-import math
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -67,6 +65,8 @@ from cora.data.schema import DatasetError
 from cora.fileio import is_remote, open_fs
 
 from .config import TrainConfig
+from .compare_report import (cell, differences_markdown, markdown_table, row, write_csv,
+                             write_markdown, plot)
 from .train import flatten
 
 LLM_METHODS = ("tallrec", "collm", "cora", "laser", "reccocktail-paper", "reccocktail-code", "bdlm")
@@ -89,11 +89,8 @@ START = {"train": ["run.resume=never", "run.overwrite=false"],
          "continue": ["run.resume=auto", "run.overwrite=false"],
          "overwrite": ["run.resume=never", "run.overwrite=true"]}
 """How `cora train` is started for each decision ("reuse" does not start it)."""
-BASE_COLUMNS = ("method", "auc", "uauc", "n", "warm_auc", "warm_uauc", "warm_n", "cold_auc", "cold_uauc", "cold_n")
-COST_COLUMNS = ("trainable_parameters", "samples_per_second", "steps", "train_seconds")
 BOOTSTRAP_REPS = 2000
 """Resamples of the users for the intervals of the differences (compare.md's second table)."""
-RANK_KEY = re.compile(r"(recall|ndcg)@(\d+)|mrr")
 NOTES = {
     "mf": "the CF model alone ({model}, `cora train-cf`), no LLM: {source}; its cost columns are its own "
           "training (steps = epochs x batches)",
@@ -460,26 +457,6 @@ def paired_differences(frames: dict, versus: str, methods: list[str], reps: int 
     return out
 
 
-def differences_markdown(diffs: list[dict], versus: str, reps: int = BOOTSTRAP_REPS) -> str:
-    """compare.md's second section: paired_differences as a table."""
-    text = [f"## Differences from {versus}, with their uncertainty", "",
-            f"Each method's test AUC and UAUC minus {versus}'s on the same rows. The interval is a 95% paired "
-            f"bootstrap over users ({reps} resamples of the users, every row of a drawn user kept: a user's rows "
-            f"are not independent); P is the share of resamples where the method is not above {versus}.", "",
-            "| method | subset | n | users | AUC diff | 95% interval | P(not above) | UAUC diff | 95% interval "
-            "| P(not above) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for d in diffs:
-        cells = [d["method"], d["subset"], str(d["n"]), str(d["users"])]
-        for key in ("auc", "uauc"):
-            if d[f"{key}_diff"] is None:
-                cells += ["", "", ""]
-            else:
-                cells += [f"{d[f'{key}_diff']:+.4f}", f"[{d[f'{key}_low']:+.4f}, {d[f'{key}_high']:+.4f}]",
-                          f"{d[f'{key}_p_not_above']:.3f}"]
-        text.append("| " + " | ".join(cells) + " |")
-    return "\n".join(text) + "\n"
-
-
 def cf_model_metrics(cf_dir: str, data_dir: Path) -> dict:
     """What needs the CF model itself (a local CF_DIR): its parameter count, and ranking metrics of it
     scoring DATA_DIR/rank.parquet when the data has a rank split."""
@@ -515,91 +492,6 @@ def side_metrics(metrics: dict) -> dict:
     """BDLM's domain model as a row: the bdlm run's domain_test and the store's size; its training is the run's."""
     return {"test": metrics.get("domain_test"), "trainable_parameters": metrics.get("domain_parameters"),
             "steps": None, "train_seconds": None, "samples_per_second": None}
-
-
-# ---------------------------------------------------------------- the report
-
-def row(method: str, metrics: dict) -> dict:
-    """One table row from a run's metrics.json (or a dict of its shape); what it lacks stays None."""
-    test = metrics.get("test") or {}
-    out: dict = {"method": method}
-    for prefix, part in (("", test), ("warm_", test.get("warm") or {}), ("cold_", test.get("cold") or {})):
-        for key in ("auc", "uauc", "n"):
-            out[prefix + key] = part.get(key)
-    out.update({k: v for k, v in (metrics.get("ranking") or {}).items() if RANK_KEY.fullmatch(k)})
-    out.update({k: metrics.get(k) for k in COST_COLUMNS})
-    return out
-
-
-def columns(rows: list[dict]) -> list[str]:
-    """The table's columns: the test metrics, the ranking metrics any row has, the cost."""
-    def order(key: str) -> tuple:
-        m = RANK_KEY.fullmatch(key)
-        return (("recall", "ndcg").index(m.group(1)), int(m.group(2))) if m.group(1) else (2, 0)
-    ranked = sorted({k for r in rows for k in r if RANK_KEY.fullmatch(k)}, key=order)
-    return list(BASE_COLUMNS) + ranked + list(COST_COLUMNS)
-
-
-def cell(value, digits: int | None = None) -> str:
-    """A table cell: empty for a missing or non-finite value; floats in full (``digits`` None) or rounded."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return ""
-    if isinstance(value, float):
-        return repr(value) if digits is None else f"{value:.{digits}f}"
-    return str(value)
-
-
-def _digits(column: str) -> int:
-    return {"samples_per_second": 1, "train_seconds": 2}.get(column, 4)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    cols = columns(rows)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(r.get(c), _digits(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    cols = columns(rows)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        w.writerows([[cell(r.get(c)) for c in cols] for r in rows])
-
-
-def write_markdown(rows: list[dict], path: Path, command: str, context: str, notes: dict[str, str],
-                   extra: str = "") -> None:
-    text = [f"# Method comparison: {path.parent.name}", "", "Produced by", "", "```", command, "```", "",
-            context, "", markdown_table(rows), ""]
-    text += [f"- **{m}**: {notes[m]}" for m in (r["method"] for r in rows) if m in notes]
-    if extra:
-        text += ["", extra]
-    path.write_text("\n".join(text) + "\n")
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    """compare.png: test AUC and UAUC per method, overall / warm / cold side by side."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(max(6.0, 1.3 * len(rows)) * 2, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    x, width = np.arange(len(rows)), 0.27
-    for ax, metric in zip(fig.subplots(1, 2), ("auc", "uauc")):
-        for j, part in enumerate(("", "warm_", "cold_")):
-            values = [r.get(part + metric) for r in rows]
-            values = [v if isinstance(v, (int, float)) and math.isfinite(v) else np.nan for v in values]
-            bars = ax.bar(x + (j - 1) * width, values, width, label=(part.rstrip("_") or "overall"))
-            ax.bar_label(bars, ["" if np.isnan(v) else f"{v:.3f}" for v in values], fontsize=7, rotation=90,
-                         padding=2)
-        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")          # a random scorer
-        ax.set_xticks(x, [r["method"] for r in rows])
-        ax.set_ylim(0, 1.2)
-        ax.set_yticks(np.linspace(0, 1, 6))
-        ax.set_title(f"test {metric.upper()}")
-        ax.legend(loc="upper center", ncols=3, fontsize="small", frameon=False)
-    fig.savefig(path, dpi=100)
 
 
 def context_line(cfg: TrainConfig) -> str:
@@ -679,7 +571,7 @@ def report(rows: list[dict], out: Path, command: str, context: str, notes: dict,
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "compare.csv", "md": out / "compare.md", "png": out / "compare.png"}
     write_csv(rows, files["csv"])
-    extra = differences_markdown(diffs, versus) if diffs else ""
+    extra = differences_markdown(diffs, versus, BOOTSTRAP_REPS) if diffs else ""
     write_markdown(rows, files["md"], command, context, notes, extra)
     if diffs:
         files["differences"] = out / "differences.csv"

@@ -19,8 +19,9 @@ from cora.cf.store import read_embeddings
 from cora.data.schema import DatasetError
 from cora.metrics import ranking
 from trainer.cli import main
-from trainer.compare import (CompareError, columns, cf_metrics, decide, no_injection, parse_methods, plan, plot,
-                             resolve, row, run_order, side_metrics, write_csv, write_markdown)
+from trainer.compare import (CompareError, cf_metrics, decide, no_injection, parse_methods, plan, resolve, run_order,
+                             side_metrics)
+from trainer.compare_report import columns, plot, row, write_csv, write_markdown
 from trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -321,7 +322,8 @@ def test_differences_from_a_row_are_the_paired_bootstrap_of_the_same_test_rows(c
     difference of the AUCs; rows of other data are refused; --versus must name a row with predictions."""
     import numpy as np
 
-    from trainer.compare import cf_predictions, check_versus, differences_markdown, paired_differences
+    from trainer.compare import cf_predictions, check_versus, paired_differences
+    from trainer.compare_report import differences_markdown
     mf = cf_predictions(str(cf_run / "cf" / "test_predictions.parquet"), cf_run / "data")
     assert list(mf.columns) == ["user", "label", "cold", "score"] and mf.index.name == "sample_id"
     rng = np.random.default_rng(0)
