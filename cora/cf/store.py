@@ -53,13 +53,14 @@ def trained_elsewhere(cf_dir: str | Path, data_dir: str | Path) -> str | None:
     meta = read_meta(cf_dir)
     trained = meta.get("dataset", {})
     manifest = read_manifest(data_dir)
-    if trained.get("dataset_json_sha256") == sha256(Path(data_dir) / "dataset.json"):
+    here = sha256(Path(data_dir) / "dataset.json")
+    if trained.get("dataset_json_sha256") == here:
         return None
     if trained.get("fingerprint") is not None and trained.get("fingerprint") == manifest.get("fingerprint"):
         return None
     return (f"{cf_dir} was trained on {trained.get('data_dir')} (dataset.json sha256 "
             f"{str(trained.get('dataset_json_sha256'))[:12]}..., fingerprint {str(trained.get('fingerprint'))[:12]}...), "
-            f"not on {data_dir} (sha256 {sha256(Path(data_dir) / 'dataset.json')[:12]}..., fingerprint "
+            f"not on {data_dir} (sha256 {here[:12]}..., fingerprint "
             f"{str(manifest.get('fingerprint'))[:12]}...): its embedding rows would belong to other users and items; "
             f"train a CF model on this data (`cora train-cf --data {data_dir} --out CF_DIR`) and point data.cf_dir "
             f"at it, or point data.data_dir at the data it was trained on")
