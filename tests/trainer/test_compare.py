@@ -102,11 +102,12 @@ def test_the_csv_and_the_markdown_hold_the_same_table_with_empty_cells_for_what_
         # an older run: no cost keys, no ranking, an undefined AUC (None) and a NaN
         "cora": {"test": _test(None, warm=float("nan")), "steps": 8},
         "tallrec": {"test": _test(0.7, warm=0.71, cold=0.6), "trainable_parameters": 4096,
-                    "samples_per_second": 123.456, "steps": 8, "train_seconds": 12.34},
+                    "samples_per_second": 123.456, "steps": 8, "train_seconds": 12.34,
+                    "no_injection_test": _test(0.52)},
     }
     rows = [row(m, metrics) for m, metrics in runs.items()]
     cols = columns(rows)
-    assert cols == ["method", "auc", "uauc", "n", "warm_auc", "warm_uauc", "warm_n", "cold_auc", "cold_uauc",
+    assert cols == ["method", "auc", "uauc", "n", "untrained_auc", "untrained_uauc", "warm_auc", "warm_uauc", "warm_n", "cold_auc", "cold_uauc",
                     "cold_n", "recall@1", "recall@5", "recall@10", "ndcg@1", "ndcg@5", "ndcg@10", "mrr",
                     "trainable_parameters", "samples_per_second", "steps", "train_seconds"]
     write_csv(rows, tmp_path / "compare.csv")
@@ -128,6 +129,7 @@ def test_the_csv_and_the_markdown_hold_the_same_table_with_empty_cells_for_what_
     assert all(by["cora"][c] == "" for c in cols if c not in ("method", "n", "warm_n", "steps")), by["cora"]
     assert by["cora"]["steps"] == "8" and by["cora"]["n"] == "80" and by["cora"]["warm_n"] == "70"
     assert by["tallrec"]["samples_per_second"] == "123.456" and by["tallrec"]["recall@1"] == ""
+    assert by["tallrec"]["untrained_auc"] == "0.52" and by["no-injection"]["untrained_auc"] == ""
     assert by["no-injection"]["cold_auc"] == "" and by["no-injection"]["trainable_parameters"] == "0"
     md = (tmp_path / "compare.md").read_text()
     assert md.startswith("# Method comparison") and "cora compare --methods mf" in md and "context line" in md
@@ -381,6 +383,7 @@ def test_compare_end_to_end_then_again_reusing_every_run(tmp_path):
     runs = {m: json.loads((out / m / "metrics.json").read_text()) for m in llm}
     for m in llm:
         assert float(by[m]["auc"]) == runs[m]["test"]["auc"] and by[m]["steps"] == "2"
+        assert float(by[m]["untrained_auc"]) == runs[m]["no_injection_test"]["auc"]     # its own step-0 score
         assert runs[m]["method"] == m and int(by[m]["trainable_parameters"]) == runs[m]["trainable_parameters"] > 0
         assert float(by[m]["samples_per_second"]) > 0 and float(by[m]["train_seconds"]) > 0
     collm = json.loads((out / "collm" / "config.json").read_text())["collm"]
@@ -422,6 +425,9 @@ def test_reccocktail_rows_train_after_tallrec_and_a_base_spirit_on_the_source_da
         "tallrec", "reccocktail-base", "reccocktail-code", "cora", "reccocktail-paper"]
     with pytest.raises(CompareError, match="reccocktail-code merges the tallrec run's LoRA .* add tallrec"):
         parse_methods("cora,reccocktail-code")
+    assert parse_methods("cora,reccocktail,tallrec") == ["cora", "reccocktail-paper", "reccocktail-code", "tallrec"]
+    with pytest.raises(CompareError, match="given more than once: reccocktail-paper"):
+        parse_methods("reccocktail,reccocktail-paper,tallrec")
     out, source = tmp_path / "out", (str(tmp_path / "src"), str(tmp_path / "src-cf"))
     with pytest.raises(CompareError, match="pass --source-data DIR --source-cf CF_DIR"):
         plan(CONFIGS, _overrides(tmp_path), ["tallrec", "reccocktail-paper"], out, overwrite=False)

@@ -34,7 +34,8 @@ def test_cora_scale_two_points_and_two_that_do_not_fit(tmp_path, capsys):
         step, w = float(r["step_s"]), int(r["workers"])
         assert float(r["samples_per_s"]) == pytest.approx(w * 8 / step, rel=1e-2)
         assert 300 < float(r["peak_rss_mib"]) < 4000 and float(r["planned_peak_mib"]) > 0
-        assert float(r["step_error"]) == pytest.approx((float(r["planned_step_s"]) - step) / step, abs=1e-3)
+        # step_s and planned_step_s are rounded to 0.1 ms: on a fast step (~10 ms) that moves the ratio by ~0.5%
+        assert float(r["step_error"]) == pytest.approx((float(r["planned_step_s"]) - step) / step, rel=1e-2, abs=1e-3)
         assert float(r["memory_error"]) == pytest.approx(
             (float(r["planned_peak_mib"]) - float(r["peak_rss_mib"])) / float(r["peak_rss_mib"]), abs=1e-3)
         assert int(r["params"]) == 3_219_776 and 0 < float(r["mfu"]) < 1
