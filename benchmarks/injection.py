@@ -1,19 +1,31 @@
-"""One training step (forward + backward) of four ways to put a rank-r update into a frozen LLM.
+"""One training step (forward + backward) of the ways to put a rank-r update into a frozen LLM.
 
-    python benchmarks/injection.py --json
+    python benchmarks/injection.py --json                 (dropout 0.05)
+    python benchmarks/injection.py --json --dropout 0     (no dropout anywhere)
 
 Side by side in one run, on a SmolLM2-135M-shaped Llama with random weights (hidden 576, 30 layers,
 9 heads, 3 KV heads, intermediate 1536, vocab 49152), batch 8, sequence 128, r=16 on q/k/v/o:
 
   frozen  the frozen LLM, gradients only w.r.t. its input embeddings (the floor)
-  peft    peft LoRA, same rank, targets and dropout (one shared adapter)
+  lora    this project's own LoRA (``adapter: lora``, method=tallrec): one shared A and P per module,
+          the like-for-like LoRA (same injection code, same dropout as cora)
+  peft    peft LoRA, same rank and targets, its dropout modules replaced by this project's dropout
+          (``cora.injection.adapter_dropout``, same rate): torch's Bernoulli sampler on the CPU costs
+          ~30x the rank-16 product it feeds, which would otherwise be most of the difference measured
   cora    CoRA: the paper's generator (Q-Former, 8 layers, hidden 512) + per-sample injection
   naive   per-sample merged weights: W_b = W + scale * P A_b^T materialised, then bmm
 
-All four score the same way (the "Yes" logit at the last position, BCE loss), so the ratios measure
-the adapters, not the head. ``frozen_full_logits`` is the frozen LLM through the ordinary HF head
-(full-vocabulary logits at every position), for reference. Steps run round-robin (one of each per
-repetition) so that machine noise spreads evenly; the median is reported.
+Every variant with an adapter drops out its input at the same rate with the same implementation (peft
+per module, as peft does; lora and cora once per layer input, shared by q/k/v, as this project's
+injection does). All score the same way (the "Yes" logit at the last position, BCE loss), so the
+ratios measure the adapters, not the head. ``frozen_full_logits`` is the frozen LLM through the
+ordinary HF head (full-vocabulary logits at every position), for reference.
+
+Timing: after warm-up, each repetition runs every variant once, in an order rotated by one per
+repetition (no variant always runs first or after the same one). A ratio is taken within each
+repetition (the two steps ran seconds apart) and reported as the median over repetitions with its
+spread (min, max): ``ratios.cora_over_frozen``, ``ratios.cora_over_lora_same_dropout``,
+``ratios.cora_over_peft``, ``spread`` beside them.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cora.injection import InjectedLinear, InjectionConfig  # noqa: E402
+from cora.injection import InjectedLinear, InjectionConfig, adapter_dropout  # noqa: E402
 from cora.llm import build_preset, load_tokenizer  # noqa: E402
 from cora.scoring import Batch, CoRAModel  # noqa: E402
 
@@ -59,6 +72,30 @@ def make_naive(model: CoRAModel) -> CoRAModel:
         parent, _, attr = names[id(m)].rpartition(".")
         setattr(model.llm.get_submodule(parent), attr, NaiveLinear(m))
     return model
+
+
+class SameDropout(nn.Module):
+    """peft's lora_dropout replaced by this project's adapter dropout (same rate, same mask generator)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        h, factor = adapter_dropout(x, self.p, self.training)
+        return h if factor == 1.0 else h * factor
+
+
+def same_dropout(peft_model, p: float) -> int:
+    """Replace every peft LoRA dropout module by SameDropout(p); returns how many were replaced."""
+    n = 0
+    for module in peft_model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, nn.ModuleDict):
+            for key in list(drops):
+                drops[key] = SameDropout(p)
+                n += 1
+    return n
 
 
 def yes_head(hidden: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -93,6 +130,8 @@ def build(args):
     from peft import LoraConfig, get_peft_model
     peft_model = get_peft_model(new(), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                                                   target_modules=TARGETS))
+    replaced = same_dropout(peft_model, args.dropout)
+    assert replaced == len(TARGETS) * frozen.config.num_hidden_layers, replaced
     peft_model.train()
 
     def step_peft():
@@ -100,15 +139,16 @@ def build(args):
         yes_head(h, w_yes, labels).backward()
 
     cora = CoRAModel(new(), yes, 256, 256, inj).to(dev, dtype).train()
+    lora = CoRAModel(new(), yes, 256, 256, replace(inj, adapter="lora"), method="tallrec").to(dev, dtype).train()
     naive = make_naive(CoRAModel(new(), yes, 256, 256, inj)).to(dev, dtype).train()
-    for m in (cora, naive):   # non-zero P, as after some training
+    for m in (cora, lora, naive):   # non-zero P, as after some training
         for p in m.injection.parameters():
             nn.init.normal_(p, std=0.02)
-    steps = {"frozen": step_frozen, "peft": step_peft,
+    steps = {"frozen": step_frozen, "lora": lambda: lora.loss(batch)[0].backward(), "peft": step_peft,
              "cora": lambda: cora.loss(batch)[0].backward(),
              "naive": lambda: naive.loss(batch)[0].backward(),
              "frozen_full_logits": step_full_logits}
-    models = [frozen, peft_model, cora, naive]
+    models = [frozen, peft_model, cora, lora, naive]
     return steps, models
 
 
@@ -118,8 +158,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions of each step")
-    ap.add_argument("--dropout", type=float, default=0.05, help="adapter dropout (peft, cora, naive)")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions of each step")
+    ap.add_argument("--dropout", type=float, default=0.05, help="adapter dropout of every variant with an adapter")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out (e.g. naive)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -130,31 +170,54 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for s in filter(None, args.skip.split(",")):
         steps.pop(s)
-    times: dict[str, list[float]] = {k: [] for k in steps}
+    times = timed(steps, models, args, sync)
+    print(json.dumps(summary(times, args), indent=None if args.json else 2))
+
+
+def timed(steps: dict, models: list, args, sync) -> dict[str, list[float]]:
+    """Seconds per step of each variant, one per repetition; the order is rotated by one each repetition."""
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
     for rep in range(args.warmup + args.reps):
-        for name, step in steps.items():
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
             for m in models:
                 m.zero_grad(set_to_none=True)
             sync()
             t = time.perf_counter()
-            step()
+            steps[name]()
             sync()
             dt = time.perf_counter() - t
             if rep >= args.warmup:
                 times[name].append(dt)
             if not args.json:
                 print(f"rep {rep} {name}: {dt:.3f}s", file=sys.stderr)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"benchmark": "injection", "device": args.device, "dtype": args.dtype,
-           "threads": torch.get_num_threads(),
+    return times
+
+
+RATIOS = {"cora_over_frozen": ("cora", "frozen"), "cora_over_lora_same_dropout": ("cora", "lora"),
+          "cora_over_peft": ("cora", "peft"), "lora_over_frozen": ("lora", "frozen"),
+          "peft_over_frozen": ("peft", "frozen"), "naive_over_frozen": ("naive", "frozen"),
+          "frozen_full_logits_over_frozen": ("frozen_full_logits", "frozen")}
+
+
+def summary(times: dict[str, list[float]], args) -> dict:
+    """Per variant: median, min and max seconds; per ratio: the median over repetitions of the ratio within
+    each repetition, and its (min, max)."""
+    out = {"benchmark": "injection", "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
            "model": "smollm2-135m-shape", "batch": args.batch, "seq": args.seq, "rank": args.rank,
-           "dropout": args.dropout, "targets": TARGETS, "reps": args.reps,
-           "median_s": {k: round(v, 4) for k, v in med.items()}}
-    ratios = {f"{k}/frozen": med[k] / med["frozen"] for k in med if k != "frozen" and "frozen" in med}
-    if "peft" in med:
-        ratios.update({f"{k}/peft": med[k] / med["peft"] for k in ("cora", "naive") if k in med})
-    out["ratios"] = {k: round(v, 4) for k, v in ratios.items()}
-    print(json.dumps(out, indent=None if args.json else 2))
+           "dropout": args.dropout, "dropout_implementation": "cora.injection.adapter_dropout (every variant)",
+           "targets": TARGETS, "reps": args.reps, "order": "rotated by one variant per repetition",
+           "median_s": {k: round(statistics.median(v), 4) for k, v in times.items()},
+           "min_s": {k: round(min(v), 4) for k, v in times.items()},
+           "max_s": {k: round(max(v), 4) for k, v in times.items()},
+           "ratios": {}, "spread": {}}
+    for key, (a, b) in RATIOS.items():
+        if a in times and b in times:
+            per_rep = [x / y for x, y in zip(times[a], times[b])]
+            out["ratios"][key] = round(statistics.median(per_rep), 4)
+            out["spread"][key] = [round(min(per_rep), 4), round(max(per_rep), 4)]
+    return out
 
 
 if __name__ == "__main__":

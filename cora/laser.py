@@ -89,13 +89,16 @@ class MFormer(nn.Module):
 
     def route(self, history: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """Each user's routing distribution (B, K): the softmax of the router's logits averaged over the real
-        history items (a user without history gets the router's bias)."""
+        history items (a user without history gets the router's bias).
+
+        The router is linear, so that average is the router of the mean real history embedding (the zero
+        vector for an empty history: its bias). One call of the router, the same on every rank whatever the
+        histories: a branch that read ``router.bias`` only when a batch had an empty history made that
+        rank's backward reduce the bias's gradient at another point of the step than the other ranks'
+        (ZeRO-3's collectives then mismatched, and gloo aborted)."""
         keep = (~pad).unsqueeze(-1).to(history.dtype)                          # (B, T, 1)
-        logits = (self.router(history) * keep).sum(1) / keep.sum(1).clamp(min=1.0)
-        if (keep.sum(1) == 0).any():
-            empty = keep.sum(1).squeeze(-1) == 0
-            logits = torch.where(empty.unsqueeze(-1), self.router.bias.expand_as(logits), logits)
-        return torch.softmax(logits.float(), dim=-1)
+        mean = (history * keep).sum(1) / keep.sum(1).clamp(min=1.0)            # (B, d_cf); 0 when empty
+        return torch.softmax(self.router(mean).float(), dim=-1)
 
     def forward(self, history: torch.Tensor, pad: torch.Tensor):
         gates = self.route(history, pad)                                        # (B, K)

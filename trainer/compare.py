@@ -539,6 +539,11 @@ def compare(configs: list[str], methods_text: str, out: Path, overrides: list[st
     for side, run_of in SIDE_ROWS.items():
         if side in methods:
             results[side] = side_metrics(results[run_of])
+            if not results[side]["test"]:
+                notes[side] = (f"not available: the {run_of} run ended before a whole epoch (its domain phase runs "
+                               f"after each whole epoch; this run took {results[run_of].get('steps')} steps): give "
+                               f"run.max_steps at least one epoch's steps, or no run.max_steps")
+                print(f"[compare] {side}: {notes[side]}", file=sys.stderr)
     rows = [row(m, results[m]) for m in methods]
     diffs = []
     if versus:

@@ -1,0 +1,64 @@
+"""What benchmarks/injection.py's figures rest on: every variant's adapter dropout is this project's (peft's
+modules replaced, same rate), the variants' order rotates per repetition, and each ratio is taken within a
+repetition and reported with its spread."""
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("bench_injection", ROOT / "benchmarks" / "injection.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_injection", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peft_dropout_is_replaced_by_the_projects_at_the_same_rate(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from cora.llm import build_preset
+    bench = _benchmark()
+    model = get_peft_model(build_preset("tiny-llama", tokenizer, torch.float32, seed=0),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=bench.TARGETS))
+    assert bench.same_dropout(model, 0.3) == 4 * 2                   # q/k/v/o in 2 layers
+    drops = [m for m in model.modules() if isinstance(m, bench.SameDropout)]
+    assert len(drops) == 8 and not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    x = torch.ones(64, 1000)
+    torch.manual_seed(0)
+    y = drops[0].train()(x)
+    assert abs((y == 0).float().mean().item() - 0.3) < 0.01          # the rate
+    assert abs(y.mean().item() - 1.0) < 0.02                          # unbiased: kept values scaled by 1/(1-p)
+    assert torch.equal(drops[0].eval()(x), x)
+
+
+def test_the_order_rotates_and_ratios_are_per_repetition_with_their_spread():
+    bench = _benchmark()
+    order = []
+    fake = {"frozen": 1.0, "lora": 1.2, "cora": 1.1}
+
+    def step(name):
+        def run():
+            order.append(name)
+        return run
+    args = SimpleNamespace(warmup=1, reps=6, json=True, device="cpu", dtype="float32", batch=8, seq=128, rank=16,
+                           dropout=0.05)
+    steps = {k: step(k) for k in fake}
+    times = bench.timed(steps, [], args, lambda: None)
+    rounds = [order[i:i + 3] for i in range(0, len(order), 3)]
+    assert len(rounds) == 7 and all(sorted(r) == sorted(fake) for r in rounds)
+    assert {r[0] for r in rounds} == set(fake) and rounds[0] != rounds[1]   # every variant leads some repetition
+    assert all(len(v) == 6 for v in times.values())
+    times = {"frozen": [1.0, 2.0, 1.0], "cora": [1.1, 2.0, 1.3], "lora": [1.0, 2.2, 1.3], "peft": [1.5, 2.5, 1.4]}
+    out = bench.summary(times, args)
+    assert out["ratios"]["cora_over_frozen"] == round(statistics.median([1.1, 1.0, 1.3]), 4)
+    assert out["spread"]["cora_over_frozen"] == [1.0, 1.3]
+    assert out["ratios"]["cora_over_lora_same_dropout"] == round(statistics.median([1.1, 2.0 / 2.2, 1.0]), 4)
+    assert out["median_s"]["peft"] == 1.5 and out["min_s"]["frozen"] == 1.0 and out["max_s"]["lora"] == 2.2
