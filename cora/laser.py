@@ -92,10 +92,10 @@ class MFormer(nn.Module):
         history items (a user without history gets the router's bias).
 
         The router is linear, so that average is the router of the mean real history embedding (the zero
-        vector for an empty history: its bias). One call of the router, the same on every rank whatever the
-        histories: a branch that read ``router.bias`` only when a batch had an empty history made that
-        rank's backward reduce the bias's gradient at another point of the step than the other ranks'
-        (ZeRO-3's collectives then mismatched, and gloo aborted)."""
+        vector for an empty history: its bias). One call of the router, the same computation on every rank
+        whatever the histories: a branch that read ``router.bias`` only when a batch had an empty history
+        made the 2 ranks' ZeRO-3 collectives mismatch at the first step on sequential data (gloo aborted;
+        tests/trainer/test_train_cli.py trains through that case)."""
         keep = (~pad).unsqueeze(-1).to(history.dtype)                          # (B, T, 1)
         mean = (history * keep).sum(1) / keep.sum(1).clamp(min=1.0)            # (B, d_cf); 0 when empty
         return torch.softmax(self.router(mean).float(), dim=-1)
