@@ -28,8 +28,8 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from . import tokenizer
 from .tokenizer import SMOLLM2_GGUF, smollm2_dir
+from .tokenizer import load_tokenizer as _load_smollm2_or_dir
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,7 +92,7 @@ def load_tokenizer(name_or_path: str = "smollm2"):
     """A tokenizer from a local directory, or the cached SmolLM2 tokenizer for 'smollm2'/presets."""
     if name_or_path in PRESETS or name_or_path in REAL_PRESETS:
         name_or_path = "smollm2"
-    return tokenizer.load_tokenizer(name_or_path)
+    return _load_smollm2_or_dir(name_or_path)
 
 
 def _check_model_dir(path: Path) -> str:

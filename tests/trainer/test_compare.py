@@ -107,8 +107,8 @@ def test_the_csv_and_the_markdown_hold_the_same_table_with_empty_cells_for_what_
     }
     rows = [row(m, metrics) for m, metrics in runs.items()]
     cols = columns(rows)
-    assert cols == ["method", "auc", "uauc", "n", "untrained_auc", "untrained_uauc", "warm_auc", "warm_uauc", "warm_n", "cold_auc", "cold_uauc",
-                    "cold_n", "recall@1", "recall@5", "recall@10", "ndcg@1", "ndcg@5", "ndcg@10", "mrr",
+    assert cols == ["method", "auc", "uauc", "n", "untrained_auc", "untrained_uauc", "warm_auc", "warm_uauc",
+                    "warm_n", "cold_auc", "cold_uauc", "cold_n", "recall@1", "recall@5", "recall@10", "ndcg@1", "ndcg@5", "ndcg@10", "mrr",
                     "trainable_parameters", "samples_per_second", "steps", "train_seconds"]
     write_csv(rows, tmp_path / "compare.csv")
     write_markdown(rows, tmp_path / "compare.md", "cora compare --methods mf", "context line",
