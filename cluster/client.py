@@ -59,11 +59,12 @@ class BatchIterator:
 
     def _check(self, c: Cursor) -> None:
         i = self.info
-        mismatch = {k: (getattr(c, k), i[k]) for k in ("world_size", "batch_size", "seed", "shards") if getattr(c, k) != i[k]}
+        mismatch = {k: (getattr(c, k), i[k]) for k in ("world_size", "batch_size", "seed", "shards", "bucket_window")
+                    if getattr(c, k) != i[k]}
         if mismatch:
             raise ValueError(f"cannot resume rank {i['rank']} from this cursor: "
                              + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in mismatch.items())
-                             + "; resume with the same data, seed and batch size (cursors of another number "
+                             + "; resume with the same data, seed, batch size and data.bucket_window (cursors of another number "
                                "of workers go through cluster.plan.regroup first)")
 
     def _ask_ahead(self) -> None:
@@ -146,4 +147,4 @@ class BatchIterator:
         # batch slots handed over (a whole number of batches; the last batch of an epoch may be short)
         return Cursor(epoch=self.epoch, delivered=self.consumed * i["batch_size"], seed=i["seed"], world_size=i["world_size"],
                       batch_size=i["batch_size"], shards=i["shards"], rng={"seed": [i["seed"], self.epoch, i["rank"]]},
-                      stages=self.stages)
+                      stages=self.stages, bucket_window=i["bucket_window"])

@@ -117,11 +117,15 @@ class InteractionShard:
     def __init__(self, data_dir: str, split: str, rank: int, world_size: int, *, batch_size: int, seed: int,
                  embeddings, tokenizer: str = "smollm2", domain: str | None = None, max_history: int = 10,
                  max_length: int = 512, prefetch: int = 4, sasrec_history: int = 0,
-                 peers: list[str] | None = None, template: str = "", history_items: int = 0):
+                 peers: list[str] | None = None, template: str = "", history_items: int = 0,
+                 bucket_window: int = 0, pad_multiple: int = 1):
         """``peers``: the actor names of all ranks of the group (rank order), resolved when first needed;
         ``template``: the method's template family prefix (``Method.template``: "collm-" for CoLLM's prompt
         with embedding slots), put before the domain; ``history_items``: when > 0, each batch also carries the
-        CF embeddings of each sample's last ``history_items`` history items (Laser's M-Former input)."""
+        CF embeddings of each sample's last ``history_items`` history items (Laser's M-Former input);
+        ``bucket_window``: when > 0, each epoch's list is reordered by prompt length in windows of that many
+        batches (``plan.Bucketing``; the lengths of this rank's samples are computed here, the peers' asked
+        for); ``pad_multiple``: each batch's token dimension is rounded up to a multiple of it."""
         from cora.prompts import domain_encoders
         from cora.tokenizer import load_tokenizer
         manifest = read_manifest(data_dir)
@@ -148,6 +152,12 @@ class InteractionShard:
         self.encoders = domain_encoders(tok, template, [domain] if domain else manifest_domains(manifest),
                                         max_history, max_length)
         self.slots = next(iter(self.encoders.values())).template.slots
+        self.bucket_window, self.pad_multiple = bucket_window, pad_multiple
+        self.lengths: dict[int, np.ndarray] = {}      # per shard: prompt lengths (bucketing), peers' on demand
+        if bucket_window > 0:
+            own = np.array([len(self._encode(sample)[0]) for sample in self.samples], dtype=np.int32)
+            bounds = np.cumsum([self.sizes[s] for s in mine])[:-1]
+            self.lengths = dict(zip(mine, np.split(own, bounds)))
         self.embeddings, self.sasrec_history, self.history_items = embeddings, sasrec_history, history_items
         self.peer_names, self.peers = peers, {}
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -178,8 +188,25 @@ class InteractionShard:
         quota = plan.quotas(self.total, self.world_size)[self.rank]
         return {"split": self.split, "rank": self.rank, "world_size": self.world_size, "total": self.total,
                 "quota": quota, "steps": self.steps, "batch_size": self.batch_size, "seed": self.seed,
-                "owned_samples": len(self.samples),
+                "owned_samples": len(self.samples), "bucket_window": self.bucket_window,
                 "shards": plan.shards_fingerprint([Path(p).name for p in self.paths], self.sizes)}
+
+    @ray.method(concurrency_group="peers", max_task_retries=-1)
+    def get_lengths(self, shards: list[int]) -> dict[int, np.ndarray]:
+        """The prompt lengths of the samples of ``shards`` (this actor's own), for the peers' bucketing."""
+        return {s: self.lengths[s] for s in shards}
+
+    def _bucketing(self) -> plan.Bucketing | None:
+        """The split's prompt lengths (this rank's computed at start, the others' asked of their owners once)."""
+        if self.bucket_window <= 0:
+            return None
+        missing: dict[int, list[int]] = {}
+        for s in range(len(self.sizes)):
+            if s not in self.lengths:
+                missing.setdefault(s % self.world_size, []).append(s)
+        for owner, got in zip(missing, ray.get([self._peer(o).get_lengths.remote(ss) for o, ss in missing.items()])):
+            self.lengths.update(got)
+        return plan.Bucketing([self.lengths[s] for s in range(len(self.sizes))], self.batch_size, self.bucket_window)
 
     @ray.method(concurrency_group="peers", max_task_retries=-1)
     def get_samples(self, indices: list[int]) -> list[dict]:
@@ -201,12 +228,9 @@ class InteractionShard:
         self.stop.clear()
         self.ended, self.run = False, run
         self.queue = queue.Queue(maxsize=self.prefetch)
-        if stages:
-            lists = plan.replanned_lists(self.sizes, self.world_size, self.seed, epoch, stages)
-            steps = plan.steps_per_epoch(sum(map(len, lists)), self.world_size, self.batch_size)
-            order = lists[self.rank]
-        else:
-            order, steps = plan.epoch_lists(self.sizes, self.world_size, self.seed, epoch)[self.rank], self.steps
+        lists = plan.replanned_lists(self.sizes, self.world_size, self.seed, epoch, stages or [], self._bucketing())
+        steps = plan.steps_per_epoch(sum(map(len, lists)), self.world_size, self.batch_size) if stages else self.steps
+        order = lists[self.rank]
         batches = plan.batches(order, steps, self.batch_size)[skip // self.batch_size:]
         self.thread = threading.Thread(target=self._produce, args=(batches,), daemon=True)
         self.thread.start()
@@ -297,8 +321,8 @@ class InteractionShard:
         else:
             extra_cf = {}
         lookup_s = time.perf_counter() - t0
-        encoded = [self._encoder(s).encode_with_slots(s["history_titles"], s["title"]) for s in samples]
-        ids, lengths = pad_prompts([e[0] for e in encoded], self.pad_id)
+        encoded = [self._encode(s) for s in samples]
+        ids, lengths = pad_prompts([e[0] for e in encoded], self.pad_id, self.pad_multiple)
         extra = {"slots": np.array([e[1] for e in encoded], dtype=np.int64)} if self.slots else {}
         return {"input_ids": ids, "lengths": lengths, "user_emb": user_emb, "item_emb": item_emb, **extra, **extra_cf,
                 "items": items,
@@ -308,6 +332,10 @@ class InteractionShard:
                 "sample_ids": np.array([s["sample_id"] for s in samples], dtype=np.int64), "users": users,
                 "cold": np.array([s["cold_user"] or s["cold_item"] for s in samples]),
                 "queries": np.array([s.get("query", -1) for s in samples], dtype=np.int64)}
+
+    def _encode(self, sample: dict):
+        """(token ids, slot positions) of ``sample``'s prompt."""
+        return self._encoder(sample).encode_with_slots(sample["history_titles"], sample["title"])
 
     def _encoder(self, sample: dict):
         """The prompt encoder of ``sample``'s domain (the directory's one domain when it names none)."""

@@ -24,6 +24,16 @@ after d_r. ``epoch_positions`` re-plans exactly those over the W' ranks (``sprea
 takes the remaining samples of the shards it owns, r' = shard mod W', up to its quota, the rest is
 handed to the ranks below quota, as above), and the W' ranks count their cursors from 0 in that new
 list. Stages chain (W -> W' -> W'' within one epoch); the next epoch is planned for W' as usual.
+
+Length bucketing (``Bucketing``, data.bucket_window > 0). A batch is padded to its longest prompt, so a
+random batch of short and long prompts trains mostly padding. With bucketing, each rank's list (planned
+as above, for every group of a stage chain) is reordered window by window: the samples of ``window``
+consecutive whole batches are sorted by prompt length (ties by list position), cut into batches, and
+those batches put in a random order (seeded by seed, epoch, rank and stage). A trailing part batch stays
+last. The reordered list is still a pure function of the cursor's fields (plus the samples' lengths,
+which every actor computes the same way), so the cursor stays exact: a rank has delivered exactly the
+first ``delivered`` entries of its reordered list, and the elastic re-planning takes the tails of the
+reordered lists.
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ class Cursor:
     stages: list = field(default_factory=list)
     """Earlier worker groups of this epoch, oldest first: [{"world_size", "delivered": per rank}] (empty
     unless the run was resumed with another number of ranks mid-epoch; see ``regroup``)."""
+    bucket_window: int = 0
+    """Batches per length-bucketing window (0: no bucketing): the lists' order depends on it."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +69,41 @@ class Cursor:
     @staticmethod
     def from_dict(d: dict) -> "Cursor":
         return Cursor(**d)
+
+
+@dataclass(frozen=True)
+class Bucketing:
+    """How the epoch lists are reordered by prompt length (see the module docstring)."""
+
+    lengths: list
+    """Per shard of the split (in its order): each sample's prompt length in tokens, as the actors build it."""
+    batch_size: int
+    window: int
+    """Whole batches per window (>= 1)."""
+
+    def key(self, position: tuple[int, int]) -> int:
+        return int(self.lengths[position[0]][position[1]])
+
+
+def bucket(order: list, keys, batch_size: int, window: int, rng: np.random.Generator) -> list:
+    """``order`` reordered by ``keys`` (one per entry) window by window: within each span of ``window``
+    whole batches, the entries sorted by key (stable), cut into batches of ``batch_size``, and the batches
+    shuffled by ``rng``; the entries after the last whole batch stay at the end, in their order."""
+    keys = np.asarray(keys)
+    whole = len(order) - len(order) % batch_size
+    span = window * batch_size
+    out: list = []
+    for start in range(0, whole, span):
+        idx = start + np.argsort(keys[start:min(start + span, whole)], kind="stable")
+        chunks = idx.reshape(-1, batch_size)
+        for c in rng.permutation(len(chunks)):
+            out += [order[i] for i in chunks[c]]
+    return out + list(order[whole:])
+
+
+def bucket_generator(seed: int, epoch: int, rank: int, stage: int) -> np.random.Generator:
+    """The generator that orders rank ``rank``'s batches in ``epoch`` (``stage``: the number of earlier groups)."""
+    return np.random.default_rng([seed, epoch, rank, 1, stage])
 
 
 def owned_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
@@ -79,8 +126,10 @@ def steps_per_epoch(total: int, world_size: int, batch_size: int) -> int:
     return -(-quotas(total, world_size)[0] // batch_size)
 
 
-def epoch_lists(shard_sizes: list[int], world_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
-    """For each rank, its epoch's samples in order, as (owner rank, index into the owner's samples).
+def epoch_lists(shard_sizes: list[int], world_size: int, seed: int, epoch: int,
+                bucketing: Bucketing | None = None) -> list[list[tuple[int, int]]]:
+    """For each rank, its epoch's samples in order, as (owner rank, index into the owner's samples),
+    reordered by length when ``bucketing`` is given.
 
     A rank's own samples are indexed in the order of its shards and of the samples within them."""
     owned = [sum(shard_sizes[s] for s in owned_shards(len(shard_sizes), r, world_size))
@@ -89,7 +138,14 @@ def epoch_lists(shard_sizes: list[int], world_size: int, seed: int, epoch: int) 
     orders = [epoch_generator(seed, epoch, r).permutation(n) for r, n in enumerate(owned)]
     lists = [[(r, int(i)) for i in orders[r][:quota[r]]] for r in range(world_size)]
     pool = [(r, int(i)) for r in range(world_size) for i in orders[r][quota[r]:]]
-    return top_up(lists, pool, quota)
+    lists = top_up(lists, pool, quota)
+    if bucketing is None:
+        return lists
+    owner_keys = [np.concatenate([np.asarray(bucketing.lengths[s], dtype=np.int64)
+                                  for s in owned_shards(len(shard_sizes), r, world_size)] or [np.zeros(0, np.int64)])
+                  for r in range(world_size)]
+    return [bucket(lst, [owner_keys[o][i] for o, i in lst], bucketing.batch_size, bucketing.window,
+                   bucket_generator(seed, epoch, r, 0)) for r, lst in enumerate(lists)]
 
 
 def top_up(lists: list[list], pool: list, quota: list[int]) -> list[list]:
@@ -131,25 +187,31 @@ def spread(left: list[Position], n_shards: int, world_size: int) -> list[list[Po
 
 
 def epoch_positions(shard_sizes: list[int], world_size: int, seed: int, epoch: int,
-                    stages: list[dict] = ()) -> list[list[Position]]:
+                    stages: list[dict] = (), bucketing: Bucketing | None = None) -> list[list[Position]]:
     """For each of ``world_size`` ranks, its list of ``epoch`` as positions: ``epoch_lists`` when no
-    earlier group trained part of the epoch, else the samples ``stages`` left untrained, re-planned."""
+    earlier group trained part of the epoch, else the samples ``stages`` left untrained, re-planned (and
+    reordered by length, as every group's lists are, when ``bucketing`` is given)."""
     if not stages:
         owned = [owned_positions(shard_sizes, r, world_size) for r in range(world_size)]
-        return [[owned[o][i] for o, i in lst] for lst in epoch_lists(shard_sizes, world_size, seed, epoch)]
+        return [[owned[o][i] for o, i in lst] for lst in epoch_lists(shard_sizes, world_size, seed, epoch, bucketing)]
     last = stages[-1]
-    before = epoch_positions(shard_sizes, last["world_size"], seed, epoch, stages[:-1])
+    before = epoch_positions(shard_sizes, last["world_size"], seed, epoch, stages[:-1], bucketing)
     left = [p for lst, done in zip(before, last["delivered"]) for p in lst[done:]]
-    return spread(left, len(shard_sizes), world_size)
+    lists = spread(left, len(shard_sizes), world_size)
+    if bucketing is None:
+        return lists
+    return [bucket(lst, [bucketing.key(p) for p in lst], bucketing.batch_size, bucketing.window,
+                   bucket_generator(seed, epoch, r, len(stages))) for r, lst in enumerate(lists)]
 
 
 def replanned_lists(shard_sizes: list[int], world_size: int, seed: int, epoch: int,
-                    stages: list[dict]) -> list[list[tuple[int, int]]]:
+                    stages: list[dict], bucketing: Bucketing | None = None) -> list[list[tuple[int, int]]]:
     """``epoch_positions`` as (owner rank, index into the owner's samples), what the actors serve."""
     if not stages:
-        return epoch_lists(shard_sizes, world_size, seed, epoch)
+        return epoch_lists(shard_sizes, world_size, seed, epoch, bucketing)
     index = {p: (r, i) for r in range(world_size) for i, p in enumerate(owned_positions(shard_sizes, r, world_size))}
-    return [[index[p] for p in lst] for lst in epoch_positions(shard_sizes, world_size, seed, epoch, stages)]
+    return [[index[p] for p in lst] for lst in epoch_positions(shard_sizes, world_size, seed, epoch, stages,
+                                                               bucketing)]
 
 
 def left_in_epoch(shard_sizes: list[int], seed: int, epoch: int, stages: list[dict]) -> int:
@@ -172,8 +234,8 @@ def regroup(cursors: list[dict | None], world_size: int) -> list[dict | None]:
         raise ValueError("the saved cursors mix ranks at an epoch's end and ranks mid-epoch; the checkpoint "
                          "is not a consistent cut of the data")
     first = cursors[0]
-    keys = ("epoch", "seed", "batch_size", "shards", "world_size")
-    odd = [c for c in cursors if any(c[k] != first[k] for k in keys)]
+    keys = ("epoch", "seed", "batch_size", "shards", "world_size", "bucket_window")
+    odd = [c for c in cursors if any(c.get(k) != first.get(k) for k in keys)]
     if odd or first["world_size"] != len(cursors):
         raise ValueError(f"the saved cursors disagree on {keys} (or with their count {len(cursors)}): "
                          f"{first} vs {odd[:1]}; the checkpoint was not written by one worker group")

@@ -274,6 +274,11 @@ class RecCocktailConfig:
     """The "base spirit": the export (RUN/export) of a method=tallrec run on the source domains' data."""
     ingredient_from: str | None = None
     """The "ingredient": the export of a method=tallrec run on the target domain's data."""
+    entropy: Literal["answer", "vocabulary"] = "answer"
+    """What the merge minimises. 'answer': the entropy of the model's answer, Bernoulli(sigmoid(yes logit))
+    (the score every method here is trained and evaluated on); 'vocabulary': the entropy of the LLM's whole
+    next-token distribution at the answer position (the paper's generative form, where a tuned model puts
+    its mass on "Yes"/"No"; here the BCE-trained yes row leaves the rest of the vocabulary untrained)."""
 
     def validate(self) -> list[str]:
         return []
@@ -302,7 +307,7 @@ class RecCocktail(Method):
         self.cfg = cfg or RecCocktailConfig()
 
     def section(self):
-        return {"form": self.cfg.form, "base_from": None, "ingredient_from": None}   # an export carries both
+        return {"form": self.cfg.form, "entropy": self.cfg.entropy, "base_from": None, "ingredient_from": None}   # an export carries both
 
     def attach(self, model, injection, generator, user_dim, item_dim):
         from .injection import MergeVariant
@@ -326,7 +331,22 @@ class RecCocktail(Method):
         return super().inputs(model, batch)
 
     def loss(self, model, batch, hidden, logits):
+        if self.cfg.entropy == "answer":
+            return yes_no_entropy(logits, batch.weights)
         return answer_entropy(model.llm.get_output_embeddings()(hidden), batch.weights)
+
+
+def yes_no_entropy(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean entropy (nats) of the answer Bernoulli(sigmoid(logit)) over the batch, (B,) -> (); with
+    ``weights``, over the weighted samples only. H = p softplus(-s) + (1 - p) softplus(s), p = sigmoid(s)
+    (= -p log p - (1 - p) log(1 - p), stable for any s)."""
+    s = logits.float()
+    p = torch.sigmoid(s)
+    per = p * F.softplus(-s) + (1 - p) * F.softplus(s)
+    if weights is None:
+        return per.mean()
+    w = weights.to(per.device)
+    return (per * w).sum() / w.sum().clamp(min=1.0)
 
 
 def answer_entropy(vocab_logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

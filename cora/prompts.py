@@ -137,14 +137,15 @@ class PromptEncoder:
         return ids, where
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token id lists: ((B, T) int64 ids, (B,) int64 lengths), T = the longest prompt."""
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token id lists: ((B, T) int64 ids, (B,) int64 lengths), T = the longest prompt rounded up to
+    a multiple of ``multiple`` (8 suits GPU matrix units)."""
     if len(prompts) == 0:
         raise ValueError("empty batch: no prompts given")
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     if int(lengths.min()) == 0:
         raise ValueError(f"prompt {int(lengths.argmin())} of the batch is empty (0 tokens)")
-    ids = np.full((len(prompts), int(lengths.max())), pad_id, dtype=np.int64)
+    ids = np.full((len(prompts), -(-int(lengths.max()) // multiple) * multiple), pad_id, dtype=np.int64)
     for row, p in enumerate(prompts):
         ids[row, : len(p)] = p
     return ids, lengths

@@ -40,6 +40,9 @@ class Board:
                    "perf/tokens_per_s": tokens / step_time, "time/data_wait_s": r["data_wait"],
                    "time/forward_s": r["forward"], "time/backward_s": r["backward"],
                    "time/optimizer_s": r["optimizer"], "time/embedding_lookup_s": r["lookup_s"]}
+        if "padded" in r:                     # this rank's (B, T) slots that hold no real token, and their share
+            scalars.update({"data/real_tokens": r["tokens"], "data/padded_tokens": r["padded"],
+                            "data/padding_share": r["padded"] / max(r["padded"] + r["tokens"], 1)})
         if r["grad_norm"] is not None:
             scalars["train/grad_norm"] = r["grad_norm"]
         for k, v in scalars.items():

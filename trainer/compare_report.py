@@ -13,6 +13,9 @@ BASE_COLUMNS = ("method", "auc", "uauc", "n", "untrained_auc", "untrained_uauc",
                 "cold_auc", "cold_uauc", "cold_n")
 COST_COLUMNS = ("trainable_parameters", "samples_per_second", "steps", "train_seconds")
 RANK_KEY = re.compile(r"(recall|ndcg)@(\d+)|mrr")
+UNTRAINED_RANK = ("recall@10", "ndcg@10")
+"""Ranking metrics also reported before the first step (untrained_recall@10, ...: the run's
+no_injection_ranking), beside the trained ones: Laser's paper judges it by these, not by AUC."""
 
 
 def row(method: str, metrics: dict) -> dict:
@@ -27,6 +30,8 @@ def row(method: str, metrics: dict) -> dict:
     untrained = metrics.get("no_injection_test") or {}
     out.update(untrained_auc=untrained.get("auc"), untrained_uauc=untrained.get("uauc"))
     out.update({k: v for k, v in (metrics.get("ranking") or {}).items() if RANK_KEY.fullmatch(k)})
+    untrained_rank = metrics.get("no_injection_ranking") or {}
+    out.update({f"untrained_{k}": untrained_rank[k] for k in UNTRAINED_RANK if k in untrained_rank})
     out.update({k: metrics.get(k) for k in COST_COLUMNS})
     return out
 
@@ -37,7 +42,8 @@ def columns(rows: list[dict]) -> list[str]:
         m = RANK_KEY.fullmatch(key)
         return (("recall", "ndcg").index(m.group(1)), int(m.group(2))) if m.group(1) else (2, 0)
     ranked = sorted({k for r in rows for k in r if RANK_KEY.fullmatch(k)}, key=order)
-    return list(BASE_COLUMNS) + ranked + list(COST_COLUMNS)
+    untrained = [f"untrained_{k}" for k in UNTRAINED_RANK if any(f"untrained_{k}" in r for r in rows)]
+    return list(BASE_COLUMNS) + ranked + untrained + list(COST_COLUMNS)
 
 
 def cell(value, digits: int | None = None) -> str:

@@ -36,10 +36,18 @@ class DataConfig:
     eval_batch_size: int | None = None
     """Samples per rank in each validation/test forward (no backward, so it can be far larger than the
     micro-batch); None = engine.micro_batch_size."""
+    bucket_window: int = 0
+    """Length bucketing: > 0 reorders each rank's epoch in windows of this many batches, so that a batch
+    holds prompts of similar length (less padding); seeded, exactly once and resumable like the plain order
+    (cluster/plan.py). 0: the plain random order."""
+    pad_multiple: int = 1
+    """Round each batch's token dimension up to a multiple of this (8 for GPU matrix units; 1 on the CPU)."""
 
     def validate(self) -> list[str]:
         problems = [f"data.{k} must be >= 1, got {getattr(self, k)}"
-                    for k in ("embedding_shards", "max_length", "prefetch") if getattr(self, k) < 1]
+                    for k in ("embedding_shards", "max_length", "prefetch", "pad_multiple") if getattr(self, k) < 1]
+        if self.bucket_window < 0:
+            problems.append(f"data.bucket_window must be >= 0 (0: no length bucketing), got {self.bucket_window}")
         problems += [p for p in (location_problem(self.data_dir, "data.data_dir"),
                                  location_problem(self.cf_dir, "data.cf_dir")) if p]
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
@@ -95,7 +103,8 @@ class RunConfig:
     the step, to RUN/samples/rank<r>.jsonl (an audit of exactly-once)."""
     eval_baseline: bool = True
     """Score the test split once before training, when P is still zero (the frozen LLM without
-    injection): the no-injection baseline, reported as no_injection_test."""
+    injection; each method's model at step 0): the no-injection baseline, reported as no_injection_test,
+    and the rank split the same way when the data has one (no_injection_ranking)."""
     dashboard: bool = True
     """Start the Ray dashboard (on 127.0.0.1) with the local Ray instance; its URL is printed."""
     sync_timeout_s: float = 300.0

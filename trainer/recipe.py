@@ -20,6 +20,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cora.config import to_dict
@@ -80,9 +81,15 @@ class LoopState:
     evals: list = field(default_factory=list)
     no_injection: dict | None = None
     """Test metrics of the frozen LLM before training (P = 0)."""
+    no_injection_ranking: dict | None = None
+    """The same model's ranking metrics on the rank split before training (when the data has one)."""
     resumed_from: str | None = None
     samples: float = 0.0
     """Real training samples so far (the padding excluded)."""
+    tokens: int = 0
+    """This rank's real prompt tokens trained on so far (those of weight-0 padding samples excluded)."""
+    padded_tokens: int = 0
+    """This rank's padding trained through so far: the (B, T) slots of its micro-batches minus ``tokens``."""
     train_seconds: float = 0.0
     """Seconds in training steps so far (data waits included; evaluation and checkpoints not)."""
     method_evals: list = field(default_factory=list)
@@ -94,16 +101,24 @@ class LoopState:
         return cls(**{k: v for k, v in {**d, **extra}.items() if k in known})
 
 
+def padding(raw: dict) -> tuple[int, int]:
+    """(real tokens, padded slots) of a micro-batch: the prompt tokens of its weight > 0 samples, and the rest
+    of its (B, T) input: right padding up to T, and all of a weight-0 padding sample."""
+    lengths, weights = np.asarray(raw["lengths"]), np.asarray(raw["weights"])
+    real = int(lengths[weights > 0].sum())
+    return real, int(np.prod(np.shape(raw["input_ids"]))) - real
+
+
 def combine(window: list[dict]) -> dict:
     """One optimiser step's record from its micro-batches' records (trainer.worker.train_step's plus the
-    data fields): times, samples and tokens summed; the loss averaged over the micro-batches with samples
+    data fields): times, samples, tokens and padding summed; the loss averaged over the micro-batches with samples
     (as DeepSpeed averages their gradients); lr and gradient norm of the step."""
     if len(window) == 1:
         return dict(window[0], micro_batches=1)
     real = [r for r in window if r["samples"] > 0] or window
     out = dict(window[-1], micro_batches=len(window), loss=sum(r["loss"] for r in real) / len(real),
                finite=all(r["finite"] for r in window), sample_ids=[i for r in window for i in r["sample_ids"]])
-    for k in ("forward", "backward", "optimizer", "seconds", "data_wait", "samples", "tokens", "lookup_s"):
+    for k in ("forward", "backward", "optimizer", "seconds", "data_wait", "samples", "tokens", "padded", "lookup_s"):
         out[k] = sum(r[k] for r in window)
     return out
 
@@ -204,6 +219,9 @@ class Recipe:
         if self.cfg.run.eval_baseline and self.h.test:
             from .evaluate import evaluate
             self.state.no_injection = evaluate(self.engine, self.h.test[self.rank])[0]
+            if self.h.rank:                       # the same on the paper's ranking protocol, for methods judged by it
+                ranks = evaluate(self.engine, self.h.rank[self.rank])[0]
+                self.state.no_injection_ranking = dict(ranks["ranking"], auc=ranks["auc"])
         return None
 
     def _cursor(self, restored: dict) -> dict | None:
@@ -289,8 +307,9 @@ class Recipe:
     def _micro_step(self, raw: dict, epoch: int, wait: float, micro: int, audit) -> dict:
         """One micro-batch's forward and backward (and the optimiser step at a window's end)."""
         record = train_step(self.engine, raw)
+        tokens, padded = padding(raw)
         record.update(epoch=epoch, data_wait=wait, sample_ids=raw["sample_ids"].tolist(),
-                      samples=float(raw["weights"].sum()), tokens=int(raw["lengths"].sum()),
+                      samples=float(raw["weights"].sum()), tokens=tokens, padded=padded,
                       lookup_s=float(raw["lookup_s"]))
         if audit is not None:                  # which samples each step trained on (not the padding)
             real = [i for i, w in zip(record["sample_ids"], raw["weights"]) if w > 0]
@@ -306,6 +325,8 @@ class Recipe:
         record = combine(window)
         record["step"] = self.state.step
         self.state.samples += record["samples"]
+        self.state.tokens += record["tokens"]
+        self.state.padded_tokens += record["padded"]
         self.state.train_seconds += record["seconds"] + record["data_wait"]
         self.last_loss = record["loss"]
         self.board.step(self.state.step, record)
@@ -410,9 +431,12 @@ class Recipe:
         summary = {"valid": s.best["valid"] if s.best else None, "test": s.best["test"] if s.best else None,
                    "ranking": s.best.get("ranking") if s.best else None,
                    "best_epoch": s.best["epoch"] if s.best else None, "evaluations": s.evals, "steps": s.step,
-                   "no_injection_test": s.no_injection, "resumed_from": s.resumed_from, "worker_nodes": nodes,
+                   "no_injection_test": s.no_injection,
+                   "no_injection_ranking": s.no_injection_ranking, "resumed_from": s.resumed_from, "worker_nodes": nodes,
                    "method": self.cfg.method, "trainable_parameters": self.trainable_parameters(),
                    "samples": s.samples, "train_seconds": round(s.train_seconds, 3),
+                   "tokens": s.tokens, "padded_tokens": s.padded_tokens,
+                   "padding_share": round(s.padded_tokens / (s.tokens + s.padded_tokens), 4) if s.tokens else None,
                    "samples_per_second": round(s.samples / s.train_seconds, 2) if s.train_seconds else None}
         summary.update(self.model.method.summary(s.method_evals))
         from cora.fileio import write_bytes

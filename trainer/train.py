@@ -42,7 +42,8 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
     common = {"embeddings": client, "seed": cfg.run.seed, "num_cpus": 0.1, "max_history": cfg.data.max_history,
               "max_length": cfg.data.max_length, "prefetch": cfg.data.prefetch, "sasrec_history": 25 if sasrec else 0,
               "tokenizer": "smollm2" if cfg.llm.name in PRESETS or cfg.llm.name in REAL_PRESETS else cfg.llm.name,
-              "template": method.template, "history_items": method.history_items}
+              "template": method.template, "history_items": method.history_items,
+              "bucket_window": cfg.data.bucket_window, "pad_multiple": cfg.data.pad_multiple}
     from cora.data.schema import read_manifest
     micro = cfg.engine.micro_batch_size
     batch = {"train": micro, "valid": cfg.data.eval_batch(micro), "test": cfg.data.eval_batch(micro)}

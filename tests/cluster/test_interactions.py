@@ -91,6 +91,37 @@ def test_resume_from_cursor_continues_with_exactly_the_unseen_samples(served, da
         BatchIterator(_actors(data_dir, client, world=1)[0], 3, cursors[0])
 
 
+def _padding(per_rank):
+    """(padded slots, real tokens) over every batch of every rank: each (B, T) input minus its prompts."""
+    real = sum(int(b["lengths"][b["weights"] > 0].sum()) for batches in per_rank for b in batches)
+    return sum(b["input_ids"].size for batches in per_rank for b in batches) - real, real
+
+
+def test_length_bucketing_serves_every_sample_once_with_less_padding_and_resumes_exactly(served, data_dir):
+    client, _, _ = served
+    plain, _ = _run(_actors(data_dir, client), epoch=3)
+    actors = _actors(data_dir, client, bucket_window=4, pad_multiple=8)
+    full, _ = _run(actors, epoch=3)
+    train = pq.read_table(data_dir / "train.parquet").column("sample_id").to_pylist()
+    for got in (plain, full):
+        seen = _ids(got[0]) + _ids(got[1])
+        assert len(seen) == len(set(seen)) and sorted(seen) == sorted(train)
+    assert [len(b) for b in full] == [len(b) for b in plain]             # the same steps
+    assert all(b["input_ids"].shape[1] % 8 == 0 for batches in full for b in batches)
+    (wasted, real), (wasted_before, real_before) = _padding(full), _padding(plain)
+    assert real == real_before and wasted < 0.5 * wasted_before, (wasted, wasted_before)
+    head, its = _run(actors, epoch=3, steps=5)                      # mid-window: 5 of a window of 4 batches
+    cursors = [plan.Cursor.from_dict(json.loads(json.dumps(it.cursor().to_dict()))) for it in its]
+    assert all(c.bucket_window == 4 for c in cursors)
+    for a in actors:
+        ray.kill(a)
+    tail, _ = _run(_actors(data_dir, client, bucket_window=4, pad_multiple=8), epoch=3, cursors=cursors)
+    for r in range(2):
+        assert _ids(head[r]) + _ids(tail[r]) == _ids(full[r])        # same samples, same order
+    with pytest.raises(ValueError, match="bucket_window was 4, now 0"):
+        BatchIterator(_actors(data_dir, client)[0], 3, cursors[0])
+
+
 def _run_killing(actors, epoch, kill_after, victim, order):
     """Like _run, but SIGKILL ``victim``'s process once ``kill_after`` steps are handed over (its queue
     and the producers' are full by then), stepping the ranks in ``order``."""

@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 
 from cluster import plan
@@ -36,9 +37,15 @@ def test_cursor_round_trip():
     assert plan.Cursor.from_dict(c.to_dict()) == c
 
 
-def _trained(sizes, world, epoch, stages, delivered):
+def _lengths(sizes, seed=0):
+    """Prompt lengths per shard (for bucketing), 20-400 tokens."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(20, 400, n) for n in sizes]
+
+
+def _trained(sizes, world, epoch, stages, delivered, bucketing=None):
     """Positions a group of ``world`` ranks trained of ``epoch`` (after ``stages``), each rank ``delivered[r]``."""
-    lists = plan.epoch_positions(sizes, world, seed=5, epoch=epoch, stages=stages)
+    lists = plan.epoch_positions(sizes, world, seed=5, epoch=epoch, stages=stages, bucketing=bucketing)
     return [p for lst, d in zip(lists, delivered) for p in lst[:d]], lists
 
 
@@ -46,13 +53,16 @@ def _trained(sizes, world, epoch, stages, delivered):
                                         ([20, 20, 7], [(1, 4 * 5), (3, 0)]),
                                         ([30, 30, 30, 30], [(4, 8), (2, 12), (3, 0)]),
                                         ([9, 9], [(2, 8), (1, 0)])])
-def test_an_epoch_resumed_with_other_world_sizes_trains_every_sample_exactly_once(sizes, path):
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_an_epoch_resumed_with_other_world_sizes_trains_every_sample_exactly_once(sizes, path, bucketed):
     """W ranks train part of an epoch, then W' ranks (re-planned from the W cursors through ``regroup``) and
-    so on; the last group trains the rest: every position of the split exactly once, balanced lists."""
+    so on; the last group trains the rest: every position of the split exactly once, balanced lists; also
+    with every group's lists reordered by length (the tails taken are those of the reordered lists)."""
+    bucketing = plan.Bucketing(_lengths(sizes), batch_size=4, window=2) if bucketed else None
     world, per_rank = path[0]
     cursors = [{"epoch": 2, "delivered": per_rank, "seed": 5, "world_size": world, "batch_size": 4, "shards": "f",
                 "rng": {}} for _ in range(world)]
-    seen, lists = _trained(sizes, world, 2, [], [per_rank] * world)
+    seen, lists = _trained(sizes, world, 2, [], [per_rank] * world, bucketing)
     assert [len(lst) for lst in lists] == plan.quotas(sum(sizes), world)
     for world, per_rank in path[1:]:
         cursors = plan.regroup(cursors, world)
@@ -60,7 +70,7 @@ def test_an_epoch_resumed_with_other_world_sizes_trains_every_sample_exactly_onc
         assert all(c["world_size"] == world and c["delivered"] == 0 and c["stages"] == stages for c in cursors)
         left = plan.left_in_epoch(sizes, 5, 2, stages)
         assert left == sum(sizes) - len(seen)
-        got, lists = _trained(sizes, world, 2, stages, [per_rank or 10 ** 9] * world)
+        got, lists = _trained(sizes, world, 2, stages, [per_rank or 10 ** 9] * world, bucketing)
         assert [len(lst) for lst in lists] == plan.quotas(left, world)
         seen += got
         cursors = [dict(c, delivered=per_rank) for c in cursors]
@@ -89,3 +99,42 @@ def test_regroup_keeps_same_size_groups_and_epoch_ends_and_refuses_inconsistent_
         plan.regroup([c, dict(c, epoch=1)], 1)
     old = plan.Cursor.from_dict({k: v for k, v in c.items()})          # a cursor saved before stages existed
     assert old.stages == []
+
+
+def _waste(order, keys, batch):
+    """Padded slots of ``order`` cut into batches of ``batch``: each batch padded to its longest."""
+    return sum(len(c) * max(keys[i] for i in c) - sum(keys[i] for i in c)
+               for c in (order[k:k + batch] for k in range(0, len(order), batch)))
+
+
+def test_bucketing_sorts_each_window_into_batches_of_near_equal_length_and_shuffles_them():
+    keys = list(np.random.default_rng(1).integers(20, 400, 103))
+    order = list(range(103))                      # entries are their own key index here
+    out = plan.bucket(order, keys, batch_size=4, window=5, rng=np.random.default_rng(0))
+    assert sorted(out) == order and out[100:] == [100, 101, 102]          # the part batch stays last, as it was
+    assert out == plan.bucket(order, keys, 4, 5, np.random.default_rng(0))      # a function of the generator
+    for start in range(0, 100, 20):               # each window: its own samples, cut from their sorted order
+        window = out[start:start + 20]
+        assert sorted(window) == list(range(start, start + 20))
+        ranked = sorted(window, key=lambda i: (keys[i], i))
+        chunks = [ranked[k:k + 4] for k in range(0, 20, 4)]
+        batches = [window[k:k + 4] for k in range(0, 20, 4)]
+        assert sorted(map(sorted, batches)) == sorted(map(sorted, chunks))
+    firsts = [min(keys[i] for i in out[k:k + 4]) for k in range(0, 100, 4)]
+    assert firsts != sorted(firsts)                # the batches are not served shortest first
+    assert _waste(out, keys, 4) < 0.25 * _waste(order, keys, 4)
+
+
+def test_bucketed_epoch_lists_reorder_each_ranks_own_list_and_nothing_else():
+    sizes = [30, 30, 11]
+    bucketing = plan.Bucketing(_lengths(sizes, 3), batch_size=4, window=3)
+    plain, bucketed = plan.epoch_lists(sizes, 2, 7, 1), plan.epoch_lists(sizes, 2, 7, 1, bucketing)
+    assert [sorted(a) for a in plain] == [sorted(b) for b in bucketed] and plain != bucketed
+    assert bucketed == plan.epoch_lists(sizes, 2, 7, 1, bucketing)
+    owned = [plan.owned_positions(sizes, r, 2) for r in range(2)]
+    for lst, before in zip(bucketed, plain):
+        keys = {ref: bucketing.key(owned[ref[0]][ref[1]]) for ref in lst}
+        assert _waste(lst, keys, 4) < _waste(before, keys, 4)
+    assert plan.replanned_lists(sizes, 2, 7, 1, [], bucketing) == bucketed
+    positions = plan.epoch_positions(sizes, 2, 7, 1, bucketing=bucketing)
+    assert positions == [[owned[o][i] for o, i in lst] for lst in bucketed]

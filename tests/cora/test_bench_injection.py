@@ -2,30 +2,19 @@
 modules replaced, same rate), the variants' order rotates per repetition, and each ratio is taken within a
 repetition and reported with its spread."""
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("bench_injection", ROOT / "benchmarks" / "injection.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_injection", module)
-    spec.loader.exec_module(module)
-    return module
+from ..conftest import load_benchmark
 
 
 def test_peft_dropout_is_replaced_by_the_projects_at_the_same_rate(tokenizer):
     from peft import LoraConfig, get_peft_model
 
     from cora.llm import build_preset
-    bench = _benchmark()
+    bench = load_benchmark("injection")
     model = get_peft_model(build_preset("tiny-llama", tokenizer, torch.float32, seed=0),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=bench.TARGETS))
     assert bench.same_dropout(model, 0.3) == 4 * 2                   # q/k/v/o in 2 layers
@@ -40,7 +29,7 @@ def test_peft_dropout_is_replaced_by_the_projects_at_the_same_rate(tokenizer):
 
 
 def test_the_order_rotates_and_ratios_are_per_repetition_with_their_spread():
-    bench = _benchmark()
+    bench = load_benchmark("injection")
     order = []
     fake = ("frozen", "lora", "cora")
 

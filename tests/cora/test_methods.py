@@ -1,5 +1,7 @@
 """cora.methods: one strategy per method, chosen by name; CoRA unchanged by the abstraction."""
 
+import math
+
 import pytest
 import torch
 
@@ -165,12 +167,12 @@ def test_a_first_stage_that_does_not_fit_is_refused_with_what_differs(tmp_path):
     assert from_dict(TrainConfig, {"method": "collm", "collm": {"lora_from": "x"}}).collm.lora_from == "x"
 
 
-def _cocktail(tmp_path, form, logits):
+def _cocktail(tmp_path, form, logits, entropy="answer"):
     from ..conftest import write_tallrec_export
     base = write_tallrec_export(tmp_path / "base", seed=1)
     ingredient = write_tallrec_export(tmp_path / "ingredient", seed=2)
     cfg = {"method": "reccocktail", "llm": {"name": "tiny-llama"}, "injection": {"dropout": 0.0}, "generator": {},
-           "cf_dim": 8, "reccocktail": {"form": form, "base_from": str(tmp_path / "base"),
+           "cf_dim": 8, "reccocktail": {"form": form, "entropy": entropy, "base_from": str(tmp_path / "base"),
                                         "ingredient_from": str(tmp_path / "ingredient")}}
     model, _ = build_model(cfg)
     with torch.no_grad():
@@ -213,9 +215,13 @@ def test_reccocktail_scores_like_the_llm_with_the_merged_weights_written_in(form
     assert torch.allclose(got, want, atol=1e-4), (got, want)
 
 
-def test_reccocktail_trains_only_its_merge_weights_on_the_answer_tokens_entropy_without_labels(tmp_path, tokenizer):
-    from cora.methods import answer_entropy
-    model, base, _ = _cocktail(tmp_path, "paper", [0.0, 0.0])
+@pytest.mark.parametrize("entropy", ["answer", "vocabulary"])
+def test_reccocktail_trains_only_its_merge_weights_on_the_answer_tokens_entropy_without_labels(entropy, tmp_path,
+                                                                                                 tokenizer):
+    """The loss reads no label: with entropy=answer the entropy of Bernoulli(sigmoid(yes logit)), with
+    entropy=vocabulary that of the LLM's whole next-token distribution, each against a direct computation."""
+    from cora.methods import answer_entropy, yes_no_entropy
+    model, base, _ = _cocktail(tmp_path, "paper", [0.0, 0.0], entropy)
     model.train()
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["merger.logits"]
     assert set(model.method.exported(model)) == set(base) | {"merger.logits"}
@@ -224,14 +230,18 @@ def test_reccocktail_trains_only_its_merge_weights_on_the_answer_tokens_entropy_
     loss, logits = model.loss(batch)
     with torch.no_grad():                                       # the entropy of the LLM's own next-token distribution
         full = model.llm(batch.input_ids).logits[torch.arange(4), batch.lengths - 1]
-        p = torch.softmax(full, -1)
-        assert torch.allclose(loss, -(p * p.log()).sum(-1).mean(), atol=1e-5)
         assert torch.allclose(logits, full[:, _yes(model)], atol=1e-4)
+        yes = torch.sigmoid(logits)
+        p = torch.softmax(full, -1) if entropy == "vocabulary" else torch.stack([yes, 1 - yes], -1)
+        assert torch.allclose(loss, -(p * p.log()).sum(-1).mean(), atol=1e-5)
     loss.backward()
     assert model.merger.logits.grad is not None and model.merger.logits.grad.abs().sum() > 0
     weights = torch.tensor([1.0, 0.0, 1.0, 0.0])                # weight-0 padding counts for nothing
     v = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(answer_entropy(v, weights), answer_entropy(v[[0, 2]]))
+    s = torch.tensor([-40.0, -2.0, 0.0, 3.0, 40.0])              # stable at saturated logits, log 2 at 0
+    assert torch.isfinite(yes_no_entropy(s)) and torch.allclose(yes_no_entropy(s[2:3]), torch.tensor(math.log(2)))
+    assert torch.allclose(yes_no_entropy(s[[1, 3]], torch.tensor([1.0, 0.0])), yes_no_entropy(s[1:2]))
     with pytest.raises(ConfigError) as err:
         from_dict(TrainConfig, {"method": "reccocktail", "reccocktail": {"base_from": "b"}})
     assert "method=reccocktail needs reccocktail.ingredient_from" in str(err.value)

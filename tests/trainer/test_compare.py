@@ -103,13 +103,14 @@ def test_the_csv_and_the_markdown_hold_the_same_table_with_empty_cells_for_what_
         "cora": {"test": _test(None, warm=float("nan")), "steps": 8},
         "tallrec": {"test": _test(0.7, warm=0.71, cold=0.6), "trainable_parameters": 4096,
                     "samples_per_second": 123.456, "steps": 8, "train_seconds": 12.34,
-                    "no_injection_test": _test(0.52)},
+                    "no_injection_test": _test(0.52),
+                    "no_injection_ranking": {"recall@10": 0.375, "ndcg@10": 0.25, "mrr": 0.2, "recall@1": 0.1}},
     }
     rows = [row(m, metrics) for m, metrics in runs.items()]
     cols = columns(rows)
     assert cols == ["method", "auc", "uauc", "n", "untrained_auc", "untrained_uauc", "warm_auc", "warm_uauc",
                     "warm_n", "cold_auc", "cold_uauc", "cold_n", "recall@1", "recall@5", "recall@10", "ndcg@1", "ndcg@5", "ndcg@10", "mrr",
-                    "trainable_parameters", "samples_per_second", "steps", "train_seconds"]
+                    "untrained_recall@10", "untrained_ndcg@10", "trainable_parameters", "samples_per_second", "steps", "train_seconds"]
     write_csv(rows, tmp_path / "compare.csv")
     write_markdown(rows, tmp_path / "compare.md", "cora compare --methods mf", "context line",
                    {"mf": "the CF model alone", "cora": "CoRA"})
@@ -130,6 +131,8 @@ def test_the_csv_and_the_markdown_hold_the_same_table_with_empty_cells_for_what_
     assert by["cora"]["steps"] == "8" and by["cora"]["n"] == "80" and by["cora"]["warm_n"] == "70"
     assert by["tallrec"]["samples_per_second"] == "123.456" and by["tallrec"]["recall@1"] == ""
     assert by["tallrec"]["untrained_auc"] == "0.52" and by["no-injection"]["untrained_auc"] == ""
+    assert by["tallrec"]["untrained_recall@10"] == "0.375" and by["tallrec"]["untrained_ndcg@10"] == "0.25"
+    assert by["mf"]["untrained_recall@10"] == ""                 # only the step-0 ranking of its own run
     assert by["no-injection"]["cold_auc"] == "" and by["no-injection"]["trainable_parameters"] == "0"
     md = (tmp_path / "compare.md").read_text()
     assert md.startswith("# Method comparison") and "cora compare --methods mf" in md and "context line" in md
@@ -384,6 +387,7 @@ def test_compare_end_to_end_then_again_reusing_every_run(tmp_path):
     for m in llm:
         assert float(by[m]["auc"]) == runs[m]["test"]["auc"] and by[m]["steps"] == "2"
         assert float(by[m]["untrained_auc"]) == runs[m]["no_injection_test"]["auc"]     # its own step-0 score
+        assert float(by[m]["untrained_recall@10"]) == runs[m]["no_injection_ranking"]["recall@10"]
         assert runs[m]["method"] == m and int(by[m]["trainable_parameters"]) == runs[m]["trainable_parameters"] > 0
         assert float(by[m]["samples_per_second"]) > 0 and float(by[m]["train_seconds"]) > 0
     collm = json.loads((out / "collm" / "config.json").read_text())["collm"]
@@ -437,7 +441,7 @@ def test_reccocktail_rows_train_after_tallrec_and_a_base_spirit_on_the_source_da
     base, row_ = runs[1].config, runs[2].config
     assert base["method"] == "tallrec" and base["data"]["data_dir"] == source[0] and base["data"]["cf_dir"] == source[1]
     assert row_["method"] == "reccocktail" and row_["reccocktail"] == {
-        "form": "paper", "base_from": str((out / "reccocktail-base" / "export").absolute()),
+        "form": "paper", "entropy": "answer", "base_from": str((out / "reccocktail-base" / "export").absolute()),
         "ingredient_from": str((out / "tallrec" / "export").absolute())}
     assert row_["data"]["data_dir"] != source[0]                      # the merge is on the target data
     for run in runs[1:]:

@@ -156,7 +156,8 @@ def test_cora_train_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     runtime.init(num_cpus=TEST_CPUS)          # one Ray instance for the whole test session
     assert main(["train", "--config", "configs/demo.yaml", f"data.data_dir={data}", f"data.cf_dir={cf}",
-                 f"run.run_dir={run}", "run.epochs=1", "run.max_steps=8"]) == 0
+                 f"run.run_dir={run}", "run.epochs=1", "run.max_steps=8", "data.bucket_window=4",
+                 "data.pad_multiple=8"]) == 0
     printed = json.loads(capsys.readouterr().out)      # stdout holds only the result (logs go to stderr)
     assert printed["steps"] == 8 and printed["no_injection_test"]["n"] == printed["test"]["n"]
     # the printed AUC is the one of the predictions the run wrote, recomputed independently
@@ -182,6 +183,14 @@ def test_cora_train_end_to_end(tmp_path, capsys):
             "time/embedding_lookup_s"} <= tags
     assert all(0 < e.value < 5 for e in ea.Scalars("time/embedding_lookup_s"))
     assert len(ea.Scalars("train/loss")) == 8
+    # rank 0's padding: per step on TensorBoard, summed in metrics.json
+    real, padded = ([e.value for e in ea.Scalars(f"data/{k}_tokens")] for k in ("real", "padded"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tokens"] == sum(real) > 0 and metrics["padded_tokens"] == sum(padded)
+    assert metrics["padding_share"] == round(sum(padded) / (sum(real) + sum(padded)), 4)
+    assert [round(e.value, 5) for e in ea.Scalars("data/padding_share")] == [
+        round(p / (p + r), 5) for r, p in zip(real, padded)]
+    assert all((r + p) % 64 == 0 for r, p in zip(real, padded))         # 8 rows x T, T rounded up to 8
     # `cora eval`: the exported adapter in one process scores the test split as the run did
     assert main(["eval", "--run", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
