@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 
 
@@ -39,9 +40,15 @@ class EngineConfig:
     """bf16 mixed precision (GPU); fp32 when false (the CPU path)."""
     gradient_clipping: float = 1.0
     """Max global gradient norm (0 = off)."""
-    persistence_threshold: int = 0
+    persistence_threshold: int | Literal["auto"] = 0
     """ZeRO-3 stage3_param_persistence_threshold: parameters with fewer elements stay gathered after
-    use. 0 partitions everything (tiny test models); DeepSpeed's default is 1e5."""
+    use. 0 partitions everything (tiny test models); DeepSpeed's default is 1e5; 'auto': 10 x the LLM's
+    hidden size h (its norms and biases stay whole on every rank, every matrix is partitioned)."""
+    prefetch_bucket_size: int | Literal["auto"] | None = None
+    """ZeRO-3 stage3_prefetch_bucket_size: parameter elements all-gathered ahead of their use. None:
+    DeepSpeed's default (5e7); 'auto': 0.9 x h^2, and reduce_bucket_size h^2 (transformers' DeepSpeed
+    rules), so a small model does not wait on one oversized bucket and a large one prefetches a layer's
+    attention at a time."""
     activation_checkpointing: bool = False
     """Recompute the LLM's activations in backward (non-reentrant), trading compute for memory."""
 
@@ -55,7 +62,19 @@ class EngineConfig:
                             f"and {self.gradient_accumulation}): the accumulation is derived from the global batch")
         if self.gradient_clipping < 0:
             problems.append(f"gradient_clipping must be >= 0, got {self.gradient_clipping}")
+        problems += [f"{k} must be >= 0 or 'auto', got {getattr(self, k)}" for k in ("persistence_threshold",
+                                                                                     "prefetch_bucket_size")
+                     if isinstance(getattr(self, k), int) and getattr(self, k) < 0]
         return problems
+
+    def persistence(self, hidden_size: int | None) -> int:
+        """The persistence threshold in elements ('auto' resolved: 10 x hidden_size)."""
+        return 10 * hidden_size if self.persistence_threshold == "auto" else self.persistence_threshold
+
+    @property
+    def needs_hidden_size(self) -> bool:
+        """Whether ``ds_config`` needs the LLM's hidden size (a size set to 'auto')."""
+        return "auto" in (self.persistence_threshold, self.prefetch_bucket_size)
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimiser step: gradient_accumulation, or global_batch_size / (micro-batch x
@@ -65,16 +84,25 @@ class EngineConfig:
         return max(1, self.global_batch_size // (self.micro_batch_size * world_size))
 
 
-def ds_config(cfg: EngineConfig, world_size: int) -> dict:
+def ds_config(cfg: EngineConfig, world_size: int, hidden_size: int | None = None) -> dict:
+    """DeepSpeed's config; ``hidden_size``: the LLM's h, needed when a ZeRO-3 size is 'auto'."""
+    if cfg.needs_hidden_size and not hidden_size:
+        raise ValueError("engine.persistence_threshold or engine.prefetch_bucket_size is 'auto': pass the LLM's "
+                         "hidden size (trainer.planner.shape_of(llm.name).hidden)")
     accumulation = cfg.accumulation(world_size)
+    zero = {"stage": 3, "contiguous_gradients": True, "overlap_comm": False,
+            "stage3_param_persistence_threshold": cfg.persistence(hidden_size)}
+    if cfg.prefetch_bucket_size == "auto":
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size ** 2), reduce_bucket_size=hidden_size ** 2)
+    elif cfg.prefetch_bucket_size is not None:
+        zero["stage3_prefetch_bucket_size"] = cfg.prefetch_bucket_size
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": cfg.micro_batch_size * accumulation * world_size,
         "gradient_clipping": cfg.gradient_clipping,
         "bf16": {"enabled": cfg.bf16},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": cfg.persistence_threshold,
-                              "contiguous_gradients": True, "overlap_comm": False},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,     # our torch AdamW, on the trainable parameters only
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,

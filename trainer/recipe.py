@@ -196,7 +196,11 @@ class Recipe:
 
         from . import engine as eng
         cfg = self.cfg
-        ds = eng.ds_config(cfg.engine, self.world)
+        hidden = None
+        if cfg.engine.needs_hidden_size:                       # a ZeRO-3 size sized to the model ('auto')
+            from .planner import shape_of
+            hidden = shape_of(cfg.llm.name).hidden
+        ds = eng.ds_config(cfg.engine, self.world, hidden)
         llm, tok = eng.build_partitioned_llm(cfg.llm, ds)
         self.tok = tok
         if cfg.engine.activation_checkpointing:     # recompute the LLM's activations in backward (non-reentrant)

@@ -96,14 +96,14 @@ def _main(args, out) -> int:
 def point(cfg, size: str, w: int, args, report: Path) -> dict:
     """One (size, workers) point: planned, then (when it fits) trained and measured."""
     from cora.plan import HARDWARE, plan
-    from trainer.planner import setup_for
+    from trainer.planner import setup_for, shape_of
     hw = HARDWARE[args.hardware]
     e = cfg.engine
 
     def planned(seq: int):
         return plan(setup_for(size, w, e.micro_batch_size, seq, cfg.llm.dtype, e.activation_checkpointing, "zero3",
                               cfg.generator.__dict__, cf_dim=cf_width(cfg), rank=cfg.injection.rank,
-                              persistence_threshold=e.persistence_threshold), hw)
+                              persistence_threshold=e.persistence(shape_of(size).hidden)), hw)
     row = dict.fromkeys(COLUMNS, "")
     row.update(size=size, workers=w, micro_batch=e.micro_batch_size, partitioning="zero3",
                global_batch=e.micro_batch_size * e.accumulation(w) * w)

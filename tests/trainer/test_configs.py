@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cora.config import ConfigError, load
+from cora.config import ConfigError, from_dict, load
 from trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2] / "configs"
@@ -44,6 +44,23 @@ def test_the_global_batch_sets_the_accumulation_and_leaves_the_config_as_written
     assert ds["gradient_accumulation_steps"] == 1 and ds["train_batch_size"] == 16
     ds = ds_config(EngineConfig(micro_batch_size=2, gradient_accumulation=3), 2)
     assert ds["gradient_accumulation_steps"] == 3 and ds["train_batch_size"] == 12
+
+
+def test_auto_zero3_sizes_follow_the_models_hidden_size():
+    from trainer.engine import EngineConfig, ds_config
+    zero = ds_config(EngineConfig(), 2)["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 0 and "stage3_prefetch_bucket_size" not in zero
+    auto = EngineConfig(persistence_threshold="auto", prefetch_bucket_size="auto")
+    zero = ds_config(auto, 8, hidden_size=4096)["zero_optimization"]           # Llama-2-7B's h
+    assert zero["stage3_param_persistence_threshold"] == 40960
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096 ** 2) and zero["reduce_bucket_size"] == 4096 ** 2
+    assert ds_config(EngineConfig(prefetch_bucket_size=123), 2)["zero_optimization"]["stage3_prefetch_bucket_size"] == 123
+    with pytest.raises(ValueError, match="is 'auto': pass the LLM's hidden size"):
+        ds_config(auto, 8)
+    with pytest.raises(ConfigError, match="persistence_threshold must be >= 0 or 'auto', got -1"):
+        from_dict(TrainConfig, {"engine": {"persistence_threshold": -1}})
+    cfg = load(TrainConfig, [ROOT / "collm-ml1m.yaml", ROOT / "llm" / "llama-7b.yaml"], LOCAL_ONLY)
+    assert (cfg.engine.persistence_threshold, cfg.engine.prefetch_bucket_size) == ("auto", "auto")
 
 
 def test_the_eval_batch_defaults_to_the_micro_batch_and_is_validated():
