@@ -65,7 +65,7 @@ from cora.data.schema import DatasetError
 from cora.fileio import is_remote, open_fs
 
 from .config import TrainConfig
-from .compare_report import (cell, differences_markdown, markdown_table, row, write_csv,
+from .compare_report import (UNTRAINED, cell, differences_markdown, markdown_table, row, write_csv,
                              write_markdown, plot)
 from .train import flatten
 
@@ -417,11 +417,12 @@ def cf_predictions(uri: str, data_dir: Path):
     return preds.assign(cold=rows["cold"].to_numpy(dtype=bool)).set_index("sample_id")[["user", "label", "cold", "score"]]
 
 
-def run_predictions(run_dir: Path):
-    """RUN/test_predictions.parquet of a `cora train` run as cf_predictions' frame; None when absent."""
+def run_predictions(run_dir: Path, name: str = "test"):
+    """RUN/<name>_predictions.parquet of a `cora train` run as cf_predictions' frame (``name`` "untrained_test":
+    its model's before the first step); None when absent."""
     import pandas as pd
     import pyarrow.parquet as pq
-    path = run_dir / "test_predictions.parquet"
+    path = run_dir / f"{name}_predictions.parquet"
     if not path.is_file():
         return None
     t = pq.read_table(path, columns=["sample_ids", "users", "labels", "cold", "scores"]).to_pandas()
@@ -555,7 +556,12 @@ def compare(configs: list[str], methods_text: str, out: Path, overrides: list[st
             print(f"[compare] {versus} has no test predictions: no differences table", file=sys.stderr)
         else:
             diffs = paired_differences(frames, versus, methods)
-    return report(rows, out, command, context_line(base), notes, runs, diffs, versus)
+    own = []
+    for r in runs:                                  # each trained row against its own model before training
+        before = run_predictions(r.run_dir, "untrained_test") if r.method in methods else None
+        if before is not None and run_predictions(r.run_dir) is not None:
+            own += paired_differences({r.method: run_predictions(r.run_dir), UNTRAINED: before}, UNTRAINED, [r.method])
+    return report(rows, out, command, context_line(base), notes, runs, diffs, versus, own)
 
 
 def check_versus(versus: str | None, methods: list[str]) -> str | None:
@@ -574,22 +580,26 @@ def check_versus(versus: str | None, methods: list[str]) -> str | None:
 
 
 def report(rows: list[dict], out: Path, command: str, context: str, notes: dict, runs: list[Run],
-           diffs: list[dict] = (), versus: str | None = None) -> dict:
+           diffs: list[dict] = (), versus: str | None = None, own: list[dict] = ()) -> dict:
+    """``diffs``: each row against ``versus``; ``own``: each trained row against its own untrained model.
+    Both go to compare.md and OUT/differences.csv (its ``versus`` column tells them apart)."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "compare.csv", "md": out / "compare.md", "png": out / "compare.png"}
     write_csv(rows, files["csv"])
-    extra = differences_markdown(diffs, versus, BOOTSTRAP_REPS) if diffs else ""
+    extra = "\n".join(differences_markdown(d, v, BOOTSTRAP_REPS) for d, v in ((diffs, versus), (own, UNTRAINED)) if d)
     write_markdown(rows, files["md"], command, context, notes, extra)
-    if diffs:
+    both = [*diffs, *own]
+    if both:
         files["differences"] = out / "differences.csv"
         with open(files["differences"], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(diffs[0]))
+            w = csv.DictWriter(f, fieldnames=list(both[0]))
             w.writeheader()
-            w.writerows([{k: cell(v) for k, v in d.items()} for d in diffs])
+            w.writerows([{k: cell(v) for k, v in d.items()} for d in both])
     plot(rows, files["png"])
     print(f"\n{markdown_table(rows)}\n\n[compare] report: {', '.join(str(p) for p in files.values())}",
           file=sys.stderr, flush=True)
     return {"out": str(out), "files": {k: str(v) for k, v in files.items()}, "rows": rows, "differences": list(diffs),
+            "against_untrained": list(own),
             "runs": {r.method: {"run_dir": str(r.run_dir), "action": r.action} for r in runs}}
 
 

@@ -108,12 +108,22 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+UNTRAINED = "untrained"
+"""The ``versus`` of a row measured against its own run's model before the first step."""
+
+
 def differences_markdown(diffs: list[dict], versus: str, reps: int) -> str:
-    """compare.md's second section: paired_differences as a table."""
-    text = [f"## Differences from {versus}, with their uncertainty", "",
-            f"Each method's test AUC and UAUC minus {versus}'s on the same rows. The interval is a 95% paired "
+    """A section of compare.md: paired_differences as a table (``versus`` UNTRAINED: each method against its
+    own untrained model)."""
+    if versus == UNTRAINED:
+        heading, whose = "Each method against its own untrained model", "its own model's before the first step"
+        ref = "that model"
+    else:
+        heading, whose, ref = f"Differences from {versus}, with their uncertainty", f"{versus}'s", versus
+    text = [f"## {heading}", "",
+            f"Each method's test AUC and UAUC minus {whose} on the same rows. The interval is a 95% paired "
             f"bootstrap over users ({reps} resamples of the users, every row of a drawn user kept: a user's rows "
-            f"are not independent); P is the share of resamples where the method is not above {versus}.", "",
+            f"are not independent); P is the share of resamples where the method is not above {ref}.", "",
             "| method | subset | n | users | AUC diff | 95% interval | P(not above) | UAUC diff | 95% interval "
             "| P(not above) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for d in diffs:

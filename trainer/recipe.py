@@ -222,7 +222,8 @@ class Recipe:
         self.refresh_items()                      # before anything is scored (a no-op for most methods)
         if self.cfg.run.eval_baseline and self.h.test:
             from .evaluate import evaluate
-            self.state.no_injection = evaluate(self.engine, self.h.test[self.rank])[0]
+            self.state.no_injection, untrained = evaluate(self.engine, self.h.test[self.rank])
+            self._write_predictions("untrained_test", untrained)     # the run's own baseline, row by row
             if self.h.rank:                       # the same on the paper's ranking protocol, for methods judged by it
                 ranks = evaluate(self.engine, self.h.rank[self.rank])[0]
                 self.state.no_injection_ranking = dict(ranks["ranking"], auc=ranks["auc"])
@@ -397,11 +398,16 @@ class Recipe:
         if section is not None:
             model_config[self.cfg.method] = section
         export_trainable(weights, Path(self.out.local, "export"), dict(model_config, cf_dim=self.h.cf_dim))
+        for name, table in (("test", preds), ("rank", ranked)):
+            self._write_predictions(name, table)
+
+    def _write_predictions(self, name: str, table: dict | None) -> None:
+        """RUN/<name>_predictions.parquet (rank 0, when the run has a directory and ``table`` is not None)."""
+        if table is None or self.rank != 0 or self.out is None:
+            return
         import pyarrow as pa
         import pyarrow.parquet as pq
-        for name, table in (("test", preds), ("rank", ranked)):
-            if table is not None:
-                pq.write_table(pa.table(table), Path(self.out.local, f"{name}_predictions.parquet"))
+        pq.write_table(pa.table(table), Path(self.out.local, f"{name}_predictions.parquet"))
 
     def save(self, cursor: dict | None, best: bool = False, valid_auc: float | None = None) -> None:
         """A checkpoint of this moment (a collective; the upload goes on in the background)."""

@@ -157,7 +157,8 @@ def owned_files(rank: int) -> list[str]:
     """The run files rank ``rank`` writes (and syncs)."""
     mine = [f"samples/rank{rank}.jsonl"]
     if rank == 0:
-        mine += ["tensorboard", "export", "test_predictions.parquet", "rank_predictions.parquet", "metrics.json"]
+        mine += ["tensorboard", "export", "test_predictions.parquet", "rank_predictions.parquet", "metrics.json",
+                 "untrained_test_predictions.parquet"]
     return mine
 
 

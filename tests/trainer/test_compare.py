@@ -403,12 +403,15 @@ def test_compare_end_to_end_then_again_reusing_every_run(tmp_path):
         diffs = list(csv.DictReader(f))
     assert {(d["method"], d["subset"]) for d in diffs} >= {(m, "all") for m in ("mf", "collm", "cora")}
     for d in diffs:
-        assert d["versus"] == "tallrec" and d["method"] != "no-injection", d
+        assert d["versus"] in ("tallrec", "untrained") and d["method"] != "no-injection", d
         if d["subset"] == "all":
-            want = float(by[d["method"]]["auc"]) - float(by["tallrec"]["auc"])
-            assert float(d["auc_diff"]) == pytest.approx(want, abs=1e-9), d
+            ref = by["tallrec"]["auc"] if d["versus"] == "tallrec" else by[d["method"]]["untrained_auc"]
+            assert float(d["auc_diff"]) == pytest.approx(float(by[d["method"]]["auc"]) - float(ref), abs=1e-9), d
             assert float(d["auc_low"]) <= float(d["auc_high"])
+    # each LLM row against its own model before training (RUN/untrained_test_predictions.parquet)
+    assert {d["method"] for d in diffs if d["versus"] == "untrained" and d["subset"] == "all"} == set(llm)
     assert "## Differences from tallrec" in md and summary["differences"]
+    assert "## Each method against its own untrained model" in md and summary["against_untrained"]
     # the same command again: nothing is trained, the report is the same
     stamps = {m: (out / m / "metrics.json").stat().st_mtime_ns for m in llm}
     before = (out / "compare.csv").read_text()
