@@ -5,7 +5,10 @@
 
 Both legs train the same model on the same data with 2 ZeRO-3 ranks (the set-up of
 benchmarks/train_step.py); one checkpoints every ``--every`` steps to ``--uri`` (default: a local
-directory), the other never; ``--repeats`` pairs run interleaved and the throughputs are averaged. Throughput = samples / (the loop's time: step times, data waits and the
+directory), the other never. ``--repeats`` pairs run interleaved, the order within a pair alternating
+(none first, then every first, ...) so that drift and warm caches hit both legs alike; the ratio is
+taken within each pair, and ``throughput_ratio`` is the median of the pairs' ratios with their (min,
+max) in ``spread``. Throughput = samples / (the loop's time: step times, data waits and the
 time each save held the loop). Also: the time from each save request to its commit by the background
 uploader, and the bytes committed per checkpoint against the trainable state's size (generator + P in
 fp32; a checkpoint also holds AdamW's two moments, the RNG states and JSON).
@@ -40,7 +43,7 @@ def main() -> None:
     ap.add_argument("--uri", help="checkpoint location (default: a temporary local directory)")
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--repeats", type=int, default=2, help="pairs of legs (without, with), interleaved")
+    ap.add_argument("--repeats", type=int, default=5, help="pairs of legs (without, with), interleaved")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--llm", default="tiny-llama")
     ap.add_argument("--batch", type=int, default=8)
@@ -59,19 +62,21 @@ def main() -> None:
         tmp = Path(tmp)
         data, cf = prepare(tmp, args.dim)
         legs: dict[str, list] = {"none": [], "every": []}
-        for rep in range(args.repeats):            # none, every, none, every, ...: drift hits both alike
-            legs["none"].append(train_ranks(2, data, cf, tmp, args, f"none-{rep}"))
+        for rep in range(args.repeats):            # none, every | every, none | ...: drift hits both alike
             uri = f"{args.uri.rstrip('/')}/{rep}" if args.uri else str(tmp / f"ckpt-{rep}")
             ckpt = {"uri": uri, "every": args.every, "staging": str(tmp / f"staging-{rep}")}
-            legs["every"].append(train_ranks(2, data, cf, tmp, args, f"every-{rep}", ckpt))
+            for leg in (("none", "every") if rep % 2 == 0 else ("every", "none")):
+                legs[leg].append(train_ranks(2, data, cf, tmp, args, f"{leg}-{rep}", ckpt if leg == "every" else None))
     rates = {k: [throughput(r[0], args.batch, 2, args.warmup) for r in v] for k, v in legs.items()}
     base, with_ckpt = statistics.mean(rates["none"]), statistics.mean(rates["every"])
+    ratios = [e / n for n, e in zip(rates["none"], rates["every"])]
     saved = legs["every"][-1]
     commits = saved[0]["checkpoints"]["commits"]
     trainable = saved[0]["trainable_bytes"]
     out = {"workers": 2, "steps": args.steps, "every": args.every, "uri": args.uri or "local directory",
            "samples_per_s_without": round(base, 2), "samples_per_s_with": round(with_ckpt, 2),
-           "throughput_ratio": round(with_ckpt / base, 4),
+           "throughput_ratio": round(statistics.median(ratios), 4),
+           "spread": [round(min(ratios), 4), round(max(ratios), 4)], "ratio_each_pair": [round(r, 4) for r in ratios],
            "samples_per_s_each_leg": {k: [round(x, 2) for x in v] for k, v in rates.items()},
            "save_held_loop_s_median": round(statistics.median(saved[0]["checkpoints"]["save_seconds"]), 4),
            "request_to_commit_s_median": round(statistics.median(c["request_to_commit_s"] for c in commits), 4),
