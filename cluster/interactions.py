@@ -204,7 +204,7 @@ class InteractionShard:
         for s in range(len(self.sizes)):
             if s not in self.lengths:
                 missing.setdefault(s % self.world_size, []).append(s)
-        for owner, got in zip(missing, ray.get([self._peer(o).get_lengths.remote(ss) for o, ss in missing.items()])):
+        for got in ray.get([self._peer(o).get_lengths.remote(ss) for o, ss in missing.items()]):
             self.lengths.update(got)
         return plan.Bucketing([self.lengths[s] for s in range(len(self.sizes))], self.batch_size, self.bucket_window)
 

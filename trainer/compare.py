@@ -546,9 +546,10 @@ def compare(configs: list[str], methods_text: str, out: Path, overrides: list[st
                                f"run.max_steps at least one epoch's steps, or no run.max_steps")
                 print(f"[compare] {side}: {notes[side]}", file=sys.stderr)
     rows = [row(m, results[m]) for m in methods]
+    trained = {r.method: run_predictions(r.run_dir) for r in runs if r.method in methods}
     diffs = []
     if versus:
-        frames = {r.method: run_predictions(r.run_dir) for r in runs if r.method in methods}
+        frames = dict(trained)
         if "mf" in methods:
             frames["mf"] = cf_predictions(f"{base.data.cf_dir.rstrip('/')}/test_predictions.parquet",
                                           Path(base.data.data_dir))
@@ -558,9 +559,9 @@ def compare(configs: list[str], methods_text: str, out: Path, overrides: list[st
             diffs = paired_differences(frames, versus, methods)
     own = []
     for r in runs:                                  # each trained row against its own model before training
-        before = run_predictions(r.run_dir, "untrained_test") if r.method in methods else None
-        if before is not None and run_predictions(r.run_dir) is not None:
-            own += paired_differences({r.method: run_predictions(r.run_dir), UNTRAINED: before}, UNTRAINED, [r.method])
+        before = run_predictions(r.run_dir, "untrained_test") if trained.get(r.method) is not None else None
+        if before is not None:
+            own += paired_differences({r.method: trained[r.method], UNTRAINED: before}, UNTRAINED, [r.method])
     return report(rows, out, command, context_line(base), notes, runs, diffs, versus, own)
 
 
