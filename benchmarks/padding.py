@@ -73,10 +73,10 @@ def waste(lengths: list[np.ndarray], workers: int, batch: int, epoch: int, windo
     owned = [np.concatenate([lengths[s] for s in plan.owned_shards(len(sizes), r, workers)]) for r in range(workers)]
     steps = plan.steps_per_epoch(sum(sizes), workers, batch)
     padded = real = 0
-    for order in plan.epoch_lists(sizes, workers, 0, epoch, bucketing):
+    for rank, order in enumerate(plan.epoch_lists(sizes, workers, 0, epoch, bucketing)):
         for b in plan.batches(order, steps, batch):
-            if not b:                                             # the weight-0 padding sample
-                padded += -(-int(owned[0][0]) // multiple) * multiple
+            if not b:                                  # the weight-0 padding sample: the rank's first own one
+                padded += -(-int(owned[rank][0]) // multiple) * multiple
                 continue
             n = np.array([owned[o][i] for o, i in b])
             padded += len(b) * (-(-int(n.max()) // multiple) * multiple) - int(n.sum())
