@@ -68,6 +68,7 @@ def shard_lengths(data_dir: Path, family: str, max_history: int, max_length: int
 def waste(lengths: list[np.ndarray], workers: int, batch: int, epoch: int, window: int, multiple: int) -> tuple:
     """(padded slots, real tokens) of one epoch over all ranks, planned as the actors plan it."""
     from cluster import plan
+    from cora.prompts import round_up
     sizes = [len(x) for x in lengths]
     bucketing = plan.Bucketing(lengths, batch, window) if window else None
     owned = [np.concatenate([lengths[s] for s in plan.owned_shards(len(sizes), r, workers)]) for r in range(workers)]
@@ -76,10 +77,10 @@ def waste(lengths: list[np.ndarray], workers: int, batch: int, epoch: int, windo
     for rank, order in enumerate(plan.epoch_lists(sizes, workers, 0, epoch, bucketing)):
         for b in plan.batches(order, steps, batch):
             if not b:                                  # the weight-0 padding sample: the rank's first own one
-                padded += -(-int(owned[rank][0]) // multiple) * multiple
+                padded += round_up(int(owned[rank][0]), multiple)
                 continue
             n = np.array([owned[o][i] for o, i in b])
-            padded += len(b) * (-(-int(n.max()) // multiple) * multiple) - int(n.sum())
+            padded += len(b) * round_up(int(n.max()), multiple) - int(n.sum())
             real += int(n.sum())
     return padded, real
 

@@ -336,6 +336,15 @@ class RecCocktail(Method):
         return answer_entropy(model.llm.get_output_embeddings()(hidden), batch.weights)
 
 
+def weighted_mean(per: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of per-sample values (B,) -> (); with ``weights``, over the weighted samples only (the epoch
+    plan's weight-0 padding samples count for nothing; all-zero weights give 0)."""
+    if weights is None:
+        return per.mean()
+    w = weights.to(per.device)
+    return (per * w).sum() / w.sum().clamp(min=1.0)
+
+
 def yes_no_entropy(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean entropy (nats) of the answer Bernoulli(sigmoid(logit)) over the batch, (B,) -> (); with
     ``weights``, over the weighted samples only. H = p softplus(-s) + (1 - p) softplus(s), p = sigmoid(s)
@@ -343,10 +352,7 @@ def yes_no_entropy(logits: torch.Tensor, weights: torch.Tensor | None = None) ->
     s = logits.float()
     p = torch.sigmoid(s)
     per = p * F.softplus(-s) + (1 - p) * F.softplus(s)
-    if weights is None:
-        return per.mean()
-    w = weights.to(per.device)
-    return (per * w).sum() / w.sum().clamp(min=1.0)
+    return weighted_mean(per, weights)
 
 
 def answer_entropy(vocab_logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -354,10 +360,7 @@ def answer_entropy(vocab_logits: torch.Tensor, weights: torch.Tensor | None = No
     weighted samples only (weight-0 padding counts for nothing)."""
     logp = torch.log_softmax(vocab_logits.float(), dim=-1)
     per = -(logp.exp() * logp).sum(-1)
-    if weights is None:
-        return per.mean()
-    w = weights.to(per.device)
-    return (per * w).sum() / w.sum().clamp(min=1.0)
+    return weighted_mean(per, weights)
 
 
 @dataclass
@@ -456,7 +459,7 @@ class Laser(Method):
         sims = F.normalize(hidden.float(), dim=-1) @ table.t() / self.cfg.temperature          # (B, n_items)
         per = F.cross_entropy(sims, batch.items.to(sims.device), reduction="none")
         w = batch.labels.to(per.device) * (1.0 if batch.weights is None else batch.weights.to(per.device))
-        return (per * w).sum() / w.sum().clamp(min=1.0) + self.cfg.balance_weight * model.balance
+        return weighted_mean(per, w) + self.cfg.balance_weight * model.balance
 
 
 class BDLM(Method):

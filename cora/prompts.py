@@ -137,6 +137,11 @@ class PromptEncoder:
         return ids, where
 
 
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad token id lists: ((B, T) int64 ids, (B,) int64 lengths), T = the longest prompt rounded up to
     a multiple of ``multiple`` (8 suits GPU matrix units)."""
@@ -145,7 +150,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     if int(lengths.min()) == 0:
         raise ValueError(f"prompt {int(lengths.argmin())} of the batch is empty (0 tokens)")
-    ids = np.full((len(prompts), -(-int(lengths.max()) // multiple) * multiple), pad_id, dtype=np.int64)
+    ids = np.full((len(prompts), round_up(int(lengths.max()), multiple)), pad_id, dtype=np.int64)
     for row, p in enumerate(prompts):
         ids[row, : len(p)] = p
     return ids, lengths

@@ -22,7 +22,7 @@ from torch import nn
 
 from cora.generator import GeneratorConfig
 from cora.injection import InjectionConfig
-from cora.methods import Method, get_method
+from cora.methods import Method, get_method, weighted_mean
 from cora.prompts import pad_prompts
 
 FIELDS = ("input_ids", "lengths", "user_emb", "item_emb", "labels", "weights", "slots", "items", "history_emb",
@@ -79,10 +79,7 @@ def bce_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor |
     """Mean BCE-with-logits over the batch; with ``weights``, over the weighted samples only (the epoch
     plan's weight-0 padding samples count for nothing)."""
     per = F.binary_cross_entropy_with_logits(logits, labels.to(logits.device), reduction="none")
-    if weights is None:
-        return per.mean()
-    w = weights.to(per.device)
-    return (per * w).sum() / w.sum().clamp(min=1.0)
+    return weighted_mean(per, weights)
 
 
 def answer_row(llm: nn.Module, token_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
