@@ -7,6 +7,27 @@
   bandwidth          bytes/s a rank receives in a 2-rank gloo all-gather of 16 MiB (1 - 1/W of it moves)
   latency            seconds of a 2-rank gloo all-gather of 4 KiB (the per-collective cost)
   optim_s_per_param  torch AdamW (foreach) step seconds per parameter, over 4M fp32 parameters
+
+    python benchmarks/calibrate.py --fit REPORT --size smollm2-360m-shape --small tiny-llama \
+        --flops 104.9e9 [--json]
+
+fits the constants only a training step shows, from a ``cora scale`` report run with ``--workers 1,2
+--partitioning zero3,replicated``: the large size's four points and the small size's two replicated ones
+(every other point of the report is left to validate them). F, the latency and t_p are calibrate's
+own figures (given); S is a point's measured step, the planner's terms are taken at its measured prompt
+lengths (the mean for the time, the longest for the memory):
+
+  element_s, step_overhead_s   t_e and t_0 from the two 1-worker replicated points (small, large):
+                     S - flops / F = activation elements x t_e + t_0, two equations
+  copy_bandwidth     the large size's frozen bytes / (S_zero3 - S_replicated) at W = 1 (the same batches:
+                     only ZeRO-3's handling of the frozen weights differs)
+  busy_slowdown      (S - the trainable part's gathers, reduce and AdamW - t_0) / (flops / F + elements x
+                     t_e), at W = 2, replicated: the two ranks share the 2 cores
+  bandwidth          the frozen base's gathered bytes / (S_zero3 - everything else planned), at W = 2
+  runtime_bytes      R = the W = 1 replicated rank's resident set after set-up - its frozen and trainable bytes
+  activation_factor  (peak - resident set after set-up) / planned activations, W = 1 replicated
+  comm_bytes         C = the small size's W = 2 replicated ranks' peak - everything else planned
+  gathered_factor    (the W = 2 zero3 ranks' peak - everything else planned) / the gathered weights' bytes
 """
 
 from __future__ import annotations
@@ -79,10 +100,88 @@ def gather_constants() -> tuple[float, float]:
     return bandwidth, latency
 
 
+def fit(report: str, size: str, small: str, flops: float, latency: float) -> dict:
+    """The step-level constants from a cora scale report (see the module docstring)."""
+    import csv
+    import dataclasses
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from cora.plan import CPU, DTYPE_BYTES, activation_elements, gathers, memory, plan
+    from trainer.planner import setup_for
+    from trainer.train import _cf_info
+    rows = {(r["size"], int(r["workers"]), r["partitioning"]): r
+            for r in csv.DictReader(open(Path(report, "scaling.csv"))) if r["status"] == "measured"}
+    need = [(size, w, p) for w in (1, 2) for p in ("zero3", "replicated")] + [(small, w, "replicated") for w in (1, 2)]
+    if [k for k in need if k not in rows]:
+        raise SystemExit(f"--fit: {report} lacks the measured points {[k for k in need if k not in rows]}: run cora "
+                         f"scale with --sizes {small},{size} --workers 1,2 --partitioning zero3,replicated")
+    cfg = json.loads(next(Path(report, "runs").glob(f"{size}-w1-*/config.json")).read_text())
+    gen, cf_dim, e = cfg["generator"], _cf_info(cfg["data"]["cf_dir"])[0], cfg["engine"]
+
+    def ranks(key):
+        d = Path(report, "ranks", f"{key[0]}-w{key[1]}-{key[2]}")
+        return [json.loads(p.read_text()) for p in sorted(d.glob("rank*.json"))]
+
+    def setup(key, longest=False):
+        r = rows[key]
+        per_rank = int(r["global_batch"]) // key[1]
+        seq = (max(s["padded_tokens"] for x in ranks(key) for s in x["log"]) // per_rank if longest
+               else int(r["seq_len"]))
+        return setup_for(key[0], key[1], int(r["micro_batch"]), seq, cfg["llm"]["dtype"], e["activation_checkpointing"],
+                         key[2], gen, cf_dim, cfg["injection"]["rank"],
+                         0 if e["persistence_threshold"] == "auto" else e["persistence_threshold"])
+
+    def step(key):
+        return float(rows[key]["step_s"])
+    t_r = {k: plan(setup(k), CPU).time for k in ((small, 1, "replicated"), (size, 1, "replicated"))}
+    (st, tt), (sl, tl) = [(step(k) - t["flops"] / flops, activation_elements(setup(k))) for k, t in t_r.items()]
+    element_s = (sl - st) / (tl - tt)
+    step_overhead = st - tt * element_s
+    one = dataclasses.replace(CPU, flops=flops, latency=latency, element_s=element_s, step_overhead_s=step_overhead,
+                              module_overhead_s=0.0, copy_bandwidth=None, busy_slowdown=1.0, bandwidth=1e30)
+    z1 = setup((size, 1, "zero3"))
+    copy_bandwidth = gathers(z1)["elements"] * DTYPE_BYTES[z1.dtype] / (step((size, 1, "zero3")) - step((size, 1, "replicated")))
+    r2 = plan(setup((size, 2, "replicated")), dataclasses.replace(one, bandwidth=CPU.bandwidth)).time
+    busy = (step((size, 2, "replicated")) - (r2["step"] - r2["compute"] - r2["elementwise"])) / (r2["compute"] + r2["elementwise"])
+    two = dataclasses.replace(one, bandwidth=CPU.bandwidth, busy_slowdown=busy)
+    z2 = setup((size, 2, "zero3"))
+    frozen = (z2.world - 1) / z2.world * gathers(z2)["elements"] * DTYPE_BYTES[z2.dtype]
+    bandwidth = frozen / (step((size, 2, "zero3")) - (plan(z2, two).time["step"] - frozen / CPU.bandwidth))
+
+    unit = dataclasses.replace(CPU, activation_factor=1.0, gathered_factor=1.0, runtime_bytes=0.0, comm_bytes=0.0)
+    r1 = ranks((size, 1, "replicated"))[0]
+    m1 = memory(setup((size, 1, "replicated"), longest=True), unit)
+    runtime = r1["setup_memory"]["rss_mib"] * 2**20 - m1["frozen"] - m1["trainable"]
+    a_act = (r1["memory"]["peak_rss_mib"] - r1["setup_memory"]["rss_mib"]) * 2**20 / m1["activations"]
+
+    def peak(key):
+        return max(x["memory"]["peak_rss_mib"] for x in ranks(key)) * 2**20
+    m2 = memory(setup((small, 2, "replicated"), longest=True), unit)
+    comm = peak((small, 2, "replicated")) - (runtime + m2["frozen"] + m2["trainable"] + a_act * m2["activations"])
+    m3 = memory(setup((size, 2, "zero3"), longest=True), unit)
+    a_gat = (peak((size, 2, "zero3")) - (runtime + comm + m3["frozen"] + m3["trainable"] + a_act * m3["activations"])) / m3["gathered"]
+    return {"flops": flops, "latency": latency, "element_s": element_s, "step_overhead_s": step_overhead,
+            "module_overhead_s": 0.0, "copy_bandwidth": copy_bandwidth, "busy_slowdown": busy, "bandwidth": bandwidth,
+            "runtime_bytes": runtime, "activation_factor": a_act, "comm_bytes": comm, "gathered_factor": a_gat}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true")
-    ap.parse_args()
+    ap.add_argument("--fit", metavar="REPORT", help="a cora scale report directory: fit the step-level constants")
+    ap.add_argument("--size", help="with --fit: the size whose four points to fit on")
+    ap.add_argument("--small", default="tiny-llama", help="with --fit: the small size (its 1-worker replicated point)")
+    ap.add_argument("--flops", type=float, help="with --fit: F, calibrate's FLOP/s (default: measured now)")
+    ap.add_argument("--latency", type=float, default=0.29e-3, help="with --fit: seconds per gather call")
+    args = ap.parse_args()
+    if args.fit:
+        if not args.size:
+            raise SystemExit("--fit needs --size (the size whose points to fit on)")
+        torch.set_num_threads(1)
+        out = fit(args.fit, args.size, args.small, args.flops or matmul_flops(), args.latency)
+        print(json.dumps({k: float(f"{v:.4g}") for k, v in out.items()}), file=sys.stdout)
+        return
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     bandwidth, latency = gather_constants()

@@ -23,10 +23,16 @@ Memory per rank (bytes), ``plan(...).memory``
                  CPU: DeepSpeed's shared-memory collectives map every rank's 66 MiB workspace, and gloo)
     frozen       zero3: N x b / W (every parameter partitioned: persistence threshold 0; with a threshold
                  p, the parameters with fewer than p elements are whole on every rank);
-                 replicated: N x b
-    gathered     zero3 only: the largest module gathered whole at once, max(V x h, the largest decoder
-                 layer's linear weight) x b x (W - 1) / W (DeepSpeed gathers per module; the embedding's
-                 lookup gathers the whole table)
+                 replicated: N x b (the trainer holds it as buffers, which ZeRO-3 leaves whole)
+    gathered     zero3 with W > 1 only (one rank's "partition" is the weight itself: nothing is copied):
+                 max(V x h, K) x b, the full tensors of gathered modules alive at once. DeepSpeed releases a
+                 module after its forward unless it is used again within stage3_max_reuse_distance elements
+                 (``Setup.reuse_distance``, default 1e9) of its trace; a decoder module is used again at its
+                 backward, after twice the elements behind it, so K = the modules with 2 x (elements after
+                 them) < 1e9: every decoder module of a model under ~0.5B matrix parameters, the last ~0.5B
+                 elements of a larger one (``gathers``). The embedding (V x h) is gathered alone at the start
+                 and has no backward; the LM head is never gathered (only the answer row is scored, gathered
+                 once at set-up)
     trainable    G x s / W: fp32 training s = 16 (weights 4, gradients 4, AdamW's two moments 8); bf16
                  s = 18 (bf16 weights 2, fp32 master 4, fp32 gradients 4, moments 8). ZeRO-3 partitions
                  all of it.
@@ -36,7 +42,10 @@ Memory per rank (bytes), ``plan(...).memory``
                      expanded to d_q) + d_q (o_proj's injection input) + 3I (gate, SiLU(gate), up)
                  = 3h + 5 d_q + 3I, times B x T x L x b. With activation checkpointing: the layer
                  inputs, B x T x L x h x b, plus one layer's full set (recomputed in backward).
-    peak = runtime + comm + frozen + gathered + trainable + activations
+    peak = runtime + comm + frozen + a x gathered + trainable + a x activations, a the allocator's peak over
+           the live size of what a step allocates (``Hardware.allocator_factor``: 1 on a GPU, fitted on the
+           CPU, where the peak resident set keeps freed blocks). T is the longest padded prompt of a step
+           for the memory (data.max_length before a run), the mean one for the time.
 
 Step time per rank (seconds), ``plan(...).time``
     flops        B T (4 N_mm) [+ B T 2 N_mm with activation checkpointing: the recomputed forward]
@@ -49,19 +58,23 @@ Step time per rank (seconds), ``plan(...).time``
                  + 6 B (n_q (G_gen - G_head) + G_head) (the generator: each of its n_q query tokens through
                  every Q-Former weight, an over-count for the cross-attention's key/value projections,
                  which read one token; the output projection G_head once, on the queries' mean)
-    compute      flops / F (F: achieved FLOP/s of one rank, ``Hardware.flops``)
-    modules      M = M_llm + 4 L + M_gen: the modules holding parameters, each with ZeRO-3's hooks and one
-                 all-gather per pass: M_llm = 9 L + 2 (+1 for an untied head: 7 linears and 2 norms per
-                 layer, the embedding, the final norm), 4 L the injection's P (q/k/v/o), M_gen the
-                 generator's (counted from the built generator)
-    gather       W > 1: passes x ((W - 1)/W x (N b + 4 G) / BW + M x lat), passes = 2 (forward and
-                 backward), 3 with activation checkpointing; a replicated base gathers only the trainable
-                 part (N b -> 0, M -> 4 L + M_gen)
+    compute      flops / F (F: achieved FLOP/s of one rank, ``Hardware.flops``; F_busy when W > 1 ranks
+                 share a node's cores, ``Hardware.busy_flops``)
+    modules      M = M_llm + 4 L + M_gen: the modules holding ZeRO-3 parameters, each with ZeRO-3's hooks:
+                 M_llm = 9 L + 2 (+1 for an untied head: 7 linears and 2 norms per layer, the embedding,
+                 the final norm; 0 for a replicated base, whose weights are buffers), 4 L the injection's P
+                 (q/k/v/o), M_gen the generator's (counted from the built generator)
+    gather       W > 1: (W - 1)/W x (E b + 4 G) / BW + (calls + 4 L + M_gen) x lat, E the frozen elements
+                 gathered per step: each used module once at its forward (the embedding, the decoder
+                 modules, the final norm) and again at its backward when it was released (``gathers``: none
+                 under ~0.5B); the trainable part is held from forward to backward, gathered once. A
+                 replicated base gathers only the trainable part (E = 0, calls = 0)
     reduce       (W - 1)/W x 4 G / BW (the trainable gradients' reduce-scatter)
     optimiser    G / W x t_p (AdamW per parameter, memory-bound; ``Hardware.optim_s_per_param``)
     overhead     passes x M x t_mod: host time per module holding parameters and per pass (Python,
                  ZeRO-3's pre/post module hooks)
-    step = compute + gather + reduce + optimiser + overhead
+    step = k x (compute + gather + reduce + overhead) + optimiser, k micro-batches per optimiser step
+           (``Setup.accumulation``)
 """
 
 from __future__ import annotations
@@ -131,6 +144,14 @@ class Shape:
         embed = self.vocab * self.hidden
         return embed * (1 if self.tied else 2) + self.matmul_params + (2 * self.layers + 1) * self.hidden
 
+    def step_modules(self) -> list[int]:
+        """Elements of each frozen weight a CoRA step uses, in forward order: the embedding (V h), then per
+        layer the input norm, q, k, v, o, the second norm, gate, up, down, then the final norm. The LM head is
+        not among them: only the answer token's row is scored, gathered once at set-up."""
+        h = self.hidden
+        q, k, v, o, gate, up, down = self.layer_linears()
+        return [self.vocab * h] + [h, q, k, v, o, h, gate, up, down] * self.layers + [h]
+
     def small_params(self, threshold: int) -> int:
         """Elements of the parameters with fewer than ``threshold`` elements (ZeRO-3 keeps them whole)."""
         sizes = [self.hidden] * (2 * self.layers + 1) + self.layer_linears() * self.layers
@@ -158,20 +179,44 @@ class Hardware:
     comm_bytes: float
     """C: memory a rank's communication adds when W > 1."""
     memory_bytes: float
-    """Memory one rank may use (for 'fits')."""
+    """Memory for the ranks of one device (for 'fits'): a GPU's, or a CPU node's that its ranks share."""
+    element_s: float = 0.0
+    """t_e: seconds of element-wise work (norms, activations, rotary, softmax, dropout, their backward) per
+    activation element a step saves (the activations term's element count); 0 where it hides under the
+    products (a GPU, assumed)."""
+    step_overhead_s: float = 0.0
+    """t_0: host seconds per micro-batch step whatever the model (the loop, the batch, the generator's Python)."""
+    copy_bandwidth: float | None = None
+    """bytes/s of ZeRO-3's per-step handling of the frozen weights on one rank (W = 1: no collective, but the
+    same bytes are touched); None: free."""
+    busy_slowdown: float = 1.0
+    """k_busy: compute and element-wise time x this when W > 1 ranks share a node's cores, caches and memory
+    bandwidth (this CPU); 1 for a device per rank."""
+    activation_factor: float = 1.0
+    """a_act: peak memory of a step's activations over their live size. On the CPU the peak resident set is
+    glibc malloc's high-water mark, which keeps freed blocks of the varying batch shapes; a GPU's
+    max_memory_allocated counts live tensors (1)."""
+    shared_by: int = 1
+    """Ranks that share memory_bytes at most (a CPU node: one rank per core); 1: a device per rank."""
+    gathered_factor: float = 1.0
+    """a_gat: the same for the weights ZeRO-3 gathers (their all-gather buffers and copies, then the heap's)."""
 
 
-# Measured on this project's 2-core CPU machine, shared with other sessions (load average 3-9 while measured):
-# flops, bandwidth, latency and optim_s_per_param by ``python benchmarks/calibrate.py --json`` (04:00 UTC,
-# 2 Dec 2026: 119.5 GFLOP/s, 202 MB/s, 0.29 ms, 10.4 ns; the same command gave 62-151 GFLOP/s over the same
-# hour); runtime_bytes and module_overhead_s from the tiny-llama 1-worker point of
-# ``python benchmarks/train_step.py --json --plan --llm tiny-llama`` (peak RSS 695 MiB minus the planned model
-# terms; step 0.148 s minus the planned compute and optimiser, over 2 passes x 57 modules) and comm_bytes
-# from its 2-worker point (the largest rank's 800 MiB minus the other planned terms). Where these constants
-# were fitted, the README says so next to the errors.
-CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo)", flops=119.5e9,
-               bandwidth=202e6, latency=0.29e-3, optim_s_per_param=10.4e-9, module_overhead_s=1.23e-3,
-               runtime_bytes=672 * 2**20, comm_bytes=106 * 2**20, memory_bytes=12 * 2**30)
+# This project's 2-core CPU machine, idle (02 Dec 2026, 22:00-23:30 UTC). F and the latency by ``python
+# benchmarks/calibrate.py --json`` (104.9 GFLOP/s, 0.28 ms; its t_p was 1.8 ns idle, 10.4 ns on a loaded machine:
+# 10.4 kept, AdamW is a small term); every other constant fitted by ``python benchmarks/calibrate.py --fit REPORT
+# --size smollm2-360m-shape --small tiny-llama --flops 104.9e9 --latency 0.2756e-3`` on the report of ``cora scale
+# --config configs/demo.yaml --sizes tiny-llama,smollm2-135m-shape,smollm2-360m-shape --workers 1,2 --partitioning
+# zero3,replicated --steps 14 --warmup 4 data.max_length=192``: from the 360M shape's four points and tiny-llama's
+# two replicated ones. The 135M shape's four points and tiny-llama's zero3 ones validate them (the README's
+# table). The element-wise rate, the allocator's high-water factors and the two ranks' contention for the 2
+# cores are properties of this machine (the same command a session earlier gave t_e 2.6 ns, not 6.2: its
+# speed drifts by tens of percent between runs): fit them again on another.
+CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo)", flops=104.9e9,
+               bandwidth=130.4e6, latency=0.2756e-3, optim_s_per_param=10.4e-9, module_overhead_s=0.0,
+               runtime_bytes=685e6, comm_bytes=8.5e6, memory_bytes=22 * 2**30, shared_by=2, element_s=6.172e-9,
+               step_overhead_s=0.03735, copy_bandwidth=3.414e9, busy_slowdown=1.173, activation_factor=1.799,
+               gathered_factor=2.529)
 # Datasheet figures at an assumed 40% of peak for the products, NVLink all-gather bandwidth; not measured
 # (no GPU was lent to this work).
 H100 = Hardware(name="H100 SXM 80 GB (assumed: 40% of 989 TFLOP/s bf16, 150 GB/s all-gather; not measured)",
@@ -201,9 +246,15 @@ class Setup:
     """M_gen: the generator's modules that hold parameters (each gets ZeRO-3's hooks)."""
     rank: int = 16
     persistence_threshold: int = 0
+    accumulation: int = 1
+    """Micro-batches per optimiser step (forward, backward and gradient reduce-scatter each; AdamW once)."""
+    reuse_distance: int = 10**9
+    """DeepSpeed's stage3_max_reuse_distance (elements; its default 1e9): a module gathered in forward stays
+    gathered until its backward when fewer elements than this are used in between."""
 
     def validate(self) -> list[str]:
-        problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("world", "micro_batch", "seq_len", "rank")
+        problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("world", "micro_batch", "seq_len", "rank",
+                                                                          "accumulation")
                     if getattr(self, k) < 1]
         if self.dtype not in DTYPE_BYTES:
             problems.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
@@ -222,8 +273,13 @@ class Plan:
     """seconds per step: compute, gather, reduce, optimiser, overhead, step; and flops."""
 
     @property
+    def budget(self) -> float:
+        """Bytes one rank may use: the device's memory, shared by up to ``Hardware.shared_by`` ranks."""
+        return self.hardware.memory_bytes / min(self.setup.world, self.hardware.shared_by)
+
+    @property
     def fits(self) -> bool:
-        return self.memory["peak"] <= self.hardware.memory_bytes
+        return self.memory["peak"] <= self.budget
 
     def as_dict(self) -> dict:
         s = asdict(self.setup)
@@ -244,24 +300,31 @@ def trainable_params(s: Setup) -> int:
     return s.generator_params + p_params(s)
 
 
+def activation_elements(s: Setup) -> float:
+    """Elements saved for backward by the frozen decoder's layers: B T L (3h + 5 d_q + 3I) (see the docstring)."""
+    sh = s.shape
+    return s.micro_batch * s.seq_len * sh.layers * (3 * sh.hidden + 5 * sh.d_q + 3 * sh.intermediate)
+
+
 def memory(s: Setup, hw: Hardware) -> dict:
     sh, w, b = s.shape, s.world, DTYPE_BYTES[s.dtype]
     g = trainable_params(s)
     if s.partitioning == "zero3":
         whole = sh.small_params(s.persistence_threshold)
         frozen = ((sh.params - whole) / w + whole) * b
-        gathered = max(sh.vocab * sh.hidden, max(sh.layer_linears())) * b * (w - 1) / w
+        used = gathers(s)
+        gathered = max(used["embedding"], used["kept"]) * b if w > 1 else 0.0
     else:
         frozen, gathered = sh.params * b, 0.0
     per_state = 16 if b == 4 else 18
-    per_token = 3 * sh.hidden + 5 * sh.d_q + 3 * sh.intermediate
     tokens = s.micro_batch * s.seq_len
     if s.activation_checkpointing:
-        activations = tokens * b * (sh.layers * sh.hidden + per_token)
+        activations = tokens * b * (sh.layers * sh.hidden + activation_elements(s) / (tokens * sh.layers))
     else:
-        activations = tokens * b * sh.layers * per_token
-    out = {"runtime": hw.runtime_bytes, "comm": hw.comm_bytes if w > 1 else 0.0, "frozen": frozen, "gathered": gathered,
-           "trainable": g * per_state / w, "activations": activations}
+        activations = activation_elements(s) * b
+    out = {"runtime": hw.runtime_bytes, "comm": hw.comm_bytes if w > 1 else 0.0, "frozen": frozen,
+           "gathered": hw.gathered_factor * gathered, "trainable": g * per_state / w,
+           "activations": hw.activation_factor * activations}
     out["peak"] = sum(out.values())
     return out
 
@@ -276,19 +339,53 @@ def flops(s: Setup) -> float:
     return base + attention + injection + generator
 
 
+def gathers(s: Setup) -> dict:
+    """The frozen base's all-gathers in one zero3 step (elements and calls), by DeepSpeed's rule: every
+    partitioned module is gathered at its forward; it is released after it unless it is used again within
+    ``reuse_distance`` elements of later use (DeepSpeed's trace), and then gathered again for its backward.
+    A decoder module i is used again at its backward after the modules behind it, twice (their forward, then
+    their backward): kept iff 2 x (elements after i) < reuse_distance. The embedding has no backward (the
+    token ids carry no gradient). Parameters under the persistence threshold are whole and never gathered.
+
+        embedding  the table's elements when partitioned (gathered alone, at the start)
+        kept       elements gathered once and held from forward to backward (the peak's gathered term)
+        elements   elements gathered per step: forward all + backward the released ones
+        calls      collectives per step: one per gathered module and pass"""
+    sizes = s.shape.step_modules()
+    part = [n >= s.persistence_threshold for n in sizes]
+    embedding = sizes[0] if part[0] else 0
+    kept = elements = calls = 0
+    after = 0
+    for n, p in reversed(list(zip(sizes[1:], part[1:]))):
+        if p:
+            again = 2 * after < s.reuse_distance
+            kept += n if again else 0
+            elements += n if again else 2 * n
+            calls += 1 if again else 2
+        after += n
+    return {"embedding": embedding, "kept": kept, "elements": elements + embedding, "calls": calls + bool(embedding)}
+
+
 def step_time(s: Setup, hw: Hardware) -> dict:
     sh, w, b = s.shape, s.world, DTYPE_BYTES[s.dtype]
     passes = 3 if s.activation_checkpointing else 2
     f = flops(s)
     g, trainable_modules = trainable_params(s), 4 * sh.layers + s.generator_modules
-    frozen_bytes, frozen_modules = (sh.params * b, sh.modules) if s.partitioning == "zero3" else (0, 0)
     gather = 0.0
     if w > 1:
-        gather = passes * ((w - 1) / w * (frozen_bytes + 4 * g) / hw.bandwidth
-                           + (frozen_modules + trainable_modules) * hw.latency)
+        frozen = gathers(s) if s.partitioning == "zero3" else {"elements": 0, "calls": 0}
+        # the trainable weights (a few MB) are held from forward to backward: gathered once
+        gather = ((w - 1) / w * (frozen["elements"] * b + 4 * g) / hw.bandwidth
+                  + (frozen["calls"] + trainable_modules) * hw.latency)
     reduce = (w - 1) / w * g * 4 / hw.bandwidth
-    out = {"compute": f / hw.flops, "gather": gather, "reduce": reduce,
-           "optimiser": g / w * hw.optim_s_per_param, "overhead": passes * (sh.modules + trainable_modules) * hw.module_overhead_s}
+    if w == 1 and s.partitioning == "zero3" and hw.copy_bandwidth:
+        gather = gathers(s)["elements"] * b / hw.copy_bandwidth
+    k = s.accumulation
+    busy = hw.busy_slowdown if w > 1 else 1.0
+    hooked = (sh.modules if s.partitioning == "zero3" else 0) + trainable_modules     # modules with ZeRO-3 weights
+    out = {"compute": k * busy * f / hw.flops, "elementwise": k * busy * activation_elements(s) * hw.element_s,
+           "gather": k * gather, "reduce": k * reduce, "optimiser": g / w * hw.optim_s_per_param,
+           "overhead": k * (passes * hooked * hw.module_overhead_s + hw.step_overhead_s)}
     out["step"] = sum(out.values())
     out["flops"] = f
     return out
@@ -308,9 +405,10 @@ def choose(s: Setup, hw: Hardware) -> tuple[Plan, str]:
              for p in ("zero3", "replicated")}
     fitting = [p for p in plans.values() if p.fits]
     if not fitting:
-        need = min(p.memory["peak"] for p in plans.values())
-        return plans["zero3"], (f"nothing fits: even zero3 needs {need / 2**30:.1f} GiB per rank, "
-                                f"{hw.memory_bytes / 2**30:.1f} GiB available; add ranks or use activation checkpointing")
+        least = min(plans.values(), key=lambda p: p.memory["peak"])
+        return least, (f"nothing fits: the smallest, {least.setup.partitioning}, needs "
+                       f"{least.memory['peak'] / 2**30:.1f} GiB per rank, {least.budget / 2**30:.1f} GiB available; "
+                       + ("add ranks" if s.activation_checkpointing else "add ranks or use activation checkpointing"))
     best = min(fitting, key=lambda p: p.time["step"])
     other = plans["replicated" if best.setup.partitioning == "zero3" else "zero3"]
     why = (f"{best.setup.partitioning}: {best.time['step']:.3g} s/step, {best.memory['peak'] / 2**30:.1f} GiB per rank; "

@@ -2,7 +2,8 @@
 injection and generator attached, and the engine that trains only the generator and P.
 
     ds = ds_config(...)                     # ZeRO-3; bf16 on GPU, fp32 on CPU
-    llm, tok = build_partitioned_llm(...)   # under deepspeed.zero.Init: no rank holds the whole LLM
+    llm, tok = build_llm(...)               # zero3: under deepspeed.zero.Init, no rank holds the whole LLM;
+                                            # replicated: whole on every rank, as buffers ZeRO-3 leaves alone
     model = CoRAModel(llm, ..., answer_weight=gathered "Yes" row)
     engine = deepspeed.initialize(model, optimizer=AdamW(trainable), lr_scheduler=warm-up + cosine)
 
@@ -51,6 +52,12 @@ class EngineConfig:
     attention at a time."""
     activation_checkpointing: bool = False
     """Recompute the LLM's activations in backward (non-reentrant), trading compute for memory."""
+    partitioning: Literal["zero3", "replicated", "auto"] = "zero3"
+    """Where the frozen LLM lives. zero3: partitioned over the ranks, every module all-gathered when used
+    (memory N b / W, an all-gather of the model every step). replicated: a whole copy on every rank, held as
+    buffers so that ZeRO-3 partitions only the trainable generator and P (memory N b, no gather of the
+    base). auto: the planner's choice (cora.plan.choose: the fastest that fits in the run's device memory),
+    made by ``cora train`` before the workers start and printed with its reason."""
 
     def validate(self) -> list[str]:
         problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("micro_batch_size", "gradient_accumulation")
@@ -62,6 +69,8 @@ class EngineConfig:
                             f"and {self.gradient_accumulation}): the accumulation is derived from the global batch")
         if self.gradient_clipping < 0:
             problems.append(f"gradient_clipping must be >= 0, got {self.gradient_clipping}")
+        if self.partitioning not in ("zero3", "replicated", "auto"):
+            problems.append(f"partitioning must be zero3, replicated or auto, got {self.partitioning!r}")
         problems += [f"{k} must be >= 0 or 'auto', got {getattr(self, k)}" for k in ("persistence_threshold",
                                                                                      "prefetch_bucket_size")
                      if isinstance(getattr(self, k), int) and getattr(self, k) < 0]
@@ -107,6 +116,47 @@ def ds_config(cfg: EngineConfig, world_size: int, hidden_size: int | None = None
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+
+
+def build_llm(llm_cfg, ds: dict, partitioning: str):
+    """(the frozen LLM as ``partitioning`` ('zero3' or 'replicated') places it, tokenizer)."""
+    if partitioning == "replicated":
+        from cora.llm import load_llm
+        llm, tok = load_llm(llm_cfg)
+        return frozen_as_buffers(llm), tok
+    if partitioning != "zero3":
+        raise ValueError(f"partitioning must be zero3 or replicated here, got {partitioning!r} ('auto' is resolved "
+                         "by cora train before the workers start)")
+    return build_partitioned_llm(llm_cfg, ds)
+
+
+REPLICATED = "_cora_replicated"
+"""Attribute of an LLM whose frozen weights ``frozen_as_buffers`` turned into buffers: those tensors (by
+reference: the injection later moves the modules that hold them)."""
+
+
+def frozen_as_buffers(llm):
+    """Every frozen parameter of ``llm`` becomes a buffer of the same name holding the same tensor, so that
+    DeepSpeed ZeRO-3, which partitions and gathers parameters only, leaves the whole frozen model on every
+    rank: no all-gather of it, ever (persistent ZeRO-3 parameters would still be partitioned and gathered
+    again around every optimiser step). A module's forward reads ``self.weight`` either way; tied weights
+    stay one tensor. Parameters added later (the injection's P, the generator) are ZeRO-3's as usual."""
+    held = {}
+    for module in llm.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or p.requires_grad:
+                continue
+            del module._parameters[name]
+            module.register_buffer(name, held.setdefault(id(p), p.detach()), persistent=True)
+    setattr(llm, REPLICATED, list(held.values()))
+    return llm
+
+
+def frozen_weights(llm) -> list:
+    """The frozen LLM's weights: its frozen parameters (ZeRO-3 partitioned) or, when replicated, the buffers
+    that hold them."""
+    held = getattr(llm, REPLICATED, None)
+    return [p for p in llm.parameters() if not p.requires_grad] if held is None else list(held)
 
 
 def build_partitioned_llm(llm_cfg, ds: dict):
@@ -202,7 +252,8 @@ def gathered_answer_row(llm, token_id: int):
     import deepspeed
     head = llm.get_output_embeddings()
     params = [head.weight] + ([head.bias] if getattr(head, "bias", None) is not None else [])
-    with deepspeed.zero.GatheredParameters(params):
+    params = [p for p in params if hasattr(p, "ds_id")]          # a replicated base's are whole buffers
+    with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):
         w = head.weight[token_id].detach().clone()
         b = None if getattr(head, "bias", None) is None else head.bias[token_id].detach().clone()
     return w, b
@@ -210,9 +261,10 @@ def gathered_answer_row(llm, token_id: int):
 
 def partition_stats(params) -> dict:
     """Elements this rank holds of ZeRO-3 partitioned parameters, measured from DeepSpeed's partitions
-    (``ds_tensor``: this rank's slice; ``ds_numel``: the full size)."""
+    (``ds_tensor``: this rank's slice; ``ds_numel``: the full size); a tensor ZeRO-3 does not partition (a
+    replicated base's buffers) is held whole."""
     params = list(params)
-    held = sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
     return {"held": int(held), "total": int(total), "share": held / max(total, 1)}
 

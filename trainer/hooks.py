@@ -26,20 +26,25 @@ class Report(Hooks):
 
     def __init__(self, out_dir: str | Path, record_batches: int = 0):
         self.out_dir, self.record_batches, self.log = str(out_dir), record_batches, []
+        self.setup_memory: dict = {}
+
+    def after_setup(self, recipe) -> None:
+        self.setup_memory = resident_memory()          # the model and engine built, before any step
 
     def after_step(self, recipe, record: dict, batch: dict) -> None:
-        record = dict(record, padded_tokens=int(batch["input_ids"].size))   # what the step computed on
+        record = dict(record, padded_tokens=record["tokens"] + record["padded"])   # what the step computed on
         if len(self.log) < self.record_batches:          # for comparisons with a 1-process run
             record = dict(record, batch={k: v.tolist() for k, v in batch.items()})
         self.log.append(record)
 
     def at_end(self, recipe) -> None:
-        from trainer.engine import partition_stats
+        from trainer.engine import frozen_weights, partition_stats
         model, ckpt = recipe.model, recipe.ckpt
         out = {"rank": recipe.rank, "world_size": recipe.world, "log": self.log,
-               "llm_partition": partition_stats(p for p in model.llm.parameters() if not p.requires_grad),
+               "llm_partition": partition_stats(frozen_weights(model.llm)),
                "activation_checkpointing": bool(model.llm.is_activation_checkpointing),
                "resumed_from": recipe.state.resumed_from, "memory": peak_memory(),
+               "setup_memory": self.setup_memory,
                "trainable_bytes": sum(p.ds_numel * 4 for p in model.parameters() if p.requires_grad),   # fp32
                "checkpoints": {"commits": [vars(c) for c in recipe.commits],
                                "save_seconds": ckpt.save_seconds if ckpt is not None else []}}
@@ -55,3 +60,13 @@ def peak_memory() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def resident_memory() -> dict:
+    """This process's resident memory now and its high-water mark so far (MiB, from /proc; {} elsewhere)."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    keys = {"VmRSS:": "rss_mib", "VmHWM:": "hwm_mib"}
+    return {keys[f[0]]: round(int(f[1]) / 1024, 1) for f in (line.split() for line in status) if f and f[0] in keys}

@@ -54,7 +54,7 @@ def generator_params(generator: str | dict, cf_dim: int, d_model: int, rank: int
 
 def setup_for(llm: str, world: int, micro_batch: int, seq_len: int, dtype: str = "float32",
               activation_checkpointing: bool = False, partitioning: str = "zero3", generator: str | dict = "demo",
-              cf_dim: int = 64, rank: int = 16, persistence_threshold: int = 0):
+              cf_dim: int = 64, rank: int = 16, persistence_threshold: int = 0, accumulation: int = 1):
     """A cora.plan.Setup for a model name and the trainer's settings."""
     from cora.plan import Setup
     shape = shape_of(llm)
@@ -62,7 +62,34 @@ def setup_for(llm: str, world: int, micro_batch: int, seq_len: int, dtype: str =
     return Setup(shape=shape, world=world, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype,
                  activation_checkpointing=activation_checkpointing, partitioning=partitioning,
                  generator_params=total, generator_head_params=head, generator_modules=modules, rank=rank,
-                 persistence_threshold=persistence_threshold)
+                 persistence_threshold=persistence_threshold, accumulation=accumulation)
+
+
+def setup_of(cfg, partitioning: str, cf_dim: int, seq_len: int | None = None):
+    """The cora.plan.Setup of a TrainConfig (its LLM, workers, micro-batch, dtype, generator, injection rank
+    and ZeRO-3 sizes); ``seq_len``: the prompt length to plan for (default data.max_length)."""
+    e = cfg.engine
+    return setup_for(cfg.llm.name, cfg.run.workers, e.micro_batch_size, seq_len or cfg.data.max_length,
+                     cfg.llm.dtype, e.activation_checkpointing, partitioning, cfg.generator.__dict__, cf_dim,
+                     cfg.injection.rank, e.persistence(shape_of(cfg.llm.name).hidden),
+                     e.accumulation(cfg.run.workers))
+
+
+def hardware_of(cfg):
+    """The planner's machine profile for the run's device (cora.plan.HARDWARE: cpu, or h100 for cuda)."""
+    from cora.plan import HARDWARE
+    return HARDWARE["h100" if cfg.run.device == "cuda" else "cpu"]
+
+
+def resolve_partitioning(cfg, cf_dim: int) -> str:
+    """engine.partitioning 'auto' made concrete (cora.plan.choose: the fastest that fits); the choice and its
+    reason, as one line for the driver's log. Other values are returned as they are."""
+    from cora.plan import choose
+    if cfg.engine.partitioning != "auto":
+        return ""
+    best, why = choose(setup_of(cfg, "zero3", cf_dim), hardware_of(cfg))
+    cfg.engine.partitioning = best.setup.partitioning
+    return f"engine.partitioning=auto -> {best.setup.partitioning} ({why}; planner: {hardware_of(cfg).name})"
 
 
 def add_parser(sub) -> None:
@@ -81,7 +108,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rank", type=int, default=16, help="injection rank r")
     p.add_argument("--persistence-threshold", type=int, default=0)
     p.add_argument("--hardware", choices=["cpu", "h100"], default="cpu")
-    p.add_argument("--memory-gib", type=float, help="memory per rank (default: the hardware's)")
+    p.add_argument("--memory-gib", type=float, help="memory of one device, shared by up to the hardware's ranks per "
+                                                    "device (default: the hardware's; cpu: 22 GiB for 2 ranks)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 

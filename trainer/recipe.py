@@ -201,7 +201,7 @@ class Recipe:
             from .planner import shape_of
             hidden = shape_of(cfg.llm.name).hidden
         ds = eng.ds_config(cfg.engine, self.world, hidden)
-        llm, tok = eng.build_partitioned_llm(cfg.llm, ds)
+        llm, tok = eng.build_llm(cfg.llm, ds, cfg.engine.partitioning)
         self.tok = tok
         if cfg.engine.activation_checkpointing:     # recompute the LLM's activations in backward (non-reentrant)
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

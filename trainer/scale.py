@@ -1,21 +1,27 @@
-"""``cora scale``: a scaling study, each (size, workers) point a short real ``cora train``.
+"""``cora scale``: a scaling study, each (size, workers, partitioning) point a short real ``cora train``.
 
     cora scale --config configs/demo.yaml --sizes tiny-llama,smollm2-135m-shape --workers 1,2 --steps 10 \
-        --out runs/scale [key=value ...]
+        --partitioning auto --out runs/scale [key=value ...]
 
 For each point: the planner (cora.plan, on ``--hardware``) is asked first, with the prompt length
-``data.max_length``; a point that does not fit is written as such, not run. Otherwise ``cora train`` runs
-with ``llm.name``, ``run.workers`` and ``run.max_steps`` set (``run.run_dir`` under OUT/runs/) and a
-``trainer.hooks.Report`` in every worker. The first ``--warmup`` steps are dropped; then
+``data.max_length``; ``--partitioning auto`` (the default) takes its choice between a ZeRO-3-partitioned and a
+replicated frozen base (the fastest that fits, with the reason in the ``choice`` column), ``zero3,replicated``
+runs both. A point that does not fit is written as such, not run. Otherwise ``cora train`` runs with
+``llm.name``, ``run.workers``, ``engine.partitioning`` and ``run.max_steps`` set (``run.run_dir`` under
+OUT/runs/; no validation or test: the point is a measurement) and a ``trainer.hooks.Report`` in every worker.
+The first ``--warmup`` steps are dropped; then
 
-  step_s          median over steps of the slowest rank's step (compute and data wait)
-  samples/s       workers x micro-batch / step_s;  tokens/s: the same with the padded prompt tokens
+  step_s          mean over optimiser steps of the slowest rank's step (compute and data wait)
+  samples/s       global batch (micro-batch x accumulation x workers) / step_s;  tokens/s: the padded prompt
+                  tokens of a step (all ranks) / step_s
   MFU             4 x N_mm x tokens/s / (workers x F), N_mm the frozen LLM's matmul parameters, F the
                   hardware's achieved FLOP/s per rank (cora.plan.Hardware.flops: on the CPU a measured
                   matrix-product rate, not a datasheet peak)
-  weak-scaling efficiency   (samples/s per worker at W) / (samples/s at the size's smallest W): the
-                  micro-batch per rank is fixed, so the work per rank is
-  planned vs measured       the plan again with the measured padded prompt length; relative errors
+  efficiency      (samples/s per worker at W) / (samples/s per worker at the smallest W of the same size and
+                  partitioning): weak scaling when the micro-batch per rank is fixed (the work grows with the
+                  workers), strong scaling when engine.global_batch_size is set (the same work, split)
+  planned vs measured       the plan again with the measured padded prompt lengths (seq_len: per step the
+                  slowest rank's, averaged, for the time; longest: the longest micro-batch's, for the memory); relative errors
                   (planned - measured) / measured of the step time and of the largest peak RSS of a rank
 
 and the report directory gets scaling.csv, scaling.md (the table and a short reading) and PNG plots.
@@ -30,21 +36,28 @@ import statistics
 import sys
 from pathlib import Path
 
-COLUMNS = ["size", "params", "workers", "micro_batch", "global_batch", "seq_len", "partitioning", "status",
+COLUMNS = ["size", "params", "workers", "micro_batch", "global_batch", "seq_len", "longest", "partitioning", "status",
            "samples_per_s", "tokens_per_s", "tokens_per_s_per_worker", "mfu", "step_s", "peak_rss_mib",
-           "planned_step_s", "planned_peak_mib", "step_error", "memory_error", "weak_efficiency"]
+           "planned_step_s", "planned_peak_mib", "step_error", "memory_error", "weak_efficiency", "strong_efficiency", "choice", "run"]
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("scale", help="a scaling study: short cora train runs over sizes x workers, a report",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, action="append", help="YAML run config(s), as for cora train")
-    p.add_argument("--sizes", required=True, help="comma-separated LLM presets or model directories")
+    p.add_argument("--config", action="append", help="YAML run config(s), as for cora train")
+    p.add_argument("--sizes", help="comma-separated LLM presets or model directories")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     p.add_argument("--steps", type=int, default=10, help="optimiser steps per point")
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the figures")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--hardware", choices=["cpu", "h100"], default="cpu", help="the planner's machine constants")
+    p.add_argument("--partitioning", default="auto",
+                   help="zero3, replicated, auto (the planner's choice for each point, with its reason) or a "
+                        "comma-separated list of them, each run at every point (e.g. zero3,replicated)")
+    p.add_argument("--replan", action="store_true",
+                   help="no training: plan the measured points of the report in --out again with the planner's "
+                        "current constants (e.g. after benchmarks/calibrate.py --fit), rewriting its planned columns, "
+                        "errors, scaling.md and plots (--steps and --warmup as in the run)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every point")
     p.set_defaults(func=main)
 
@@ -61,12 +74,20 @@ def _main(args, out) -> int:
     from cora.config import ConfigError, load
     from trainer.config import TrainConfig
     problems = []
-    sizes = [s for s in args.sizes.split(",") if s]
+    if args.replan:
+        return replan(args, out)
+    if not args.config or not args.sizes:
+        problems.append("--config and --sizes are required (unless --replan)")
+    sizes = [s for s in (args.sizes or "").split(",") if s]
     try:
         workers = [int(w) for w in args.workers.split(",")]
     except ValueError:
         workers = []
         problems.append(f"--workers {args.workers!r} is not a comma-separated list of integers (e.g. 1,2)")
+    partitionings = [p for p in args.partitioning.split(",") if p]
+    bad = [p for p in partitionings if p not in ("zero3", "replicated", "auto")]
+    if bad or not partitionings:
+        problems.append(f"--partitioning {args.partitioning!r}: each must be zero3, replicated or auto")
     if args.steps <= args.warmup:
         problems.append(f"--steps {args.steps} must exceed --warmup {args.warmup} (nothing would be measured)")
     if problems:
@@ -76,59 +97,107 @@ def _main(args, out) -> int:
     report.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in sizes:
-        for w in workers:
+        for w, part in ((w, part) for w in workers for part in partitionings):
+            name = f"{size}-w{w}" + (f"-{part}" if len(partitionings) > 1 else "")
             over = [*args.overrides, f"llm.name={size}", f"run.workers={w}", f"run.max_steps={args.steps}",
-                    f"run.run_dir={report.absolute() / 'runs' / f'{size}-w{w}'}", "run.overwrite=true",
+                    f"run.run_dir={report.absolute() / 'runs' / name}", "run.overwrite=true",
                     "run.eval_baseline=false"]
             try:
                 cfg = load(TrainConfig, args.config, over)
             except ConfigError as e:
                 print(f"cora scale: {size} x {w} workers: {e}", file=sys.stderr)
                 return 2
-            rows.append(point(cfg, size, w, args, report))
-            print(f"[scale] {size} x {w}: {rows[-1]['status']}, {rows[-1]['samples_per_s']} samples/s", file=sys.stderr)
-    efficiency(rows)
+            rows.append(point(cfg, size, w, part, args, report, name))
+            r = rows[-1]
+            print(f"[scale] {size} x {w} ({r['partitioning']}{', planner: ' + r['choice'] if r['choice'] else ''}): "
+                  f"{r['status']}, {r['samples_per_s']} samples/s", file=sys.stderr)
+    efficiency(rows, strong=cfg.engine.global_batch_size is not None)
     write_report(rows, report, args)
     print(json.dumps({"report": str(report), "rows": rows}, indent=1), file=out)
     return 0
 
 
-def point(cfg, size: str, w: int, args, report: Path) -> dict:
-    """One (size, workers) point: planned, then (when it fits) trained and measured."""
-    from cora.plan import HARDWARE, plan
-    from trainer.planner import setup_for, shape_of
+def point(cfg, size: str, w: int, partitioning: str, args, report: Path, name: str) -> dict:
+    """One (size, workers, partitioning) point: planned ('auto': the planner's choice, with its reason), then
+    (when it fits) trained and measured."""
+    from cora.plan import HARDWARE, choose, plan
+    from trainer.planner import setup_of
     hw = HARDWARE[args.hardware]
-    e = cfg.engine
-
-    def planned(seq: int):
-        return plan(setup_for(size, w, e.micro_batch_size, seq, cfg.llm.dtype, e.activation_checkpointing, "zero3",
-                              cfg.generator.__dict__, cf_dim=cf_width(cfg), rank=cfg.injection.rank,
-                              persistence_threshold=e.persistence(shape_of(size).hidden)), hw)
+    e, cf_dim = cfg.engine, cf_width(cfg)
     row = dict.fromkeys(COLUMNS, "")
-    row.update(size=size, workers=w, micro_batch=e.micro_batch_size, partitioning="zero3",
+    row.update(size=size, workers=w, micro_batch=e.micro_batch_size, partitioning=partitioning,
                global_batch=e.micro_batch_size * e.accumulation(w) * w)
-    before = planned(cfg.data.max_length)
+    if partitioning == "auto":
+        before, why = choose(setup_of(cfg, "zero3", cf_dim), hw)
+        row.update(partitioning=before.setup.partitioning, choice=why)
+    else:
+        before = plan(setup_of(cfg, partitioning, cf_dim), hw)
+    e.partitioning = row["partitioning"]
     row["params"] = before.setup.shape.params
     if not before.fits:
         row.update(status=f"does not fit: planned {before.memory['peak'] / 2**30:.1f} GiB per rank, "
-                          f"{hw.memory_bytes / 2**30:.1f} GiB available", planned_peak_mib=round(before.memory["peak"] / 2**20))
+                          f"{before.budget / 2**30:.1f} GiB available", planned_peak_mib=round(before.memory["peak"] / 2**20))
         return row
-    ranks = measure(cfg, report / "ranks" / f"{size}-w{w}")
-    steps = [r["log"][args.warmup:] for r in ranks]
-    step_s = statistics.median(max(s["seconds"] + s["data_wait"] for s in group) for group in zip(*steps))
+    row["run"] = name
+    return measured(row, cfg, measure(cfg, report / "ranks" / name), hw, cf_dim, args.warmup)
+
+
+def measured(row: dict, cfg, ranks: list[dict], hw, cf_dim: int, warmup: int) -> dict:
+    """``row`` filled from the ranks' reports (trainer.hooks.Report) and planned again at the measured lengths."""
+    from cora.plan import plan
+    from trainer.planner import setup_of
+    w = row["workers"]
+    steps = [r["log"][warmup:] for r in ranks]
+    step_s = statistics.mean(max(s["seconds"] + s["data_wait"] for s in group) for group in zip(*steps))
     padded = statistics.mean(sum(s["padded_tokens"] for s in group) for group in zip(*steps))
-    seq = round(padded / (w * e.micro_batch_size))
-    p = planned(seq)
+    global_batch = row["global_batch"]
+    per_rank = global_batch // w
+    # a step lasts as long as its slowest rank: the ranks' batches differ in length (bucketed per rank)
+    seq = round(statistics.mean(max(s["padded_tokens"] for s in group) for group in zip(*steps)) / per_rank)
+    longest = max(s["padded_tokens"] for r in ranks for s in r["log"]) // per_rank
+    p = plan(setup_of(cfg, row["partitioning"], cf_dim, seq), hw)        # the time at the slowest rank's length
+    peak_plan = plan(setup_of(cfg, row["partitioning"], cf_dim, longest), hw).memory["peak"] / 2**20  # the longest
     peak = max(r["memory"]["peak_rss_mib"] for r in ranks)
     row.update(status="measured", seq_len=seq, step_s=round(step_s, 4),
-               samples_per_s=round(w * e.micro_batch_size / step_s, 2), tokens_per_s=round(padded / step_s, 1),
+               samples_per_s=round(global_batch / step_s, 2), tokens_per_s=round(padded / step_s, 1),
                tokens_per_s_per_worker=round(padded / step_s / w, 1),
                mfu=round(4 * p.setup.shape.matmul_params * padded / step_s / (w * hw.flops), 5),
                peak_rss_mib=peak, planned_step_s=round(p.time["step"], 4),
-               planned_peak_mib=round(p.memory["peak"] / 2**20, 1),
+               planned_peak_mib=round(peak_plan, 1), longest=longest,
                step_error=round((p.time["step"] - step_s) / step_s, 4),
-               memory_error=round((p.memory["peak"] / 2**20 - peak) / peak, 4))
+               memory_error=round((peak_plan - peak) / peak, 4))
     return row
+
+
+def replan(args, out) -> int:
+    """``cora scale --replan``: the report in --out planned again (its measurements kept)."""
+    from cora.config import from_dict
+    from cora.plan import HARDWARE
+    from trainer.config import TrainConfig
+    report = Path(args.out)
+    try:
+        with open(report / "scaling.csv", newline="") as f:
+            rows = [dict.fromkeys(COLUMNS, "") | r for r in csv.DictReader(f)]
+    except OSError as e:
+        print(f"cora scale --replan: {report} has no readable scaling.csv ({e}); run cora scale first", file=sys.stderr)
+        return 2
+    hw = HARDWARE[args.hardware]
+    for row in rows:
+        for k in ("params", "workers", "micro_batch", "global_batch"):
+            row[k] = int(row[k])
+        if row["status"] != "measured":
+            continue
+        name = row["run"] or next(n for n in (f"{row['size']}-w{row['workers']}-{row['partitioning']}",
+                                              f"{row['size']}-w{row['workers']}") if (report / "ranks" / n).is_dir())
+        cfg = from_dict(TrainConfig, json.loads((report / "runs" / name / "config.json").read_text()))
+        ranks = [json.loads(p.read_text()) for p in sorted((report / "ranks" / name).glob("rank*.json"))]
+        measured(row, cfg, ranks, hw, cf_width(cfg), args.warmup)
+        row["run"] = name
+    efficiency(rows, strong=any(r["strong_efficiency"] != "" for r in rows))
+    args.config = args.config or [f"replanned from {report}"]
+    write_report(rows, report, args)
+    print(json.dumps({"report": str(report), "rows": rows}, indent=1), file=out)
+    return 0
 
 
 def cf_width(cfg) -> int:
@@ -141,18 +210,27 @@ def measure(cfg, out: Path) -> list[dict]:
     from trainer.hooks import Report
     from trainer.train import train
     out.mkdir(parents=True, exist_ok=True)
-    train(cfg, hooks=[Report(out)])
+    train(cfg, hooks=[Report(out)], evaluate=False)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(cfg.run.workers)]
 
 
-def efficiency(rows: list[dict]) -> None:
-    """Weak-scaling efficiency of each measured row against its size's smallest measured worker count."""
-    for size in {r["size"] for r in rows}:
-        mine = sorted((r for r in rows if r["size"] == size and r["status"] == "measured"), key=lambda r: r["workers"])
+def efficiency(rows: list[dict], strong: bool) -> None:
+    """Scaling efficiency of each measured row: samples/s per worker against the smallest measured worker count
+    of its size and partitioning. Weak scaling when the micro-batch per rank is fixed (the work grows with the
+    workers), strong scaling when engine.global_batch_size is (the same work, split)."""
+    key = "strong_efficiency" if strong else "weak_efficiency"
+    for group in {(r["size"], r["partitioning"]) for r in rows}:
+        mine = sorted((r for r in rows if (r["size"], r["partitioning"]) == group and r["status"] == "measured"),
+                      key=lambda r: r["workers"])
         if mine:
             base = mine[0]["samples_per_s"] / mine[0]["workers"]
             for r in mine:
-                r["weak_efficiency"] = round(r["samples_per_s"] / r["workers"] / base, 3)
+                r[key] = round(r["samples_per_s"] / r["workers"] / base, 3)
+
+
+def scaling_key(rows: list[dict]) -> str:
+    """The efficiency column the rows filled (weak or strong scaling)."""
+    return "strong_efficiency" if any(r["strong_efficiency"] != "" for r in rows) else "weak_efficiency"
 
 
 def write_report(rows: list[dict], report: Path, args) -> None:
@@ -172,8 +250,13 @@ def write_report(rows: list[dict], report: Path, args) -> None:
         lines.append(f"- The planner is within 15% of both measured figures on {within} of {len(measured)} "
                      f"measured points; the worst is {worst['size']} x {worst['workers']} (step time "
                      f"{worst['step_error']:+.1%}, peak memory {worst['memory_error']:+.1%}).")
-        lines.append("- Weak-scaling efficiency (samples/s per worker against the smallest worker count): "
-                     + ", ".join(f"{r['size']} x {r['workers']}: {r['weak_efficiency']}" for r in measured) + ".")
+        key = scaling_key(measured)
+        lines.append(f"- {key.split('_')[0].capitalize()}-scaling efficiency (samples/s per worker against the "
+                     f"smallest worker count of the same size and partitioning): "
+                     + ", ".join(f"{r['size']} x {r['workers']} ({r['partitioning']}): {r[key]}" for r in measured) + ".")
+        for r in measured:
+            if r["choice"]:
+                lines.append(f"- {r['size']} x {r['workers']}: the planner chose {r['choice']}.")
     skipped = [r for r in rows if r["status"] != "measured"]
     lines += [f"- {r['size']} x {r['workers']}: {r['status']}." for r in skipped]
     (report / "scaling.md").write_text("\n".join(lines) + "\n")
@@ -201,11 +284,13 @@ def plots(rows: list[dict], report: Path) -> None:
     fig.savefig(report / "throughput_memory.png", dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 4))
+    key = scaling_key(rows)
     for size in by_size:
-        mine = sorted((r for r in rows if r["size"] == size), key=lambda r: r["workers"])
-        ax.plot([r["workers"] for r in mine], [r["weak_efficiency"] for r in mine], "o-", label=size)
+        for part in sorted({r["partitioning"] for r in rows if r["size"] == size}):
+            mine = sorted((r for r in rows if (r["size"], r["partitioning"]) == (size, part)), key=lambda r: r["workers"])
+            ax.plot([r["workers"] for r in mine], [r[key] for r in mine], "o-", label=f"{size} ({part})")
     ax.set_xlabel("workers")
-    ax.set_ylabel("weak-scaling efficiency")
+    ax.set_ylabel(f"{key.split('_')[0]}-scaling efficiency")
     ax.legend()
     fig.tight_layout()
     fig.savefig(report / "efficiency.png", dpi=100)

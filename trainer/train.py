@@ -28,9 +28,10 @@ def _cf_info(cf_dir: str) -> tuple[int, str]:
     return dim, model
 
 
-def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, object]:
+def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str, evaluate: bool = True) -> tuple[dict, object]:
     """(one InteractionShard per rank for train, valid and test; the EmbeddingClient of the servers).
-    Train batches hold engine.micro_batch_size samples, valid and test batches data.eval_batch_size."""
+    Train batches hold engine.micro_batch_size samples, valid and test batches data.eval_batch_size.
+    ``evaluate=False``: the train split only (no validation, test or baseline: cora scale's points)."""
     from cluster.embeddings import start_embedding_servers
     from cluster.interactions import loaded, start_interaction_shards
     from cora.llm import PRESETS, REAL_PRESETS           # presets all use the SmolLM2 tokenizer
@@ -49,6 +50,8 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str) -> tuple[dict, obje
     batch = {"train": micro, "valid": cfg.data.eval_batch(micro), "test": cfg.data.eval_batch(micro)}
     if "rank" in read_manifest(cfg.data.data_dir)["shards"]:       # prepared with --rank-negatives
         batch["rank"] = cfg.data.eval_batch(micro)
+    if not evaluate:
+        batch = {"train": micro}
     actors = {split: start_interaction_shards(cfg.data.data_dir, split, cfg.run.workers, batch_size=batch[split],
                                               wait=False, **common) for split in batch}
     try:
@@ -72,7 +75,8 @@ def handover(cfg: TrainConfig, actors: dict, cf_dim: int, hooks: list | None = N
     _, sizes = split_shards(read_manifest(cfg.data.data_dir), cfg.data.data_dir, "train")
     saved = resume_point(cfg)
     run_dir = location(cfg.run.run_dir)
-    return Handover(train=actors["train"], valid=actors["valid"], test=actors["test"], rank=actors.get("rank", []),
+    return Handover(train=actors["train"], valid=actors.get("valid", []), test=actors.get("test", []),
+                    rank=actors.get("rank", []),
                     cf_dim=cf_dim, items=item_inputs(cfg),
                     total_steps=run_steps(cfg, sizes, saved[1] if saved else None), run_dir=run_dir,
                     resume_from=saved[0] if saved else None, mirror_key=mirror_key,
@@ -338,7 +342,9 @@ def clear_run_dir(cfg: TrainConfig, run_dir: str) -> None:
             fs.delete_file(f"{root}/{m}")
 
 
-def train(cfg: TrainConfig, hooks: list | None = None) -> dict:
+def train(cfg: TrainConfig, hooks: list | None = None, evaluate: bool = True) -> dict:
+    """``cora train``; ``hooks``: trainer.hooks objects in every worker; ``evaluate=False``: train only (no
+    validation, test, baseline or export: a measurement such as cora scale's)."""
     from cluster import runtime
     t0 = time.time()
     for key in ("data_dir", "cf_dir"):       # the run's config.json must not depend on the cwd
@@ -353,7 +359,11 @@ def train(cfg: TrainConfig, hooks: list | None = None) -> dict:
     dashboard = info.get("dashboard_url") or "not started (run.dashboard=false, or a cluster without one)"
     print(f"[train] Ray dashboard: {dashboard} (jobs, actors, logs, metrics)", file=sys.stderr)
     cf_dim, cf_model = _cf_info(cfg.data.cf_dir)
-    actors, client = start_data(cfg, cf_dim, cf_model)
+    from .planner import resolve_partitioning
+    chosen = resolve_partitioning(cfg, cf_dim)           # before the workers start: every rank gets the same
+    if chosen:
+        print(f"[train] {chosen}", file=sys.stderr)
+    actors, client = start_data(cfg, cf_dim, cf_model, evaluate)
     store = None
     try:
         store = start_method_store(cfg)

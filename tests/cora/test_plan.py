@@ -40,16 +40,22 @@ def setup(**kw) -> Setup:
 def test_memory_by_hand():
     m = plan(setup(), ROUND).memory
     assert m["frozen"] == 3_219_776 * 4 / 2
-    assert m["gathered"] == 49152 * 64 * 4 / 2                  # the embedding table, the other rank's half
+    # gathered whole: the embedding table (V h) alone at the start, or every decoder module held from its forward
+    # to its backward (2 layers x (36,864 + 2 norms x 64) + 64: all of them, far under DeepSpeed's reuse distance of 1e9)
+    assert m["gathered"] == max(49152 * 64, 2 * 36_992 + 64) * 4 == 12_582_912
     # G = 1000 + P: 2 layers x r 16 x (q 64 + k 32 + v 32 + o 64) = 6144; 16 bytes each, halved
     assert m["trainable"] == (1000 + 6144) * 16 / 2
     # (3h + 5 d_q + 3I) = 192 + 320 + 384 = 896 per token and layer; 800 tokens, 4 bytes, 2 layers
     assert m["activations"] == 896 * 800 * 4 * 2 == 5_734_400
-    assert m["peak"] == pytest.approx(6_439_552 + 6_291_456 + 57_152 + 5_734_400)
+    assert m["peak"] == pytest.approx(6_439_552 + 12_582_912 + 57_152 + 5_734_400)
+    assert plan(setup(world=1), ROUND).memory["gathered"] == 0        # one rank: its "partition" is the weight
     import dataclasses
     hw = dataclasses.replace(ROUND, runtime_bytes=5e8, comm_bytes=7e7)
     assert plan(setup(), hw).memory["peak"] == pytest.approx(m["peak"] + 5e8 + 7e7)
     assert plan(setup(world=1), hw).memory["comm"] == 0
+    grown = plan(setup(), dataclasses.replace(ROUND, activation_factor=1.5, gathered_factor=3)).memory  # CPU malloc
+    assert grown["activations"] == 1.5 * m["activations"] and grown["gathered"] == 3 * m["gathered"]
+    assert grown["frozen"] == m["frozen"] and grown["trainable"] == m["trainable"]
     ac = plan(setup(activation_checkpointing=True), ROUND).memory
     assert ac["activations"] == 800 * 4 * (2 * 64 + 896)         # layer inputs + one layer's set
     rep = plan(setup(partitioning="replicated", dtype="bfloat16"), ROUND).memory
@@ -65,20 +71,52 @@ def test_step_time_by_hand():
     assert flops(setup()) == 235_929_600 + 122_880_000 + 49_152_000 + 177_600 == 408_139_200
     t = plan(setup(), ROUND).time
     assert t["compute"] == pytest.approx(0.4081392)
-    # 2 passes x (half of the frozen and trainable weights over the wire + one collective per module:
-    # 9 x 2 layers + embedding + norm = 20, 4 x 2 P modules, 12 generator modules)
-    assert TINY.modules == 20
-    assert t["gather"] == pytest.approx(2 * (0.5 * (3_219_776 + 7144) * 4 / 1e8 + 40 * 1e-4)) == 0.1370768
+    # every module gathered once (held to its backward): half of the used frozen weights (embedding + layers +
+    # final norm: all but the tied head, 3,219,776) and of the trainable ones over the wire, one collective per
+    # module: 9 x 2 layers + embedding + final norm = 20, 4 x 2 P modules, 12 generator modules
+    assert t["gather"] == pytest.approx(0.5 * (3_219_776 + 7144) * 4 / 1e8 + 40 * 1e-4) == 0.0685384
     assert t["reduce"] == pytest.approx(0.5 * 7144 * 4 / 1e8)
     # overhead: 2 passes x (20 LLM modules + 4 x 2 P modules + 12 generator modules) x 1 ms
     assert t["optimiser"] == pytest.approx(7144 / 2 * 1e-8) and t["overhead"] == pytest.approx(0.08)
-    assert t["step"] == pytest.approx(0.4081392 + 0.1370768 + 0.00014288 + 3.572e-5 + 0.08)
+    assert t["step"] == pytest.approx(0.4081392 + 0.0685384 + 0.00014288 + 3.572e-5 + 0.08)
+    two = plan(setup(accumulation=2), ROUND).time       # two micro-batches, one AdamW step
+    assert two["step"] == pytest.approx(2 * (t["step"] - t["optimiser"]) + t["optimiser"])
     one = plan(setup(world=1), ROUND).time
     assert one["gather"] == 0 and one["reduce"] == 0
     rep = plan(setup(partitioning="replicated"), ROUND).time       # only the trainable part is gathered
-    assert rep["gather"] == pytest.approx(2 * (0.5 * 7144 * 4 / 1e8 + 20 * 1e-4))
+    assert rep["gather"] == pytest.approx(0.5 * 7144 * 4 / 1e8 + 20 * 1e-4)
+    # and only the modules holding ZeRO-3 parameters (P's 8, the generator's 12) run ZeRO-3's hooks
+    assert rep["overhead"] == pytest.approx(2 * 20 * 1e-3)
+    import dataclasses
+    cpu = dataclasses.replace(ROUND, busy_slowdown=1.25, element_s=1e-9, step_overhead_s=0.01, copy_bandwidth=1e9)
+    busy = plan(setup(), cpu).time                # two ranks sharing a node's cores: 1.25 x the compute time
+    # element-wise work: 896 saved elements per token and layer x 800 tokens x 2 layers, 1 ns each
+    assert busy["elementwise"] == pytest.approx(1.25 * 896 * 800 * 2 * 1e-9)
+    assert busy["compute"] == pytest.approx(1.25 * t["compute"])
+    assert busy["overhead"] == pytest.approx(t["overhead"] + 0.01)
+    alone = plan(setup(world=1), cpu).time        # alone: the full rate; ZeRO-3's one-rank handling of the base
+    assert alone["compute"] == pytest.approx(t["compute"]) and alone["elementwise"] == pytest.approx(896 * 1600e-9)
+    assert alone["gather"] == pytest.approx(3_219_776 * 4 / 1e9)
+    assert plan(setup(world=1, partitioning="replicated"), cpu).time["gather"] == 0
     ac = plan(setup(activation_checkpointing=True), ROUND).time
     assert ac["flops"] - t["flops"] == 800 * 2 * 73_728 and ac["overhead"] == pytest.approx(0.12)
+
+
+def test_deepspeeds_reuse_distance_decides_what_stays_gathered():
+    # a reuse distance of 30,000 elements: module i is kept iff 2 x (elements after it) < 30,000. From the end:
+    # final norm (after 0), down (after 64), up (after 8,256) are kept; gate (after 16,448: 32,896) and every
+    # module before it is released after its forward and gathered again for its backward
+    s = setup(reuse_distance=30_000)
+    m, t = plan(s, ROUND).memory, plan(s, ROUND).time
+    from cora.plan import gathers
+    g = gathers(s)
+    assert g["kept"] == 64 + 8192 + 8192
+    assert g["elements"] == 49152 * 64 + 16_448 + 2 * (2 * 36_992 + 64 - 16_448)
+    assert g["calls"] == 1 + 3 + 2 * 16
+    assert m["gathered"] == 49152 * 64 * 4                 # the table still dominates the transient
+    assert t["gather"] == pytest.approx(0.5 * (g["elements"] + 7144) * 4 / 1e8 + (36 + 20) * 1e-4)
+    # parameters under the persistence threshold are whole on every rank: never gathered
+    assert gathers(setup(persistence_threshold=5000))["calls"] == 1 + 2 * 3
 
 
 def test_the_choice_of_partitioning_changes_with_size():

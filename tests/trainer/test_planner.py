@@ -35,3 +35,39 @@ def test_cora_plan_auto_names_the_choice(capsys):
                  "--partitioning", "auto", "--activation-checkpointing"]) == 0
     out = capsys.readouterr().out
     assert "replicated" in out and "zero3 would take" in out
+
+
+def test_cora_train_resolves_auto_partitioning_before_the_workers_start():
+    """engine.partitioning=auto becomes the planner's choice for the run's own setup (its LLM, workers, batch,
+    prompt length, dtype), with the reason; a concrete choice is left alone."""
+    from cora.config import from_dict
+    from trainer.config import TrainConfig
+    from trainer.planner import resolve_partitioning
+    small = from_dict(TrainConfig, {"llm": {"name": "tiny-llama"}, "run": {"workers": 2},
+                                    "engine": {"partitioning": "auto"}})
+    line = resolve_partitioning(small, cf_dim=16)
+    assert small.engine.partitioning == "replicated"            # whole on each rank, and no gathers: faster
+    assert line.startswith("engine.partitioning=auto -> replicated (replicated: ") and "zero3 would take" in line
+    # 70B in fp32 on this machine's profile (12 GiB per rank): nothing fits; zero3 needs the least
+    big = from_dict(TrainConfig, {"llm": {"name": "llama-3-70b-shape"}, "run": {"workers": 2},
+                                  "engine": {"partitioning": "auto"}})
+    assert "nothing fits" in resolve_partitioning(big, cf_dim=16) and big.engine.partitioning == "zero3"
+    fixed = from_dict(TrainConfig, {"llm": {"name": "tiny-llama"}, "engine": {"partitioning": "zero3"}})
+    assert resolve_partitioning(fixed, cf_dim=16) == "" and fixed.engine.partitioning == "zero3"
+
+
+def test_scaling_efficiency_is_per_size_and_partitioning_weak_or_strong():
+    from trainer.scale import COLUMNS, efficiency
+
+    def row(size, part, w, sps, status="measured"):
+        return {**dict.fromkeys(COLUMNS, ""), "size": size, "partitioning": part, "workers": w, "samples_per_s": sps,
+                "status": status}
+    rows = [row("a", "zero3", 1, 10.0), row("a", "zero3", 2, 15.0), row("a", "replicated", 1, 12.0),
+            row("a", "replicated", 2, 18.0), row("a", "replicated", 4, 24.0), row("b", "zero3", 2, 4.0),
+            row("b", "zero3", 4, 6.0), row("c", "zero3", 1, 0, status="does not fit: planned 9 GiB")]
+    efficiency(rows, strong=False)
+    # samples/s per worker against the smallest worker count of the same size and partitioning
+    assert [r["weak_efficiency"] for r in rows] == [1.0, 0.75, 1.0, 0.75, 0.5, 1.0, 0.75, ""]
+    assert all(r["strong_efficiency"] == "" for r in rows)
+    efficiency(rows, strong=True)                 # engine.global_batch_size fixed: the same work, split
+    assert [r["strong_efficiency"] for r in rows][:5] == [1.0, 0.75, 1.0, 0.75, 0.5]

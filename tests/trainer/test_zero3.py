@@ -143,11 +143,13 @@ def test_training_is_finite_falls_and_sees_each_sample_once_per_epoch(two_rank_r
         assert sorted(seen) == sorted(train_ids)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
-def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, checkpointing):
+@pytest.mark.parametrize("checkpointing,partitioning", [(False, "zero3"), (True, "zero3"), (False, "replicated")],
+                         ids=["plain", "activation_checkpointing", "replicated_base"])
+def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, checkpointing, partitioning):
     """Same seed, same samples: rank 0's and rank 1's k-th batches together are the k-th batch of a
     plain single-process run (no DeepSpeed), which must give the same loss step after step; also with
-    the LLM's activations recomputed in backward (the per-sample path must recompute identically)."""
+    the LLM's activations recomputed in backward (the per-sample path must recompute identically), and with
+    the frozen LLM replicated (whole on each rank, ZeRO-3 over the generator and P only)."""
     import torch
     from torch import nn
 
@@ -172,12 +174,16 @@ def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, c
     cfg = from_dict(TrainConfig, {
         "llm": {"name": "tiny-llama"}, "run": {"max_steps": steps, "seed": 3, "workers": 2},
         "generator": gen, "optim": optim, "injection": {"dropout": 0.0},
-        "engine": {"activation_checkpointing": checkpointing}})
+        "engine": {"activation_checkpointing": checkpointing, "partitioning": partitioning}})
     handover = Handover(train=actors, cf_dim=FACTORS, total_steps=steps,
                         hooks=[Report(tmp_path / "report", record_batches=steps)])
     run(cfg, handover, storage_path=str(tmp_path / "runs"))
     reports = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["activation_checkpointing"] is checkpointing for r in reports)
+    for r in reports:                     # the frozen LLM's elements this rank holds: half of it, or all of it
+        part = r["llm_partition"]
+        assert part["total"] == 3_219_776 and part["share"] == pytest.approx(1.0 if partitioning == "replicated"
+                                                                              else 0.5, abs=0.01)
     ranks = [r["log"] for r in reports]
 
     torch.manual_seed(3)                                       # the reference: one process, batch 8
