@@ -18,7 +18,7 @@ own figures (given); S is a point's measured step, the planner's terms are taken
 lengths (the mean for the time, the longest for the memory):
 
   element_s, step_overhead_s   t_e and t_0 from the two 1-worker replicated points (small, large):
-                     S - flops / F = activation elements x t_e + t_0, two equations
+                     S - flops / F - AdamW = activation elements x t_e + t_0, two equations
   copy_bandwidth     the large size's frozen bytes / (S_zero3 - S_replicated) at W = 1 (the same batches:
                      only ZeRO-3's handling of the frozen weights differs)
   busy_slowdown      (S - the trainable part's gathers, reduce and AdamW - t_0) / (flops / F + elements x
@@ -135,7 +135,8 @@ def fit(report: str, size: str, small: str, flops: float, latency: float) -> dic
     def step(key):
         return float(rows[key]["step_s"])
     t_r = {k: plan(setup(k), CPU).time for k in ((small, 1, "replicated"), (size, 1, "replicated"))}
-    (st, tt), (sl, tl) = [(step(k) - t["flops"] / flops, activation_elements(setup(k))) for k, t in t_r.items()]
+    (st, tt), (sl, tl) = [(step(k) - t["flops"] / flops - t["optimiser"], activation_elements(setup(k)))
+                          for k, t in t_r.items()]
     element_s = (sl - st) / (tl - tt)
     step_overhead = st - tt * element_s
     one = dataclasses.replace(CPU, flops=flops, latency=latency, element_s=element_s, step_overhead_s=step_overhead,

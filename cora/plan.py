@@ -214,8 +214,8 @@ class Hardware:
 # speed drifts by tens of percent between runs): fit them again on another.
 CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo)", flops=104.9e9,
                bandwidth=130.4e6, latency=0.2756e-3, optim_s_per_param=10.4e-9, module_overhead_s=0.0,
-               runtime_bytes=685e6, comm_bytes=8.5e6, memory_bytes=22 * 2**30, shared_by=2, element_s=6.172e-9,
-               step_overhead_s=0.03735, copy_bandwidth=3.414e9, busy_slowdown=1.173, activation_factor=1.799,
+               runtime_bytes=685e6, comm_bytes=8.5e6, memory_bytes=22 * 2**30, shared_by=2, element_s=6.104e-9,
+               step_overhead_s=0.03572, copy_bandwidth=3.414e9, busy_slowdown=1.175, activation_factor=1.799,
                gathered_factor=2.529)
 # Datasheet figures at an assumed 40% of peak for the products, NVLink all-gather bandwidth; not measured
 # (no GPU was lent to this work).
