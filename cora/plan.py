@@ -58,23 +58,28 @@ Step time per rank (seconds), ``plan(...).time``
                  + 6 B (n_q (G_gen - G_head) + G_head) (the generator: each of its n_q query tokens through
                  every Q-Former weight, an over-count for the cross-attention's key/value projections,
                  which read one token; the output projection G_head once, on the queries' mean)
-    compute      flops / F (F: achieved FLOP/s of one rank, ``Hardware.flops``; F_busy when W > 1 ranks
-                 share a node's cores, ``Hardware.busy_flops``)
+    compute      k_busy x flops / F (F: achieved FLOP/s of one rank on the products, ``Hardware.flops``;
+                 k_busy = ``Hardware.busy_slowdown`` when W > 1 ranks share a node's cores, else 1)
+    elementwise  k_busy x B T L (3h + 5 d_q + 3I) x t_e: the element-wise work (norms, SiLU, rotary, softmax,
+                 dropout and their backward), per saved activation element (``Hardware.element_s``)
     modules      M = M_llm + 4 L + M_gen: the modules holding ZeRO-3 parameters, each with ZeRO-3's hooks:
                  M_llm = 9 L + 2 (+1 for an untied head: 7 linears and 2 norms per layer, the embedding,
                  the final norm; 0 for a replicated base, whose weights are buffers), 4 L the injection's P
                  (q/k/v/o), M_gen the generator's (counted from the built generator)
-    gather       W > 1: (W - 1)/W x (E b + 4 G) / BW + (calls + 4 L + M_gen) x lat, E the frozen elements
+    gather       W = 1, zero3: E b / ``Hardware.copy_bandwidth`` (no collective; ZeRO-3 still handles the
+                 frozen weights every step).
+                 W > 1: (W - 1)/W x (E b + 4 G) / BW + (calls + 4 L + M_gen) x lat, E the frozen elements
                  gathered per step: each used module once at its forward (the embedding, the decoder
                  modules, the final norm) and again at its backward when it was released (``gathers``: none
                  under ~0.5B); the trainable part is held from forward to backward, gathered once. A
                  replicated base gathers only the trainable part (E = 0, calls = 0)
     reduce       (W - 1)/W x 4 G / BW (the trainable gradients' reduce-scatter)
     optimiser    G / W x t_p (AdamW per parameter, memory-bound; ``Hardware.optim_s_per_param``)
-    overhead     passes x M x t_mod: host time per module holding parameters and per pass (Python,
-                 ZeRO-3's pre/post module hooks)
-    step = k x (compute + gather + reduce + overhead) + optimiser, k micro-batches per optimiser step
-           (``Setup.accumulation``)
+    overhead     passes x M x t_mod + t_0: host time per module holding ZeRO-3 parameters and per pass
+                 (ZeRO-3's pre/post module hooks), and per micro-batch whatever the model
+                 (``Hardware.step_overhead_s``)
+    step = k x (compute + elementwise + gather + reduce + overhead) + optimiser, k micro-batches per
+           optimiser step (``Setup.accumulation``)
 """
 
 from __future__ import annotations
