@@ -252,8 +252,7 @@ def gathered_answer_row(llm, token_id: int):
     import deepspeed
     head = llm.get_output_embeddings()
     params = [head.weight] + ([head.bias] if getattr(head, "bias", None) is not None else [])
-    params = [p for p in params if hasattr(p, "ds_id")]          # a replicated base's are whole buffers
-    with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):
+    with deepspeed.zero.GatheredParameters(params):     # a no-op on a replicated base's whole buffers
         w = head.weight[token_id].detach().clone()
         b = None if getattr(head, "bias", None) is None else head.bias[token_id].detach().clone()
     return w, b

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import statistics
 import sys
@@ -155,8 +156,9 @@ def measured(row: dict, cfg, ranks: list[dict], hw, cf_dim: int, warmup: int) ->
     # a step lasts as long as its slowest rank: the ranks' batches differ in length (bucketed per rank)
     seq = round(statistics.mean(max(s["padded_tokens"] for s in group) for group in zip(*steps)) / per_rank)
     longest = max(s["padded_tokens"] for r in ranks for s in r["log"]) // per_rank
-    p = plan(setup_of(cfg, row["partitioning"], cf_dim, seq), hw)        # the time at the slowest rank's length
-    peak_plan = plan(setup_of(cfg, row["partitioning"], cf_dim, longest), hw).memory["peak"] / 2**20  # the longest
+    setup = setup_of(cfg, row["partitioning"], cf_dim, seq)
+    p = plan(setup, hw)                                                   # the time at the slowest rank's length
+    peak_plan = plan(dataclasses.replace(setup, seq_len=longest), hw).memory["peak"] / 2**20   # the longest
     peak = max(r["memory"]["peak_rss_mib"] for r in ranks)
     row.update(status="measured", seq_len=seq, step_s=round(step_s, 4),
                samples_per_s=round(global_batch / step_s, 2), tokens_per_s=round(padded / step_s, 1),
