@@ -2,6 +2,7 @@
 
     python benchmarks/injection.py --json                 (dropout 0.05)
     python benchmarks/injection.py --json --dropout 0     (no dropout anywhere)
+    python benchmarks/injection.py --json --zero3 1,2     (also the training path: ZeRO-3, 1 and 2 ranks)
 
 Side by side in one run, on a SmolLM2-135M-shaped Llama with random weights (hidden 576, 30 layers,
 9 heads, 3 KV heads, intermediate 1536, vocab 49152), batch 8, sequence 128, r=16 on q/k/v/o:
@@ -20,6 +21,16 @@ per module, as peft does; lora and cora once per layer input, shared by q/k/v, a
 injection does). All score the same way (the "Yes" logit at the last position, BCE loss), so the
 ratios measure the adapters, not the head. ``frozen_full_logits`` is the frozen LLM through the
 ordinary HF head (full-vocabulary logits at every position), for reference.
+
+The training path (``--zero3 1,2``): frozen, lora and cora again, each as the trainer builds it
+(``trainer.engine``: the LLM built partitioned under ``deepspeed.zero.Init``, the "Yes" row gathered,
+``deepspeed.initialize`` with AdamW on the trainable parameters, ZeRO-3 on gloo) in W processes on this
+host, each rank with the same batch size, and timed by the trainer's own step (``trainer.worker.train_step``:
+forward, backward with ZeRO-3's gradient reduce-scatter, optimiser step). ``frozen`` there is the
+frozen LLM with one trainable scalar added to its logit (DeepSpeed needs a parameter to train; its
+optimiser step is nothing), its input embeddings detached with gradients (as in one process).
+A repetition's time is the slowest rank's; ``zero3.W.ratios`` hold the medians over repetitions of the
+forward + backward ratios (what one process measures) and of the whole steps' (``*_step``).
 
 Timing: after warm-up, each repetition runs every variant once, in an order rotated by one per
 repetition (no variant always runs first or after the same one). A ratio is taken within each
@@ -45,6 +56,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cora.injection import InjectedLinear, InjectionConfig, adapter_dropout  # noqa: E402
 from cora.llm import build_preset, load_tokenizer  # noqa: E402
+from cora.methods import Method  # noqa: E402
 from cora.scoring import Batch, CoRAModel  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -152,6 +164,113 @@ def build(args):
     return steps, models
 
 
+class FrozenFloor(Method):
+    """The frozen LLM in the trainer's engine: no adapter, one trainable scalar on the logit (DeepSpeed trains
+    something), gradients to the detached input embeddings (the floor of every adapter's backward)."""
+
+    name = "frozen"
+
+    def attach(self, model, injection, generator, user_dim, item_dim):
+        model.injection, model.generator = None, None
+        model.floor = nn.Parameter(torch.zeros(()))
+
+    def trainable(self, model):
+        return [model.floor]
+
+    def inputs(self, model, batch):
+        return {"inputs_embeds": model.llm.get_input_embeddings()(batch.input_ids).detach().requires_grad_()}
+
+    def score(self, model, batch, hidden):
+        return model.yes_logit(hidden) + model.floor
+
+
+ZERO3_VARIANTS = ("frozen", "lora", "cora")
+
+
+def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
+    """One rank of the training-path measurement (spawned W times); rank 0 writes the times to ``out``."""
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from trainer.engine import select_accelerator
+    select_accelerator(args.device)
+    import deepspeed
+    import numpy as np
+    import torch.distributed as dist
+
+    from cora.config import from_dict
+    from cora.generator import GeneratorConfig
+    from cora.llm import resolve_answer_token
+    from trainer import engine as eng
+    from trainer.config import TrainConfig
+    from trainer.worker import train_step
+    torch.set_num_threads(max(1, args.threads // world))
+    deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo")
+    cfg = from_dict(TrainConfig, {"llm": {"name": "smollm2-135m-shape", "dtype": args.dtype},
+                                  "engine": {"micro_batch_size": args.batch, "bf16": args.dtype == "bfloat16"},
+                                  "run": {"workers": world, "device": args.device}})
+    ds = eng.ds_config(cfg.engine, world)
+    inj = InjectionConfig(rank=args.rank, alpha=2 * args.rank, dropout=args.dropout, targets=TARGETS)
+    engines = {}
+    for name in ZERO3_VARIANTS:
+        torch.manual_seed(0)
+        llm, tok = eng.build_llm(cfg.llm, ds, "zero3")
+        yes = resolve_answer_token(tok)
+        method = {"frozen": FrozenFloor(), "lora": "tallrec", "cora": "cora"}[name]
+        model = CoRAModel(llm, yes, 256, 256, replace(inj, adapter="lora") if name == "lora" else inj,
+                          GeneratorConfig(), answer_weight=eng.gathered_answer_row(llm, yes), method=method)
+        engines[name] = eng.initialize(model, ds, cfg.optim, 1000)[0]
+    g = np.random.default_rng(0)
+    raw = {"input_ids": g.integers(0, 49152, (args.batch, args.seq)), "lengths": np.full(args.batch, args.seq),
+           "user_emb": g.standard_normal((args.batch, 256), dtype=np.float32),
+           "item_emb": g.standard_normal((args.batch, 256), dtype=np.float32),
+           "labels": g.integers(0, 2, args.batch).astype(np.float32)}
+    times: dict[str, list] = {k: [] for k in ZERO3_VARIANTS}
+    for rep in range(args.warmup + args.reps):
+        k = rep % len(ZERO3_VARIANTS)
+        for name in ZERO3_VARIANTS[k:] + ZERO3_VARIANTS[:k]:
+            dist.barrier()
+            record = train_step(engines[name], raw)
+            if rep >= args.warmup:
+                times[name].append((record["forward"] + record["backward"], record["seconds"]))
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, times)
+    if rank == 0:      # a repetition lasts as long as its slowest rank
+        slowest = {k: [tuple(max(r[k][i][j] for r in everyone) for j in (0, 1)) for i in range(args.reps)]
+                   for k in ZERO3_VARIANTS}
+        Path(out).write_text(json.dumps(slowest))
+    dist.destroy_process_group()
+
+
+def zero3(args) -> dict:
+    """The training path at each world size of ``--zero3``: per W, the per-repetition ratios' medians and
+    spreads, forward + backward and whole steps."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+    result = {}
+    for world in [int(w) for w in args.zero3.split(",")]:
+        with socket.socket() as sock, tempfile.TemporaryDirectory() as tmp:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+            out = str(Path(tmp) / "times.json")
+            mp.spawn(zero3_rank, args=(world, args, port, out), nprocs=world)
+            slowest = json.loads(Path(out).read_text())
+        entry = {"ranks": world, "threads_per_rank": max(1, args.threads // world)}
+        for j, suffix in ((0, ""), (1, "_step")):
+            times = {k: [t[j] for t in v] for k, v in slowest.items()}
+            part = ratios(times)
+            entry[f"median_s{suffix}"] = {k: round(statistics.median(v), 4) for k, v in times.items()}
+            entry.setdefault("ratios", {}).update({k + suffix: v for k, v in part["ratios"].items()})
+            entry.setdefault("spread", {}).update({k + suffix: v for k, v in part["spread"].items()})
+        result[str(world)] = entry
+        if not args.json:
+            print(f"zero3 {world} rank(s): {entry['ratios']}", file=sys.stderr)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
@@ -164,14 +283,23 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out (e.g. naive)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--zero3", default="", help="also the training path under ZeRO-3 at these world sizes, e.g. 1,2")
+    ap.add_argument("--zero3-only", action="store_true", help="only the training path (skip the one-process part)")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    steps, models = build(args)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    for s in filter(None, args.skip.split(",")):
-        steps.pop(s)
-    times = timed(steps, models, args, sync)
-    print(json.dumps(summary(times, args), indent=None if args.json else 2))
+    args.threads = torch.get_num_threads()
+    result = {}
+    if not args.zero3_only:
+        torch.manual_seed(0)
+        steps, models = build(args)
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        for s in filter(None, args.skip.split(",")):
+            steps.pop(s)
+        times = timed(steps, models, args, sync)
+        del steps, models
+        result = summary(times, args)
+    if args.zero3:
+        result = {**(result or summary({}, args)), "zero3": zero3(args)}
+    print(json.dumps(result, indent=None if args.json else 2))
 
 
 def timed(steps: dict, models: list, args, sync) -> dict[str, list[float]]:
@@ -208,12 +336,19 @@ def summary(times: dict[str, list[float]], args) -> dict:
            "model": "smollm2-135m-shape", "batch": args.batch, "seq": args.seq, "rank": args.rank,
            "dropout": args.dropout, "dropout_implementation": "cora.injection.adapter_dropout (every variant)",
            "targets": TARGETS, "reps": args.reps, "order": "rotated by one variant per repetition",
-           "median_s": {k: round(statistics.median(v), 4) for k, v in times.items()},
-           "min_s": {k: round(min(v), 4) for k, v in times.items()},
-           "max_s": {k: round(max(v), 4) for k, v in times.items()},
-           "ratios": {}, "spread": {}}
+           "median_s": {k: round(statistics.median(v), 4) for k, v in times.items() if v},
+           "min_s": {k: round(min(v), 4) for k, v in times.items() if v},
+           "max_s": {k: round(max(v), 4) for k, v in times.items() if v},
+           **ratios(times)}
+    return out
+
+
+def ratios(times: dict[str, list[float]]) -> dict:
+    """{"ratios": the median over repetitions of each RATIOS pair's per-repetition ratio, "spread": its (min,
+    max)}, for the pairs both of whose variants were timed."""
+    out: dict = {"ratios": {}, "spread": {}}
     for key, (a, b) in RATIOS.items():
-        if a in times and b in times:
+        if times.get(a) and times.get(b):
             per_rep = [x / y for x, y in zip(times[a], times[b])]
             out["ratios"][key] = round(statistics.median(per_rep), 4)
             out["spread"][key] = [round(min(per_rep), 4), round(max(per_rep), 4)]

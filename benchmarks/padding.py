@@ -13,6 +13,13 @@ planned exactly as the actors plan it (cluster.plan.epoch_lists, with a plan.Buc
 size) and cut into batches. The waste of a batch is its (B, T) slots minus its prompts' tokens, T the
 longest prompt rounded up to the multiple; a weight-0 padding batch is all waste. The share
 padded / (padded + real) is reported per epoch (each epoch is another shuffle): min, median, max.
+
+The ranks of a step also wait for each other: a step lasts as long as its longest batch. ``idle_share``
+is the share of the ranks' step time spent waiting, with a rank's time taken as proportional to its
+batch's (B, T) slots: sum over steps and ranks of (T_max of the step - T_rank) / sum of T_max.
+With bucketing it is given for both batch orders (``plan.Bucketing.order``): "step" (the same shuffle on
+every rank: a step's batches have similar lengths; the trainer's) and "rank" (each rank its own shuffle,
+the order before "step"); the padding share is the same for both (the same batches, other steps).
 No training runs: this measures the batches, which is what the trainer pads.
 """
 
@@ -65,37 +72,49 @@ def shard_lengths(data_dir: Path, family: str, max_history: int, max_length: int
                       for s in read_shard(p, None)]) for p in paths]
 
 
-def waste(lengths: list[np.ndarray], workers: int, batch: int, epoch: int, window: int, multiple: int) -> tuple:
-    """(padded slots, real tokens) of one epoch over all ranks, planned as the actors plan it."""
+def waste(lengths: list[np.ndarray], workers: int, batch: int, epoch: int, window: int, multiple: int,
+          order: str = "step") -> tuple:
+    """(padded slots, real tokens, idle slots, step slots) of one epoch over all ranks, planned as the actors
+    plan it; idle: per step and rank, the slots of (the step's longest T - the rank's T), step: of the step's
+    longest T (what the idle share is taken of)."""
     from cluster import plan
     from cora.prompts import round_up
     sizes = [len(x) for x in lengths]
-    bucketing = plan.Bucketing(lengths, batch, window) if window else None
+    bucketing = plan.Bucketing(lengths, batch, window, order) if window else None
     owned = [np.concatenate([lengths[s] for s in plan.owned_shards(len(sizes), r, workers)]) for r in range(workers)]
     steps = plan.steps_per_epoch(sum(sizes), workers, batch)
     padded = real = 0
-    for rank, order in enumerate(plan.epoch_lists(sizes, workers, 0, epoch, bucketing)):
-        for b in plan.batches(order, steps, batch):
+    widths = np.zeros((workers, steps), dtype=np.int64)      # each rank's (B, T) slots per step
+    for rank, lst in enumerate(plan.epoch_lists(sizes, workers, 0, epoch, bucketing)):
+        for k, b in enumerate(plan.batches(lst, steps, batch)):
             if not b:                                  # the weight-0 padding sample: the rank's first own one
-                padded += round_up(int(owned[rank][0]), multiple)
+                widths[rank, k] = round_up(int(owned[rank][0]), multiple)
+                padded += int(widths[rank, k])
                 continue
             n = np.array([owned[o][i] for o, i in b])
-            padded += len(b) * round_up(int(n.max()), multiple) - int(n.sum())
+            widths[rank, k] = len(b) * round_up(int(n.max()), multiple)
+            padded += int(widths[rank, k]) - int(n.sum())
             real += int(n.sum())
-    return padded, real
+    longest = widths.max(0)
+    return padded, real, int((longest - widths).sum()), int(longest.sum() * workers)
 
 
 def measure(lengths, workers: int, batch: int, epochs: int, windows: list[int], multiples: list[int]) -> dict:
     out = {}
+    stat = lambda xs: (round(statistics.median(xs), 4), [round(min(xs), 4), round(max(xs), 4)])  # noqa: E731
     for multiple in multiples:
         for window in windows:
-            shares = []
-            for epoch in range(epochs):
-                padded, real = waste(lengths, workers, batch, epoch, window, multiple)
-                shares.append(padded / (padded + real))
-            key = f"window={window},multiple={multiple}"
-            out[key] = {"padding_share": round(statistics.median(shares), 4),
-                        "spread": [round(min(shares), 4), round(max(shares), 4)]}
+            entry = {}
+            for order in (("step", "rank") if window else ("step",)):
+                shares, idle = [], []
+                for epoch in range(epochs):
+                    padded, real, waited, slots = waste(lengths, workers, batch, epoch, window, multiple, order)
+                    shares.append(padded / (padded + real))
+                    idle.append(waited / slots)
+                entry["padding_share"], entry["spread"] = stat(shares)
+                name = "idle_share" if order == "step" else "idle_share_rank_order"
+                entry[name], entry[name + "_spread"] = stat(idle)
+            out[f"window={window},multiple={multiple}"] = entry
     return out
 
 
@@ -125,7 +144,9 @@ def main() -> None:
     for name, d in result["datasets"].items():
         print(f"{name}: {d['train_samples']} train samples, prompt tokens {d['prompt_tokens']}")
         for key, v in d["waste"].items():
-            print(f"  {key:22s} padding share {v['padding_share']:.3f}  [{v['spread'][0]:.3f}, {v['spread'][1]:.3f}]")
+            rank = f", per-rank order {v['idle_share_rank_order']:.3f}" if "idle_share_rank_order" in v else ""
+            print(f"  {key:22s} padding share {v['padding_share']:.3f}  [{v['spread'][0]:.3f}, {v['spread'][1]:.3f}]"
+                  f"  ranks idle {v['idle_share']:.3f}{rank}")
 
 
 if __name__ == "__main__":

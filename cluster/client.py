@@ -50,9 +50,10 @@ class BatchIterator:
                 raise ValueError(f"cursor is for epoch {cursor.epoch}, not {epoch}")
             skip = cursor.delivered
         self.stages = list(cursor.stages) if cursor is not None else []     # earlier groups (elastic resume)
+        self.bucket_order = cursor.bucket_order if cursor is not None else "step"
         self.consumed = self._first = skip // self.info["batch_size"]
         self._run = uuid.uuid4().hex            # next_batch calls of an earlier start are answered None
-        self.remaining = ray.get(actor.start_epoch.remote(epoch, skip, self._run, self.stages))
+        self.remaining = ray.get(actor.start_epoch.remote(epoch, skip, self._run, self.stages, self.bucket_order))
         self.wait_seconds, self.waits = 0.0, []
         self.in_flight = max(1, in_flight)
         self._ask_ahead()
@@ -122,7 +123,7 @@ class BatchIterator:
         self._refs.clear()              # the calls in flight died with the actor, or take nothing now
         self._run = uuid.uuid4().hex
         try:
-            left = ray.get(self.actor.start_epoch.remote(self.epoch, skip, self._run, self.stages),
+            left = ray.get(self.actor.start_epoch.remote(self.epoch, skip, self._run, self.stages, self.bucket_order),
                            timeout=RESTART_TIMEOUT_S)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             raise DataActorLost(f"{where}: the InteractionShard actor did not come back after it failed "
@@ -147,4 +148,4 @@ class BatchIterator:
         # batch slots handed over (a whole number of batches; the last batch of an epoch may be short)
         return Cursor(epoch=self.epoch, delivered=self.consumed * i["batch_size"], seed=i["seed"], world_size=i["world_size"],
                       batch_size=i["batch_size"], shards=i["shards"], rng={"seed": [i["seed"], self.epoch, i["rank"]]},
-                      stages=self.stages, bucket_window=i["bucket_window"])
+                      stages=self.stages, bucket_window=i["bucket_window"], bucket_order=self.bucket_order)

@@ -196,8 +196,9 @@ class InteractionShard:
         """The prompt lengths of the samples of ``shards`` (this actor's own), for the peers' bucketing."""
         return {s: self.lengths[s] for s in shards}
 
-    def _bucketing(self) -> plan.Bucketing | None:
-        """The split's prompt lengths (this rank's computed at start, the others' asked of their owners once)."""
+    def _bucketing(self, order: str = "step") -> plan.Bucketing | None:
+        """The split's prompt lengths (this rank's computed at start, the others' asked of their owners once);
+        ``order``: how the batches are shuffled (``plan.Bucketing.order``)."""
         if self.bucket_window <= 0:
             return None
         missing: dict[int, list[int]] = {}
@@ -206,7 +207,7 @@ class InteractionShard:
                 missing.setdefault(s % self.world_size, []).append(s)
         for got in ray.get([self._peer(o).get_lengths.remote(ss) for o, ss in missing.items()]):
             self.lengths.update(got)
-        return plan.Bucketing([self.lengths[s] for s in range(len(self.sizes))], self.batch_size, self.bucket_window)
+        return plan.Bucketing([self.lengths[s] for s in range(len(self.sizes))], self.batch_size, self.bucket_window, order)
 
     @ray.method(concurrency_group="peers", max_task_retries=-1)
     def get_samples(self, indices: list[int]) -> list[dict]:
@@ -215,12 +216,14 @@ class InteractionShard:
 
     # ------------------------------------------------------------------ epochs
     @ray.method(concurrency_group="feed", max_task_retries=-1)
-    def start_epoch(self, epoch: int, skip: int = 0, run: str | None = None, stages: list | None = None) -> int:
+    def start_epoch(self, epoch: int, skip: int = 0, run: str | None = None, stages: list | None = None,
+                    bucket_order: str = "step") -> int:
         """Begin producing ``epoch``'s batches, skipping the first ``skip`` samples (a restored cursor;
         a multiple of the batch size). Returns the number of batches that will follow. ``run``: a token
         that ``next_batch`` calls must carry (calls left over from an earlier start get None). ``stages``:
         the cursor's earlier worker groups of this epoch (an elastic resume): the epoch is then what they
-        left untrained, re-planned over this group (``plan.regroup``). Idempotent, so Ray sends it again
+        left untrained, re-planned over this group (``plan.regroup``). ``bucket_order``: the cursor's (a
+        checkpoint written before "step" existed resumes in its own order). Idempotent, so Ray sends it again
         when the actor died under it (as ``describe``); ``next_batch`` is not."""
         if skip % self.batch_size:
             raise DataError(f"cursor offset {skip} is not a multiple of the batch size {self.batch_size}")
@@ -228,7 +231,8 @@ class InteractionShard:
         self.stop.clear()
         self.ended, self.run = False, run
         self.queue = queue.Queue(maxsize=self.prefetch)
-        lists = plan.replanned_lists(self.sizes, self.world_size, self.seed, epoch, stages or [], self._bucketing())
+        lists = plan.replanned_lists(self.sizes, self.world_size, self.seed, epoch, stages or [],
+                                     self._bucketing(bucket_order))
         steps = plan.steps_per_epoch(sum(map(len, lists)), self.world_size, self.batch_size) if stages else self.steps
         order = lists[self.rank]
         batches = plan.batches(order, steps, self.batch_size)[skip // self.batch_size:]

@@ -29,8 +29,11 @@ Length bucketing (``Bucketing``, data.bucket_window > 0). A batch is padded to i
 random batch of short and long prompts trains mostly padding. With bucketing, each rank's list (planned
 as above, for every group of a stage chain) is reordered window by window: the samples of ``window``
 consecutive whole batches are sorted by prompt length (ties by list position), cut into batches, and
-those batches put in a random order (seeded by seed, epoch, rank and stage). A trailing part batch stays
-last. The reordered list is still a pure function of the cursor's fields (plus the samples' lengths,
+those batches put in a random order, seeded by (seed, epoch, stage) and the same on every rank
+(``order="step"``): the ranks' windows cover the same steps and are each sorted, so at every step every
+rank takes the batch of the same length rank in its window, and a step's batches have similar lengths
+(the ranks of a step wait for the longest one). ``order="rank"``, the order of checkpoints written before
+it, seeds each rank's shuffle with its rank too (independent orders). A trailing part batch stays last. The reordered list is still a pure function of the cursor's fields (plus the samples' lengths,
 which every actor computes the same way), so the cursor stays exact: a rank has delivered exactly the
 first ``delivered`` entries of its reordered list, and the elastic re-planning takes the tails of the
 reordered lists.
@@ -62,6 +65,9 @@ class Cursor:
     unless the run was resumed with another number of ranks mid-epoch; see ``regroup``)."""
     bucket_window: int = 0
     """Batches per length-bucketing window (0: no bucketing): the lists' order depends on it."""
+    bucket_order: str = "rank"
+    """How the bucketed batches are shuffled (``Bucketing.order``): "step" (the same order on every rank,
+    what a new epoch uses) or "rank" (one order per rank: a cursor written before "step" existed)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +75,9 @@ class Cursor:
     @staticmethod
     def from_dict(d: dict) -> "Cursor":
         return Cursor(**d)
+
+
+ORDERS = ("step", "rank")
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,20 @@ class Bucketing:
     batch_size: int
     window: int
     """Whole batches per window (>= 1)."""
+    order: str = "step"
+    """"step": every rank's batches shuffled by one order, so a step's batches have similar lengths;
+    "rank": each rank's by its own (the order before "step"; kept so that its cursors resume exactly)."""
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown bucket order {self.order!r}; expected one of {ORDERS}")
+
+    def generator(self, seed: int, epoch: int, rank: int, stage: int) -> np.random.Generator:
+        """The generator that orders rank ``rank``'s batches in ``epoch`` (``stage``: the number of earlier
+        groups of the epoch)."""
+        if self.order == "step":
+            return np.random.default_rng([seed, epoch, stage, 0x5354])   # "ST": not an epoch_generator seed
+        return np.random.default_rng([seed, epoch, rank, 1, stage])
 
     def key(self, position: tuple[int, int]) -> int:
         return int(self.lengths[position[0]][position[1]])
@@ -99,11 +122,6 @@ def bucket(order: list, keys, batch_size: int, window: int, rng: np.random.Gener
         for c in rng.permutation(len(chunks)):
             out += [order[i] for i in chunks[c]]
     return out + list(order[whole:])
-
-
-def bucket_generator(seed: int, epoch: int, rank: int, stage: int) -> np.random.Generator:
-    """The generator that orders rank ``rank``'s batches in ``epoch`` (``stage``: the number of earlier groups)."""
-    return np.random.default_rng([seed, epoch, rank, 1, stage])
 
 
 def owned_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
@@ -145,7 +163,7 @@ def epoch_lists(shard_sizes: list[int], world_size: int, seed: int, epoch: int,
                                   for s in owned_shards(len(shard_sizes), r, world_size)] or [np.zeros(0, np.int64)])
                   for r in range(world_size)]
     return [bucket(lst, [owner_keys[o][i] for o, i in lst], bucketing.batch_size, bucketing.window,
-                   bucket_generator(seed, epoch, r, 0)) for r, lst in enumerate(lists)]
+                   bucketing.generator(seed, epoch, r, 0)) for r, lst in enumerate(lists)]
 
 
 def top_up(lists: list[list], pool: list, quota: list[int]) -> list[list]:
@@ -201,7 +219,7 @@ def epoch_positions(shard_sizes: list[int], world_size: int, seed: int, epoch: i
     if bucketing is None:
         return lists
     return [bucket(lst, [bucketing.key(p) for p in lst], bucketing.batch_size, bucketing.window,
-                   bucket_generator(seed, epoch, r, len(stages))) for r, lst in enumerate(lists)]
+                   bucketing.generator(seed, epoch, r, len(stages))) for r, lst in enumerate(lists)]
 
 
 def replanned_lists(shard_sizes: list[int], world_size: int, seed: int, epoch: int,
@@ -234,7 +252,7 @@ def regroup(cursors: list[dict | None], world_size: int) -> list[dict | None]:
         raise ValueError("the saved cursors mix ranks at an epoch's end and ranks mid-epoch; the checkpoint "
                          "is not a consistent cut of the data")
     first = cursors[0]
-    keys = ("epoch", "seed", "batch_size", "shards", "world_size", "bucket_window")
+    keys = ("epoch", "seed", "batch_size", "shards", "world_size", "bucket_window", "bucket_order")
     odd = [c for c in cursors if any(c.get(k) != first.get(k) for k in keys)]
     if odd or first["world_size"] != len(cursors):
         raise ValueError(f"the saved cursors disagree on {keys} (or with their count {len(cursors)}): "

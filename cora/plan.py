@@ -404,21 +404,32 @@ def plan(s: Setup, hw: Hardware = CPU) -> Plan:
     return Plan(s, hw, memory(s, hw), step_time(s, hw))
 
 
-def choose(s: Setup, hw: Hardware) -> tuple[Plan, str]:
-    """The fastest partitioning that fits on ``hw``, and why (zero3 vs a replicated frozen base)."""
-    plans = {p: plan(Setup(**{**asdict(s), "shape": s.shape, "partitioning": p}), hw)
-             for p in ("zero3", "replicated")}
-    fitting = [p for p in plans.values() if p.fits]
+def choose(s: Setup, hw: Hardware, checkpointing: tuple[bool, ...] | None = None,
+           partitionings: tuple[str, ...] = ("zero3", "replicated")) -> tuple[Plan, str]:
+    """The fastest option that fits on ``hw``, and why: among ``partitionings`` (zero3, a replicated frozen
+    base), and with ``checkpointing`` (e.g. (False, True)) activation checkpointing off or on as well (default:
+    as ``s`` has it). Recomputing the activations costs a forward, so it is chosen only where the activations
+    do not fit otherwise. Nothing fits: the option that needs the least memory, with what to change."""
+    both = checkpointing is not None and len(set(checkpointing)) > 1
+    options = [(p, ac) for p in partitionings for ac in (checkpointing or (s.activation_checkpointing,))]
+    plans = [plan(Setup(**{**asdict(s), "shape": s.shape, "partitioning": p, "activation_checkpointing": ac}), hw)
+             for p, ac in options]
+
+    def name(p: Plan) -> str:
+        ac = p.setup.activation_checkpointing
+        return p.setup.partitioning + ((" with" if ac else " without") + " activation checkpointing" if both else "")
+
+    fitting = [p for p in plans if p.fits]
     if not fitting:
-        least = min(plans.values(), key=lambda p: p.memory["peak"])
-        return least, (f"nothing fits: the smallest, {least.setup.partitioning}, needs "
+        least = min(plans, key=lambda p: p.memory["peak"])
+        return least, (f"nothing fits: the smallest, {name(least)}, needs "
                        f"{least.memory['peak'] / 2**30:.1f} GiB per rank, {least.budget / 2**30:.1f} GiB available; "
-                       + ("add ranks" if s.activation_checkpointing else "add ranks or use activation checkpointing"))
+                       + ("add ranks" if least.setup.activation_checkpointing
+                          else "add ranks or use activation checkpointing"))
     best = min(fitting, key=lambda p: p.time["step"])
-    other = plans["replicated" if best.setup.partitioning == "zero3" else "zero3"]
-    why = (f"{best.setup.partitioning}: {best.time['step']:.3g} s/step, {best.memory['peak'] / 2**30:.1f} GiB per rank; "
-           + (f"{other.setup.partitioning} would take {other.time['step']:.3g} s/step" if other.fits else
-              f"{other.setup.partitioning} does not fit ({other.memory['peak'] / 2**30:.1f} GiB)"))
+    others = [f"{name(p)} would take {p.time['step']:.3g} s/step" if p.fits
+              else f"{name(p)} does not fit ({p.memory['peak'] / 2**30:.1f} GiB)" for p in plans if p is not best]
+    why = f"{name(best)}: {best.time['step']:.3g} s/step, {best.memory['peak'] / 2**30:.1f} GiB per rank; " + "; ".join(others)
     return best, why
 
 

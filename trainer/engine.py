@@ -50,8 +50,11 @@ class EngineConfig:
     DeepSpeed's default (5e7); 'auto': 0.9 x h^2, and reduce_bucket_size h^2 (transformers' DeepSpeed
     rules), so a small model does not wait on one oversized bucket and a large one prefetches a layer's
     attention at a time."""
-    activation_checkpointing: bool = False
-    """Recompute the LLM's activations in backward (non-reentrant), trading compute for memory."""
+    activation_checkpointing: bool | Literal["auto"] = False
+    """Recompute the LLM's activations in backward (non-reentrant), trading compute for memory. auto: the
+    planner's choice (cora.plan.choose), made by ``cora train`` before the workers start: off where the
+    activations fit in the run's device memory (recomputing costs a forward), on where they do not; every
+    rank gets the same (a rank that recomputes issues ZeRO-3 gathers the others would not)."""
     partitioning: Literal["zero3", "replicated", "auto"] = "zero3"
     """Where the frozen LLM lives. zero3: partitioned over the ranks, every module all-gathered when used
     (memory N b / W, an all-gather of the model every step). replicated: a whole copy on every rank, held as

@@ -1,7 +1,7 @@
 """``cora plan``: per-rank memory and step time of a training configuration, before running it.
 
     cora plan --llm llama-2-7b-shape --workers 1,8 --micro-batch 8 --seq-len 256 --dtype bfloat16 \
-        --activation-checkpointing --hardware h100 --partitioning auto
+        --activation-checkpointing auto --hardware h100 --partitioning auto
     cora plan --llm /models/llama-2-7b --workers 8 --json
 
 The arithmetic is ``cora.plan`` (every formula and constant is stated there); this module resolves the
@@ -70,7 +70,7 @@ def setup_of(cfg, partitioning: str, cf_dim: int, seq_len: int | None = None):
     and ZeRO-3 sizes); ``seq_len``: the prompt length to plan for (default data.max_length)."""
     e = cfg.engine
     return setup_for(cfg.llm.name, cfg.run.workers, e.micro_batch_size, seq_len or cfg.data.max_length,
-                     cfg.llm.dtype, e.activation_checkpointing, partitioning, cfg.generator.__dict__, cf_dim,
+                     cfg.llm.dtype, e.activation_checkpointing is True, partitioning, cfg.generator.__dict__, cf_dim,
                      cfg.injection.rank, e.persistence(shape_of(cfg.llm.name).hidden),
                      e.accumulation(cfg.run.workers))
 
@@ -81,15 +81,27 @@ def hardware_of(cfg):
     return HARDWARE["h100" if cfg.run.device == "cuda" else "cpu"]
 
 
-def resolve_partitioning(cfg, cf_dim: int) -> str:
-    """engine.partitioning 'auto' made concrete (cora.plan.choose: the fastest that fits); the choice and its
-    reason, as one line for the driver's log. Other values are returned as they are."""
+def checkpointing_options(cfg) -> tuple[bool, ...] | None:
+    """What ``cora.plan.choose`` may pick for activation checkpointing: both when the config says auto,
+    else None (as configured)."""
+    return (False, True) if cfg.engine.activation_checkpointing == "auto" else None
+
+
+def resolve_auto(cfg, cf_dim: int) -> str:
+    """engine.partitioning and engine.activation_checkpointing 'auto' made concrete (cora.plan.choose: the
+    fastest that fits); the choice and its reason, as one line for the driver's log ('' when neither is auto).
+    A fixed value of one is kept while the other is chosen."""
     from cora.plan import choose
-    if cfg.engine.partitioning != "auto":
+    e = cfg.engine
+    auto = [k for k in ("partitioning", "activation_checkpointing") if getattr(e, k) == "auto"]
+    if not auto:
         return ""
-    best, why = choose(setup_of(cfg, "zero3", cf_dim), hardware_of(cfg))
-    cfg.engine.partitioning = best.setup.partitioning
-    return f"engine.partitioning=auto -> {best.setup.partitioning} ({why}; planner: {hardware_of(cfg).name})"
+    both = ("zero3", "replicated")
+    best, why = choose(setup_of(cfg, "zero3", cf_dim), hardware_of(cfg), checkpointing_options(cfg),
+                       both if e.partitioning == "auto" else (e.partitioning,))
+    e.partitioning, e.activation_checkpointing = best.setup.partitioning, best.setup.activation_checkpointing
+    chosen = ", ".join(f"engine.{k}=auto -> {getattr(e, k)}" for k in auto)
+    return f"{chosen} ({why}; planner: {hardware_of(cfg).name})"
 
 
 def add_parser(sub) -> None:
@@ -100,7 +112,9 @@ def add_parser(sub) -> None:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (the padded prompt length)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", nargs="?", const="on", default="off", choices=["on", "off", "auto"],
+                   help="recompute the activations in backward (the flag alone: on); auto: the planner's choice, "
+                        "on only where the activations do not fit otherwise")
     p.add_argument("--partitioning", choices=["zero3", "replicated", "auto"], default="zero3",
                    help="auto: the fastest that fits, with the reason")
     p.add_argument("--generator", choices=sorted(GENERATORS), default="demo")
@@ -130,10 +144,13 @@ def run(args) -> int:
     rows = []
     for w in worlds:
         try:
-            s = setup_for(args.llm, w, args.micro_batch, args.seq_len, args.dtype, args.activation_checkpointing,
-                          "zero3" if args.partitioning == "auto" else args.partitioning, args.generator, args.cf_dim,
-                          args.rank, args.persistence_threshold)
-            p, why = choose(s, hw) if args.partitioning == "auto" else (plan(s, hw), "")
+            fixed = "zero3" if args.partitioning == "auto" else args.partitioning
+            s = setup_for(args.llm, w, args.micro_batch, args.seq_len, args.dtype, args.activation_checkpointing == "on",
+                          fixed, args.generator, args.cf_dim, args.rank, args.persistence_threshold)
+            free = "auto" in (args.partitioning, args.activation_checkpointing)
+            p, why = (choose(s, hw, (False, True) if args.activation_checkpointing == "auto" else None,
+                             ("zero3", "replicated") if args.partitioning == "auto" else (fixed,))
+                      if free else (plan(s, hw), ""))
         except ValueError as e:
             print(f"cora plan: {e}", file=sys.stderr)
             return 2

@@ -203,6 +203,10 @@ class Recipe:
         ds = eng.ds_config(cfg.engine, self.world, hidden)
         llm, tok = eng.build_llm(cfg.llm, ds, cfg.engine.partitioning)
         self.tok = tok
+        if cfg.engine.activation_checkpointing not in (True, False):
+            raise ValueError(f"engine.activation_checkpointing must be true or false here, got "
+                             f"{cfg.engine.activation_checkpointing!r} ('auto' is resolved by cora train before the "
+                             f"workers start: trainer.planner.resolve_auto)")
         if cfg.engine.activation_checkpointing:     # recompute the LLM's activations in backward (non-reentrant)
             llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         yes = resolve_answer_token(tok)

@@ -359,8 +359,8 @@ def train(cfg: TrainConfig, hooks: list | None = None, evaluate: bool = True) ->
     dashboard = info.get("dashboard_url") or "not started (run.dashboard=false, or a cluster without one)"
     print(f"[train] Ray dashboard: {dashboard} (jobs, actors, logs, metrics)", file=sys.stderr)
     cf_dim, cf_model = _cf_info(cfg.data.cf_dir)
-    from .planner import resolve_partitioning
-    chosen = resolve_partitioning(cfg, cf_dim)           # before the workers start: every rank gets the same
+    from .planner import resolve_auto
+    chosen = resolve_auto(cfg, cf_dim)           # before the workers start: every rank gets the same
     if chosen:
         print(f"[train] {chosen}", file=sys.stderr)
     actors, client = start_data(cfg, cf_dim, cf_model, evaluate)

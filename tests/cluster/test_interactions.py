@@ -1,6 +1,7 @@
 """InteractionShard actors: exactly-once across ranks, resume from a cursor, killed actors come back at
 their cursor, metrics, bad input."""
 
+import dataclasses
 import json
 import os
 import re
@@ -118,6 +119,15 @@ def test_length_bucketing_serves_every_sample_once_with_less_padding_and_resumes
     tail, _ = _run(_actors(data_dir, client, bucket_window=4, pad_multiple=8), epoch=3, cursors=cursors)
     for r in range(2):
         assert _ids(head[r]) + _ids(tail[r]) == _ids(full[r])        # same samples, same order
+    # a cursor written before the "step" order (no bucket_order: "rank") resumes in that order
+    fresh = _actors(data_dir, client, bucket_window=4, pad_multiple=8)
+    legacy = [dataclasses.replace(c, delivered=0, bucket_order="rank") for c in cursors]
+    whole, _ = _run(fresh, epoch=3, cursors=legacy)
+    rest, _ = _run(fresh, epoch=3, cursors=[dataclasses.replace(c, bucket_order="rank") for c in cursors])
+    for r in range(2):
+        assert _ids(whole[r][:5]) + _ids(rest[r]) == _ids(whole[r]) and _ids(whole[r]) != _ids(full[r])
+    gap = lambda got: np.mean([abs(a["input_ids"].shape[1] - b["input_ids"].shape[1]) for a, b in zip(*got)])  # noqa: E731
+    assert gap(full) < 0.6 * gap(whole), (gap(full), gap(whole))      # a step's ranks pad to similar lengths
     with pytest.raises(ValueError, match="bucket_window was 4, now 0"):
         BatchIterator(_actors(data_dir, client)[0], 3, cursors[0])
 

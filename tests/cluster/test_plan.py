@@ -125,6 +125,50 @@ def test_bucketing_sorts_each_window_into_batches_of_near_equal_length_and_shuff
     assert _waste(out, keys, 4) < 0.25 * _waste(order, keys, 4)
 
 
+def _step_lengths(lists, sizes, bucketing, world, batch):
+    """Per step, each rank's longest prompt: (steps, world)."""
+    owned = [plan.owned_positions(sizes, r, world) for r in range(world)]
+    steps = plan.steps_per_epoch(sum(sizes), world, batch)
+    return np.array([[max([bucketing.key(owned[o][i]) for o, i in b] or [0]) for b in plan.batches(lst, steps, batch)]
+                     for lst in lists]).T
+
+
+def test_step_order_gives_every_rank_batches_of_similar_length_at_each_step():
+    """A step waits for its slowest rank: with order "step" every rank takes, at each step, the batch of the
+    same length rank in its window, so the ranks' longest prompts per step are close; with the old per-rank
+    order ("rank") they are as far apart as two random batches of a window."""
+    sizes, world, batch = [60] * 8, 4, 4
+    lengths = _lengths(sizes)
+    gaps = {}
+    for order in plan.ORDERS:
+        bucketing = plan.Bucketing(lengths, batch_size=batch, window=6, order=order)
+        lists = plan.epoch_lists(sizes, world, 7, 1, bucketing)
+        per_step = _step_lengths(lists, sizes, bucketing, world, batch)
+        gaps[order] = float((per_step.max(1) - per_step.min(1)).mean())
+        if order == "step":       # the same permutation of each rank's sorted window: the same length ranks
+            ranks = [np.argsort(np.argsort(per_step[k:k + 6, r], kind="stable"), kind="stable")
+                     for k in range(0, 54, 6) for r in range(world)]
+            assert sum((a != b).sum() for a, b in zip(ranks[::world], ranks[1::world])) < 0.2 * 54
+    assert gaps["step"] < 0.4 * gaps["rank"], gaps
+    with pytest.raises(ValueError, match="unknown bucket order 'steps'"):
+        plan.Bucketing(lengths, batch, 6, "steps")
+
+
+def test_a_cursor_written_before_the_step_order_resumes_in_its_per_rank_order():
+    old = {"epoch": 1, "delivered": 8, "seed": 7, "world_size": 2, "batch_size": 4, "shards": "x", "rng": {},
+           "bucket_window": 3}
+    assert plan.Cursor.from_dict(old).bucket_order == "rank"
+    sizes = [30, 30, 11]
+    lengths = _lengths(sizes, 3)
+    legacy = plan.epoch_lists(sizes, 2, 7, 1, plan.Bucketing(lengths, 4, 3, "rank"))
+    for r, lst in enumerate(plan.epoch_lists(sizes, 2, 7, 1)):   # the generator the old code seeded per rank
+        keys = [int(np.concatenate([lengths[s] for s in plan.owned_shards(3, o, 2)])[i]) for o, i in lst]
+        assert legacy[r] == plan.bucket(lst, keys, 4, 3, np.random.default_rng([7, 1, r, 1, 0]))
+    assert legacy != plan.epoch_lists(sizes, 2, 7, 1, plan.Bucketing(lengths, 4, 3))
+    regrouped = plan.regroup([dict(old), dict(old, delivered=4)], 3)
+    assert all(plan.Cursor.from_dict(c).bucket_order == "rank" for c in regrouped)
+
+
 def test_bucketed_epoch_lists_reorder_each_ranks_own_list_and_nothing_else():
     sizes = [30, 30, 11]
     bucketing = plan.Bucketing(_lengths(sizes, 3), batch_size=4, window=3)

@@ -51,3 +51,31 @@ def test_the_order_rotates_and_ratios_are_per_repetition_with_their_spread():
     assert out["spread"]["cora_over_frozen"] == [1.0, 1.3]
     assert out["ratios"]["cora_over_lora_same_dropout"] == round(statistics.median([1.1, 2.0 / 2.2, 1.0]), 4)
     assert out["median_s"]["peft"] == 1.5 and out["min_s"]["frozen"] == 1.0 and out["max_s"]["lora"] == 2.2
+
+
+def test_the_training_paths_frozen_floor_scores_as_the_frozen_llm_and_trains_one_scalar(tokenizer):
+    """The ZeRO-3 part's ``frozen``: the frozen LLM's "Yes" logit plus a scalar (0 at start), the only trainable
+    parameter, with gradients flowing back to the (detached) input embeddings as in the one-process floor."""
+    from cora.llm import build_preset, resolve_answer_token
+    from cora.scoring import CoRAModel, collate
+    bench = load_benchmark("injection")
+    llm = build_preset("tiny-llama", tokenizer, torch.float32, seed=0)
+    yes = resolve_answer_token(tokenizer)
+    model = CoRAModel(llm, yes, 4, 4, method=bench.FrozenFloor())
+    assert model.trainable_parameters() == [model.floor] and model.injection is None
+    batch = collate([[5, 6, 7], [8, 9]], torch.zeros(2, 4), torch.zeros(2, 4), [1.0, 0.0])
+    with torch.no_grad():
+        want = llm(input_ids=batch.input_ids).logits[[0, 1], batch.lengths - 1, yes]
+    loss, logits = model.loss(batch)
+    torch.testing.assert_close(logits, want)
+    loss.backward()
+    assert model.floor.grad is not None and model.floor.grad != 0
+    assert all(p.grad is None for p in llm.parameters())
+
+
+def test_ratios_cover_only_the_pairs_that_ran():
+    bench = load_benchmark("injection")
+    out = bench.ratios({"frozen": [1.0, 2.0], "lora": [1.2, 2.2], "cora": [1.1, 2.4]})
+    assert set(out["ratios"]) == {"cora_over_frozen", "cora_over_lora_same_dropout", "lora_over_frozen"}
+    assert out["ratios"]["cora_over_frozen"] == round(statistics.median([1.1, 1.2]), 4)
+    assert out["spread"]["lora_over_frozen"] == [1.1, 1.2]

@@ -221,3 +221,28 @@ def test_storage_errors_are_retried_with_growing_back_off(tmp_path):
     gaps = [b - a for a, b in zip(calls, calls[1:])]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.1 and gaps[2] < 1.0     # doubled, then capped
     up.close()
+
+
+def test_tensors_are_streamed_to_safetensors_from_their_pieces_with_the_manifest_entry(tmp_path):
+    """write_safetensors: a file safetensors reads back exactly (pieces concatenated and cut as given, every dtype a
+    checkpoint holds), whose size and sha256 are those of its bytes; a piece list that does not fill its shape is
+    refused, as is a dtype safetensors has no name for."""
+    from safetensors.torch import load
+
+    from cora.fileio import file_entry
+    g = torch.Generator().manual_seed(0)
+    flat = [torch.randn(7, generator=g), torch.randn(7, generator=g)]
+    tensors = {"w": ck.Pieces((3, 4), [flat[0], flat[1][:5]]), "rng": torch.get_rng_state(),
+               "half": torch.randn(2, 3, generator=g).to(torch.bfloat16), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 4)}
+    entry = ck.write_safetensors(tmp_path / "t.safetensors", tensors)
+    data = (tmp_path / "t.safetensors").read_bytes()
+    assert entry == file_entry(data) and int.from_bytes(data[:8], "little") % 8 == 0
+    back = load(data)
+    assert torch.equal(back["w"], torch.cat([flat[0], flat[1][:5]]).view(3, 4))
+    for name in ("rng", "half", "scalar", "empty"):
+        assert back[name].dtype == tensors[name].dtype and torch.equal(back[name], tensors[name])
+    with pytest.raises(ValueError, match="pieces of 40 bytes for shape \\[3, 4\\]"):
+        ck.write_safetensors(tmp_path / "bad", {"w": ck.Pieces((3, 4), [flat[0], flat[1][:3]])})
+    with pytest.raises(TypeError, match="cannot write 'c'"):
+        ck.write_safetensors(tmp_path / "bad", {"c": torch.zeros(2, dtype=torch.complex64)})

@@ -35,6 +35,12 @@ def test_cora_plan_auto_names_the_choice(capsys):
                  "--partitioning", "auto", "--activation-checkpointing"]) == 0
     out = capsys.readouterr().out
     assert "replicated" in out and "zero3 would take" in out
+    # the 1.7B shape on this CPU: 1 rank fits without recomputing, 2 ranks (sharing 22 GiB) only with it
+    assert main(["plan", "--llm", "smollm2-1.7b-shape", "--workers", "1,2", "--partitioning", "auto",
+                 "--activation-checkpointing", "auto"]) == 0
+    one, two = capsys.readouterr().out.splitlines()[-2:]
+    assert "[replicated without activation checkpointing: " in one
+    assert "[replicated with activation checkpointing: " in two and "without activation checkpointing does not fit" in two
 
 
 def test_cora_train_resolves_auto_partitioning_before_the_workers_start():
@@ -42,18 +48,45 @@ def test_cora_train_resolves_auto_partitioning_before_the_workers_start():
     prompt length, dtype), with the reason; a concrete choice is left alone."""
     from cora.config import from_dict
     from trainer.config import TrainConfig
-    from trainer.planner import resolve_partitioning
+    from trainer.planner import resolve_auto
     small = from_dict(TrainConfig, {"llm": {"name": "tiny-llama"}, "run": {"workers": 2},
                                     "engine": {"partitioning": "auto"}})
-    line = resolve_partitioning(small, cf_dim=16)
+    line = resolve_auto(small, cf_dim=16)
     assert small.engine.partitioning == "replicated"            # whole on each rank, and no gathers: faster
     assert line.startswith("engine.partitioning=auto -> replicated (replicated: ") and "zero3 would take" in line
     # 70B in fp32 on this machine's profile (12 GiB per rank): nothing fits; zero3 needs the least
     big = from_dict(TrainConfig, {"llm": {"name": "llama-3-70b-shape"}, "run": {"workers": 2},
                                   "engine": {"partitioning": "auto"}})
-    assert "nothing fits" in resolve_partitioning(big, cf_dim=16) and big.engine.partitioning == "zero3"
+    assert "nothing fits" in resolve_auto(big, cf_dim=16) and big.engine.partitioning == "zero3"
     fixed = from_dict(TrainConfig, {"llm": {"name": "tiny-llama"}, "engine": {"partitioning": "zero3"}})
-    assert resolve_partitioning(fixed, cf_dim=16) == "" and fixed.engine.partitioning == "zero3"
+    assert resolve_auto(fixed, cf_dim=16) == "" and fixed.engine.partitioning == "zero3"
+
+
+def test_auto_activation_checkpointing_is_on_only_where_the_activations_do_not_fit_otherwise():
+    """engine.activation_checkpointing=auto: off when the run fits without it (recomputing costs a forward), on
+    when only recomputing makes it fit, with the reason; with a fixed partitioning only the checkpointing is
+    chosen, and both are when both are auto."""
+    from cora.config import from_dict
+    from trainer.config import TrainConfig
+    from trainer.planner import resolve_auto
+
+    def cfg(llm, workers, **engine):
+        return from_dict(TrainConfig, {"llm": {"name": llm}, "run": {"workers": workers}, "data": {"max_length": 512},
+                                       "engine": {"activation_checkpointing": "auto", **engine}})
+    small = cfg("tiny-llama", 2, partitioning="zero3")
+    line = resolve_auto(small, cf_dim=16)
+    assert small.engine.activation_checkpointing is False and small.engine.partitioning == "zero3"
+    assert line.startswith("engine.activation_checkpointing=auto -> False (zero3 without activation checkpointing: ")
+    assert "zero3 with activation checkpointing would take" in line and "replicated" not in line
+    # the 1.7B shape on this machine's profile, 2 ranks: only recomputing fits (README: cora plan table)
+    mid = cfg("smollm2-1.7b-shape", 2, partitioning="auto")
+    line = resolve_auto(mid, cf_dim=16)
+    assert mid.engine.activation_checkpointing is True, line
+    assert "without activation checkpointing does not fit" in line
+    assert line.startswith("engine.partitioning=auto -> replicated, engine.activation_checkpointing=auto -> True")
+    big = cfg("llama-3-70b-shape", 2)
+    line = resolve_auto(big, cf_dim=16)                    # nothing fits: the least memory, with recomputing
+    assert "nothing fits" in line and big.engine.activation_checkpointing is True and "add ranks;" in line
 
 
 def test_scaling_efficiency_is_per_size_and_partitioning_weak_or_strong():

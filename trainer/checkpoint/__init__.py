@@ -12,9 +12,9 @@ A checkpoint is committed by its manifest: one without it, or with a file that d
 (missing, truncated, altered), is never loaded. The frozen LLM is never written. Nothing is unpickled
 on load: tensors come from safetensors (a JSON header and raw bytes), everything else from JSON.
 
-Saving is a collective (every rank all-gathers its ZeRO-3 partitions of the trainable state into
-memory: the only part the training loop waits for); rank 0 hands the tensors to the ``Uploader``
-thread, which writes them to a local staging directory, copies that to CKPT with retries and
+Saving is a collective (every rank sends its ZeRO-3 partitions of the trainable state to rank 0's
+memory: the only part the training loop waits for); rank 0 hands them to the ``Uploader``'s stager
+thread, which assembles the full tensors, writes them to a local staging directory, copies that to CKPT with retries and
 back-off, writes the manifest, only then deletes the staged copy, and prunes CKPT to the last
 ``keep_last`` checkpoints plus the best. Training goes on meanwhile.
 A staged checkpoint left by a crashed attempt is uploaded when the next attempt starts.
@@ -31,12 +31,12 @@ from pathlib import Path
 
 from .storage import (FILES, MANIFEST, NAME, STAGED, CheckpointError, _log, check_storage, checkpoint_name, clear,
                       latest_committed, list_checkpoints, newest_state, parse, prune, read_checkpoint, read_commit)
-from .uploader import Commit, Uploader, stage
+from .uploader import Commit, Pieces, Uploader, stage, write_safetensors
 from .zero_state import OPT_KEYS, capture, load_into
 
 __all__ = ["FILES", "MANIFEST", "NAME", "OPT_KEYS", "STAGED", "CheckpointError", "Checkpointer", "Commit", "Uploader",
-           "capture", "check_storage", "checkpoint_name", "clear", "latest_committed", "list_checkpoints", "load_into",
-           "newest_state", "parse", "prune", "read_checkpoint", "read_commit", "stage"]
+           "Pieces", "capture", "check_storage", "checkpoint_name", "clear", "latest_committed", "list_checkpoints", "load_into",
+           "newest_state", "parse", "prune", "read_checkpoint", "read_commit", "stage", "write_safetensors"]
 
 
 class Checkpointer:
@@ -57,9 +57,9 @@ class Checkpointer:
     def save(self, engine, model, step: int, loop_state: dict, cursor: dict | None, best: bool = False,
              valid_auc: float | None = None) -> None:
         t, now = time.perf_counter(), time.time()
-        parts = capture(engine, model, loop_state, cursor)        # the only part the training loop waits for
-        if parts is not None:
-            self.uploader.submit(lambda: stage(self.staging, step, parts, best, valid_auc, self.config, now))
+        assemble = capture(engine, model, loop_state, cursor)     # the only part the training loop waits for
+        if assemble is not None:
+            self.uploader.submit(lambda: stage(self.staging, step, assemble(), best, valid_auc, self.config, now))
         self.save_seconds.append(time.perf_counter() - t)
 
     def restore(self, engine, model) -> dict | None:

@@ -149,25 +149,71 @@ def _upload(fs, local: Path, path: str) -> None:
         shutil.copyfileobj(src, dst, 1 << 20)
 
 
+@dataclass
+class Pieces:
+    """A tensor given as the 1-D pieces its elements are, in order (a ZeRO-3 parameter: each rank's slice of
+    it, the last one cut at the parameter's end), written without assembling it (``write_safetensors``)."""
+    shape: tuple
+    pieces: list
+
+
+_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+           "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict) -> dict:
+    """Write ``tensors`` (name -> tensor or ``Pieces``) as a safetensors file, streaming each tensor's bytes to
+    the file and to sha256 once, with no serialised copy in memory; returns the file's manifest entry
+    {"size", "sha256"}. The format: an 8-byte little-endian header length, the JSON header (each tensor's
+    dtype, shape and byte range; padded with spaces to a multiple of 8), the tensors' bytes in header order."""
+    import hashlib
+    import struct
+
+    import torch
+    header, spans, at = {}, [], 0
+    for name, t in tensors.items():
+        pieces = [x.reshape(-1) for x in (t.pieces if isinstance(t, Pieces) else [t])]
+        dtype = pieces[0].dtype
+        if any(x.dtype != dtype for x in pieces) or str(dtype).removeprefix("torch.") not in _DTYPES:
+            raise TypeError(f"cannot write {name!r}: dtype {[str(x.dtype) for x in pieces]}")
+        shape = list(t.shape)
+        size = sum(x.numel() for x in pieces) * dtype.itemsize
+        if size != int(torch.Size(shape).numel()) * dtype.itemsize:
+            raise ValueError(f"{name!r}: pieces of {size} bytes for shape {shape}")
+        header[name] = {"dtype": _DTYPES[str(dtype).removeprefix("torch.")], "shape": shape,
+                        "data_offsets": [at, at + size]}
+        spans.append(pieces)
+        at += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(text)), text):
+            f.write(chunk)
+            digest.update(chunk)
+        for pieces in spans:
+            for x in pieces:
+                data = memoryview(x.detach().cpu().contiguous().view(torch.uint8).numpy())
+                f.write(data)
+                digest.update(data)
+    return {"size": 8 + len(text) + at, "sha256": digest.hexdigest()}
+
+
 def stage(staging: Path, step: int, parts: tuple[dict, dict, dict, dict], best: bool, valid_auc: float | None,
           config: dict, requested_at: float | None = None) -> Path:
     """Write a captured checkpoint into ``staging/step-N`` (rank 0), hashing each file's bytes as they
-    are written; STAGED, written last, marks it complete and records the sizes and sha256s."""
-    from safetensors.torch import save
+    are written; STAGED, written last, marks it complete and records the sizes and sha256s. Tensors may be
+    ``Pieces`` (the ZeRO-3 partitions as captured): they are written without being assembled."""
     trainable, opt, rng, state = parts
     out = staging / checkpoint_name(step)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    blobs = {"trainable.safetensors": lambda: save(trainable), "optimizer.safetensors": lambda: save(opt),
-             "rng.safetensors": lambda: save(rng),
-             "state.json": lambda: json.dumps(dict(state, config=config), default=float).encode()}
-    files = {}
-    for name, make in blobs.items():
-        data = make()
-        (out / name).write_bytes(data)
-        files[name] = file_entry(data)
-        del data
+    files = {name: write_safetensors(out / name, tensors) for name, tensors in
+             (("trainable.safetensors", trainable), ("optimizer.safetensors", opt), ("rng.safetensors", rng))}
+    data = json.dumps(dict(state, config=config), default=float).encode()
+    (out / "state.json").write_bytes(data)
+    files["state.json"] = file_entry(data)
     (out / STAGED).write_text(json.dumps({"step": step, "best": best, "valid_auc": valid_auc,
                                           "world_size": state["world_size"], "files": files,
                                           "requested_at": requested_at or time.time()}))

@@ -5,6 +5,7 @@ generator and P (master weights and AdamW's moments) to rank 0 with the RNG stat
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 from .storage import CheckpointError, parse
 
@@ -28,30 +29,44 @@ def _adam_steps(engine) -> list[float]:
 
 def _gather_partitions(zero, key: str | None, rank: int, world: int) -> list | None:
     """Every rank's fp32 partition of each flat parameter group (key None: the master weights, else
-    that AdamW state), gathered on rank 0 only (one collective per group); None on other ranks."""
+    that AdamW state), copied to rank 0 only: rank 0's own cloned, the others' sent point to point
+    (``send``/``irecv``: gloo's ``gather`` moves the same bytes 6-10x slower on one host, measured in
+    benchmarks/checkpoint.py); None on other ranks."""
     import torch
     import torch.distributed as dist
     out = []
     for flat in zero.fp32_partitioned_groups_flat:
         local = (flat if key is None else zero.optimizer.state[flat][key]).detach().contiguous()
-        parts = [torch.empty_like(local) for _ in range(world)] if rank == 0 else None
-        dist.gather(local, parts, dst=0)
+        if rank != 0:
+            dist.send(local, dst=0)
+            continue
+        parts = [local.clone(), *(torch.empty_like(local) for _ in range(1, world))]   # training goes on in place
+        for request in [dist.irecv(parts[r], src=r) for r in range(1, world)]:
+            request.wait()
         out.append(parts)
     return out if rank == 0 else None
 
 
-def _assemble(zero, p, gathered: list):
-    """A full parameter from the ranks' partitions: each rank holds the same-sized slice of every
-    parameter at the same offset of its flat group (ZeRO-3 pads the last slice)."""
-    import torch
-    group, offset, n = zero.grad_position[zero.get_param_id(p)]
-    return torch.cat([part[offset:offset + n] for part in gathered[group]])[:p.ds_numel].view(p.ds_shape)
+def _assemble(gathered: list, position: tuple[int, int, int], numel: int, shape: tuple):
+    """A full parameter from the ranks' partitions, as ``Pieces`` (written without a copy): each rank holds
+    the same-sized slice of every parameter at the same offset of its flat group (``position``: group,
+    offset, slice size; ZeRO-3 pads the last slice, cut off here)."""
+    from .uploader import Pieces
+    group, offset, n = position
+    pieces, left = [], numel
+    for part in gathered[group]:
+        take = min(n, left)
+        if take > 0:
+            pieces.append(part[offset:offset + take])
+        left -= take
+    return Pieces(tuple(shape), pieces)
 
 
-def capture(engine, model, loop_state: dict, cursor: dict | None) -> tuple[dict, dict, dict, dict] | None:
-    """(trainable, optimizer, rng, state) of this moment on rank 0, None on the others (a collective:
-    every rank must call it at the same step). Full tensors are assembled from flat partitions
-    gathered to rank 0: 3 gathers per parameter group, not 3 all-gathers per parameter."""
+def capture(engine, model, loop_state: dict, cursor: dict | None) -> Callable[[], tuple[dict, dict, dict, dict]] | None:
+    """On rank 0, a function that returns (trainable, optimizer, rng, state) of this moment, None on the
+    others (a collective: every rank must call it at the same step). The flat partitions are copied to
+    rank 0 here, 3 transfers per parameter group, not 3 all-gathers per parameter; the full tensors are
+    assembled from those copies when the function runs (on the stager thread, off the training loop)."""
     import torch
     import torch.distributed as dist
     zero, rank, world = engine.optimizer, dist.get_rank(), dist.get_world_size()
@@ -62,13 +77,9 @@ def capture(engine, model, loop_state: dict, cursor: dict | None) -> tuple[dict,
     dist.all_gather_object(ranks, mine)     # in memory between our own ranks; never read from storage
     if rank != 0:
         return None
-    trainable, opt = {}, {}
-    for n, p in _trainable(model):
-        trainable[n] = _assemble(zero, p, gathered[None])
-        for k in OPT_KEYS:
-            opt[f"{n}::{k}"] = _assemble(zero, p, gathered[k])
-    for n, t in model.method.state(model).items():      # e.g. Laser's item table: the same on every rank
-        trainable[STATE + n] = t.detach().cpu().clone().contiguous()
+    layout = [(n, zero.grad_position[zero.get_param_id(p)], p.ds_numel, tuple(p.ds_shape)) for n, p in _trainable(model)]
+    extra = {STATE + n: t.detach().cpu().clone().contiguous()       # e.g. Laser's item table: the same on every rank
+             for n, t in model.method.state(model).items()}
     rng = {f"rank{r}": torch.tensor(m["rng"], dtype=torch.uint8) for r, m in enumerate(ranks)}
     rng.update({f"rank{r}.cuda": torch.tensor(m["cuda_rng"], dtype=torch.uint8)
                 for r, m in enumerate(ranks) if m["cuda_rng"] is not None})
@@ -77,7 +88,12 @@ def capture(engine, model, loop_state: dict, cursor: dict | None) -> tuple[dict,
              "adam_steps": _adam_steps(engine), "scheduler": engine.lr_scheduler.state_dict(),
              "global_steps": engine.global_steps, "global_samples": engine.global_samples,
              "micro_steps": engine.micro_steps}
-    return trainable, opt, rng, state
+
+    def assemble() -> tuple[dict, dict, dict, dict]:
+        trainable = {n: _assemble(gathered[None], *where) for n, *where in layout}
+        opt = {f"{n}::{k}": _assemble(gathered[k], *where) for n, *where in layout for k in OPT_KEYS}
+        return {**trainable, **extra}, opt, rng, state
+    return assemble
 
 
 def restore_schedule(sched, optimizer, saved: dict, rank: int) -> None:
