@@ -404,8 +404,12 @@ def plan(s: Setup, hw: Hardware = CPU) -> Plan:
     return Plan(s, hw, memory(s, hw), step_time(s, hw))
 
 
+PARTITIONINGS = ("zero3", "replicated")
+"""The places of the frozen base the planner chooses among (``engine.partitioning`` but 'auto')."""
+
+
 def choose(s: Setup, hw: Hardware, checkpointing: tuple[bool, ...] | None = None,
-           partitionings: tuple[str, ...] = ("zero3", "replicated")) -> tuple[Plan, str]:
+           partitionings: tuple[str, ...] = PARTITIONINGS) -> tuple[Plan, str]:
     """The fastest option that fits on ``hw``, and why: among ``partitionings`` (zero3, a replicated frozen
     base), and with ``checkpointing`` (e.g. (False, True)) activation checkpointing off or on as well (default:
     as ``s`` has it). Recomputing the activations costs a forward, so it is chosen only where the activations

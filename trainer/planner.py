@@ -91,17 +91,25 @@ def resolve_auto(cfg, cf_dim: int) -> str:
     """engine.partitioning and engine.activation_checkpointing 'auto' made concrete (cora.plan.choose: the
     fastest that fits); the choice and its reason, as one line for the driver's log ('' when neither is auto).
     A fixed value of one is kept while the other is chosen."""
-    from cora.plan import choose
     e = cfg.engine
     auto = [k for k in ("partitioning", "activation_checkpointing") if getattr(e, k) == "auto"]
     if not auto:
         return ""
-    both = ("zero3", "replicated")
-    best, why = choose(setup_of(cfg, "zero3", cf_dim), hardware_of(cfg), checkpointing_options(cfg),
-                       both if e.partitioning == "auto" else (e.partitioning,))
-    e.partitioning, e.activation_checkpointing = best.setup.partitioning, best.setup.activation_checkpointing
+    hw = hardware_of(cfg)
+    best, why = choose_for(cfg, e.partitioning, hw, cf_dim)
     chosen = ", ".join(f"engine.{k}=auto -> {getattr(e, k)}" for k in auto)
-    return f"{chosen} ({why}; planner: {hardware_of(cfg).name})"
+    return f"{chosen} ({why}; planner: {hw.name})"
+
+
+def choose_for(cfg, partitioning: str, hw, cf_dim: int):
+    """(plan, reason) of ``cora.plan.choose`` for the config with ``partitioning`` ('auto': either) and its
+    activation checkpointing ('auto': either); the config's engine is set to the choice (both concrete)."""
+    from cora.plan import PARTITIONINGS, choose
+    e = cfg.engine
+    best, why = choose(setup_of(cfg, "zero3", cf_dim), hw, checkpointing_options(cfg),
+                       PARTITIONINGS if partitioning == "auto" else (partitioning,))
+    e.partitioning, e.activation_checkpointing = best.setup.partitioning, best.setup.activation_checkpointing
+    return best, why
 
 
 def add_parser(sub) -> None:
@@ -131,7 +139,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import dataclasses
 
-    from cora.plan import HARDWARE, choose, plan
+    from cora.plan import HARDWARE, PARTITIONINGS, choose, plan
     hw = HARDWARE[args.hardware]
     if args.memory_gib is not None:
         hw = dataclasses.replace(hw, memory_bytes=args.memory_gib * 2**30)
@@ -149,7 +157,7 @@ def run(args) -> int:
                           fixed, args.generator, args.cf_dim, args.rank, args.persistence_threshold)
             free = "auto" in (args.partitioning, args.activation_checkpointing)
             p, why = (choose(s, hw, (False, True) if args.activation_checkpointing == "auto" else None,
-                             ("zero3", "replicated") if args.partitioning == "auto" else (fixed,))
+                             PARTITIONINGS if args.partitioning == "auto" else (fixed,))
                       if free else (plan(s, hw), ""))
         except ValueError as e:
             print(f"cora plan: {e}", file=sys.stderr)

@@ -121,15 +121,15 @@ def _main(args, out) -> int:
 def point(cfg, size: str, w: int, partitioning: str, args, report: Path, name: str) -> dict:
     """One (size, workers, partitioning) point: planned ('auto': the planner's choice, with its reason), then
     (when it fits) trained and measured."""
-    from cora.plan import HARDWARE, choose, plan
-    from trainer.planner import setup_of
+    from cora.plan import HARDWARE, plan
+    from trainer.planner import choose_for, setup_of
     hw = HARDWARE[args.hardware]
     e, cf_dim = cfg.engine, cf_width(cfg)
     row = dict.fromkeys(COLUMNS, "")
     row.update(size=size, workers=w, micro_batch=e.micro_batch_size, partitioning=partitioning,
                global_batch=e.micro_batch_size * e.accumulation(w) * w)
-    if partitioning == "auto":
-        before, why = choose(setup_of(cfg, "zero3", cf_dim), hw)
+    if "auto" in (partitioning, e.activation_checkpointing):    # the planner's choice (also of the checkpointing)
+        before, why = choose_for(cfg, partitioning, hw, cf_dim)
         row.update(partitioning=before.setup.partitioning, choice=why)
     else:
         before = plan(setup_of(cfg, partitioning, cf_dim), hw)

@@ -87,6 +87,13 @@ def test_auto_activation_checkpointing_is_on_only_where_the_activations_do_not_f
     big = cfg("llama-3-70b-shape", 2)
     line = resolve_auto(big, cf_dim=16)                    # nothing fits: the least memory, with recomputing
     assert "nothing fits" in line and big.engine.activation_checkpointing is True and "add ranks;" in line
+    # cora scale's points plan the same way: a fixed partitioning, the checkpointing chosen, nothing left 'auto'
+    from cora.plan import HARDWARE
+    from trainer.planner import choose_for
+    point = cfg("smollm2-1.7b-shape", 2)
+    best, why = choose_for(point, "replicated", HARDWARE["cpu"], cf_dim=16)
+    assert point.engine.partitioning == "replicated" and point.engine.activation_checkpointing is True
+    assert best.fits and why.startswith("replicated with activation checkpointing: ") and "zero3" not in why
 
 
 def test_scaling_efficiency_is_per_size_and_partitioning_weak_or_strong():
