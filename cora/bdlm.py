@@ -26,7 +26,7 @@ with its own step count t for the bias correction)::
     E  -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)          ('sgd': E -= lr g)
 
 This module is the pure part (no Ray): the config, the update, one shard's state and the domain phase;
-``cluster/store.py`` serves shards as Ray actors, ``cora.methods.BDLM`` is the LLM side.
+``cluster/store.py`` serves shards as Ray actors, ``cora.methods.bdlm`` is the LLM side.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ for the frozen LLM, with K query experts and a top-1 router.
 Routing picks rows of one query tensor, never a branch of modules: every rank runs the same modules on
 every step whatever its users' experts, so ZeRO-3's all-gathers (issued per module) stay in step and
 cannot hang on top-1 routing. The method (the suffix token, the item table, the contrastive loss) is
-``cora.methods.Laser``; ``history_embeddings`` and ``item_batch`` build its inputs.
+``cora.methods.laser``; ``history_embeddings`` and ``item_batch`` build its inputs.
 """
 
 from __future__ import annotations
