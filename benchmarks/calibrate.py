@@ -6,7 +6,8 @@
                      (tokens 768 x hidden 1024 x 2816, and x 1024): the median of 2 m k n / time
   bandwidth          bytes/s a rank receives in a 2-rank gloo all-gather of 16 MiB (1 - 1/W of it moves)
   latency            seconds of a 2-rank gloo all-gather of 4 KiB (the per-collective cost)
-  optim_s_per_param  torch AdamW (foreach) step seconds per parameter, over 4M fp32 parameters
+  optim_s_per_param  the trainer's AdamW (cora.optim: torch's fused kernel) step seconds per parameter,
+                     over 4M fp32 parameters
 
     python benchmarks/calibrate.py --fit REPORT --size smollm2-360m-shape --small tiny-llama \
         --flops 104.9e9 [--json]
@@ -39,8 +40,12 @@ import socket
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cora.optim import OptimConfig, build_optimizer  # noqa: E402
 
 
 def timed(fn, reps: int) -> float:
@@ -64,7 +69,7 @@ def matmul_flops() -> float:
 def adamw_s_per_param() -> float:
     p = torch.nn.Parameter(torch.randn(4 * 2**20))
     p.grad = torch.randn_like(p)
-    opt = torch.optim.AdamW([p], lr=1e-3)
+    opt, _ = build_optimizer([p], OptimConfig(), 1000)           # the trainer's AdamW (fused)
     return timed(opt.step, 10) / p.numel()
 
 
@@ -104,9 +109,7 @@ def fit(report: str, size: str, small: str, flops: float, latency: float) -> dic
     """The step-level constants from a cora scale report (see the module docstring)."""
     import csv
     import dataclasses
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from cora.plan import CPU, DTYPE_BYTES, activation_elements, gathers, memory, plan
     from trainer.planner import setup_for
     from trainer.train import _cf_info

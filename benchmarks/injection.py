@@ -29,8 +29,11 @@ host, each rank with the same batch size, and timed by the trainer's own step (`
 forward, backward with ZeRO-3's gradient reduce-scatter, optimiser step). ``frozen`` there is the
 frozen LLM with one trainable scalar added to its logit (DeepSpeed needs a parameter to train; its
 optimiser step is nothing), its input embeddings detached with gradients (as in one process).
-A repetition's time is the slowest rank's; ``zero3.W.ratios`` hold the medians over repetitions of the
-forward + backward ratios (what one process measures) and of the whole steps' (``*_step``).
+``cora_per_module`` is CoRA with ZeRO-3 hooking each of the generator's Q-Former submodules
+(``leaves=()``), as the trainer did before it hooked the Q-Former as one module (``trainer.engine.leaf_modules``):
+``cora_over_cora_per_module`` is what that saves. A repetition's time is the slowest rank's;
+``zero3.W.ratios`` hold the medians over repetitions of the forward + backward ratios (what one process
+measures) and of the whole steps' (``*_step``).
 
 Timing: after warm-up, each repetition runs every variant once, in an order rotated by one per
 repetition (no variant always runs first or after the same one). A ratio is taken within each
@@ -184,12 +187,13 @@ class FrozenFloor(Method):
         return model.yes_logit(hidden) + model.floor
 
 
-ZERO3_VARIANTS = ("frozen", "lora", "cora")
+ZERO3_VARIANTS = ("frozen", "lora", "cora", "cora_per_module")
 
 
 def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
     """One rank of the training-path measurement (spawned W times); rank 0 writes the times to ``out``."""
     import os
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())   # DeepSpeed's build messages: --json's stdout is the JSON only
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from trainer.engine import select_accelerator
@@ -216,10 +220,11 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
         torch.manual_seed(0)
         llm, tok = eng.build_llm(cfg.llm, ds, "zero3")
         yes = resolve_answer_token(tok)
-        method = {"frozen": FrozenFloor(), "lora": "tallrec", "cora": "cora"}[name]
+        method = {"frozen": FrozenFloor(), "lora": "tallrec"}.get(name, "cora")
         model = CoRAModel(llm, yes, 256, 256, replace(inj, adapter="lora") if name == "lora" else inj,
                           GeneratorConfig(), answer_weight=eng.gathered_answer_row(llm, yes), method=method)
-        engines[name] = eng.initialize(model, ds, cfg.optim, 1000)[0]
+        leaves = () if name == "cora_per_module" else eng.LEAVES
+        engines[name] = eng.initialize(model, ds, cfg.optim, 1000, leaves=leaves)[0]
     g = np.random.default_rng(0)
     raw = {"input_ids": g.integers(0, 49152, (args.batch, args.seq)), "lengths": np.full(args.batch, args.seq),
            "user_emb": g.standard_normal((args.batch, 256), dtype=np.float32),
@@ -326,7 +331,8 @@ def timed(steps: dict, models: list, args, sync) -> dict[str, list[float]]:
 RATIOS = {"cora_over_frozen": ("cora", "frozen"), "cora_over_lora_same_dropout": ("cora", "lora"),
           "cora_over_peft": ("cora", "peft"), "lora_over_frozen": ("lora", "frozen"),
           "peft_over_frozen": ("peft", "frozen"), "naive_over_frozen": ("naive", "frozen"),
-          "frozen_full_logits_over_frozen": ("frozen_full_logits", "frozen")}
+          "frozen_full_logits_over_frozen": ("frozen_full_logits", "frozen"),
+          "cora_over_cora_per_module": ("cora", "cora_per_module")}
 
 
 def summary(times: dict[str, list[float]], args) -> dict:

@@ -95,7 +95,9 @@ class CollaborativeWeightsGenerator(nn.Module):
         cf = torch.cat([user_emb, item_emb], dim=-1).unsqueeze(1)        # (B, 1, du+di): one K/V token
         cf = cf.to(self.queries.dtype)
         q = self.queries.expand(b, -1, -1)                                # (B, G*Q, H)
-        out = self.qformer(query_embeds=q, encoder_hidden_states=cf).last_hidden_state
+        # q positional: it requires a gradient, so a backward hook on the Q-Former (ZeRO-3's, when the trainer
+        # hooks it as one module) fires after its parameters' gradients (torch sees positional inputs only)
+        out = self.qformer(q, encoder_hidden_states=cf, return_dict=False)[0]   # a tuple: hooks see tensors
         pooled = out.view(b, self.groups, self.num_queries, -1).mean(2)   # (B, G, H): mean over queries
         result = []
         for w in self.widths:

@@ -29,6 +29,11 @@ class OptimConfig:
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
+    fused: bool = True
+    """torch's fused AdamW kernel (one pass over each tensor, on the CPU as on CUDA) instead of its
+    per-tensor loop: the same update to rounding; on this project's 2-core CPU a 38M-parameter step (the
+    paper generator's, which DeepSpeed hands the optimiser as one flat partition) takes 0.022 s against
+    0.41 s (``benchmarks/calibrate.py``). False: the loop (a device or dtype the kernel lacks)."""
 
     def validate(self) -> list[str]:
         problems = [f"{k} must be > 0, got {getattr(self, k)}" for k in ("lr_peak", "lr_start", "lr_end")
@@ -49,6 +54,7 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 def build_optimizer(params, cfg: OptimConfig, total_steps: int):
     """(AdamW, LambdaLR) over ``params``; the scheduler is stepped once per optimiser step."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr_peak, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr_peak, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                            fused=cfg.fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, cfg) / cfg.lr_peak)
     return opt, sched

@@ -216,9 +216,11 @@ class Hardware:
 # two replicated ones. The 135M shape's four points and tiny-llama's zero3 ones validate them (the README's
 # table). The element-wise rate, the allocator's high-water factors and the two ranks' contention for the 2
 # cores are properties of this machine (the same command a session earlier gave t_e 2.6 ns, not 6.2: its
-# speed drifts by tens of percent between runs): fit them again on another.
+# speed drifts by tens of percent between runs): fit them again on another. t_p is the fused AdamW's (0.5-0.8 ns;
+# the per-tensor loop the fit's runs used took 10.4 ns): the fit subtracts the AdamW term from each measured
+# step, so the fitted constants hold for either.
 CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo)", flops=104.9e9,
-               bandwidth=130.4e6, latency=0.2756e-3, optim_s_per_param=10.4e-9, module_overhead_s=0.0,
+               bandwidth=130.4e6, latency=0.2756e-3, optim_s_per_param=0.7e-9, module_overhead_s=0.0,
                runtime_bytes=685e6, comm_bytes=8.5e6, memory_bytes=22 * 2**30, shared_by=2, element_s=6.104e-9,
                step_overhead_s=0.03572, copy_bandwidth=3.414e9, busy_slowdown=1.175, activation_factor=1.799,
                gathered_factor=2.529)

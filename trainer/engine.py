@@ -271,11 +271,34 @@ def partition_stats(params) -> dict:
     return {"held": int(held), "total": int(total), "share": held / max(total, 1)}
 
 
-def initialize(model, ds: dict, optim_cfg, total_steps: int):
-    """The DeepSpeed engine over ``model`` with AdamW + warm-up/cosine on the trainable parameters."""
+LEAVES = ("generator.qformer",)
+"""Modules ZeRO-3 treats as one (``leaf_modules``): the paper generator's Q-Former, 100 parameter-holding
+submodules that would each be gathered, released and reduced by its own hooks."""
+
+
+def leaf_modules(model, names=LEAVES) -> list[str]:
+    """Mark the modules ``names`` of ``model`` that it has as ZeRO-3 leaves (DeepSpeed's
+    ``set_z3_leaf_modules_by_name``): one hook per leaf gathers all its parameters before its forward and
+    reduces all their gradients after its backward, instead of a hook per submodule. Measured on the
+    SmolLM2-135M shape with the paper generator (``benchmarks/injection.py --zero3``), the per-module hooks
+    were most of CoRA's extra cost over own LoRA on the training path. A leaf's reduce hook is a full
+    backward hook, which fires only after its parameters' gradients when an input of the leaf requires a
+    gradient (else it fires as soon as its outputs' gradients are ready): the Q-Former's input is the
+    learned queries, so it does; a module fed only by data must not be a leaf. Returns the names marked."""
+    from deepspeed.utils import set_z3_leaf_modules_by_name
+    present = [n for n in names if n in dict(model.named_modules())]
+    if present:
+        set_z3_leaf_modules_by_name(model, present)
+    return present
+
+
+def initialize(model, ds: dict, optim_cfg, total_steps: int, leaves=LEAVES):
+    """The DeepSpeed engine over ``model`` with AdamW + warm-up/cosine on the trainable parameters; the
+    modules ``leaves`` hooked by ZeRO-3 as one (``leaf_modules``)."""
     import deepspeed
 
     from cora.optim import build_optimizer
+    leaf_modules(model, leaves)
     params = model.trainable_parameters()
     opt, sched = build_optimizer(params, optim_cfg, total_steps)
     engine, opt, _, sched = deepspeed.initialize(model=model, model_parameters=params, optimizer=opt,

@@ -43,6 +43,7 @@ class Report(Hooks):
         out = {"rank": recipe.rank, "world_size": recipe.world, "log": self.log,
                "llm_partition": partition_stats(frozen_weights(model.llm)),
                "activation_checkpointing": bool(model.llm.is_activation_checkpointing),
+               "zero3_leaves": [n for n, m in model.named_modules() if getattr(m, "_z3_leaf", False)],
                "resumed_from": recipe.state.resumed_from, "memory": peak_memory(),
                "setup_memory": self.setup_memory,
                "trainable_bytes": sum(p.ds_numel * 4 for p in model.parameters() if p.requires_grad),   # fp32

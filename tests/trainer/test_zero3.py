@@ -180,6 +180,7 @@ def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, c
     run(cfg, handover, storage_path=str(tmp_path / "runs"))
     reports = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["activation_checkpointing"] is checkpointing for r in reports)
+    assert all(r["zero3_leaves"] == ["generator.qformer"] for r in reports)   # hooked as one module
     for r in reports:                     # the frozen LLM's elements this rank holds: half of it, or all of it
         part = r["llm_partition"]
         assert part["total"] == 3_219_776 and part["share"] == pytest.approx(1.0 if partitioning == "replicated"
