@@ -286,7 +286,8 @@ def leaf_modules(model, names=LEAVES) -> list[str]:
     gradient (else it fires as soon as its outputs' gradients are ready): the Q-Former's input is the
     learned queries, so it does; a module fed only by data must not be a leaf. Returns the names marked."""
     from deepspeed.utils import set_z3_leaf_modules_by_name
-    present = [n for n in names if n in dict(model.named_modules())]
+    modules = dict(model.named_modules())
+    present = [n for n in names if n in modules]
     if present:
         set_z3_leaf_modules_by_name(model, present)
     return present
