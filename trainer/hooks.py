@@ -38,12 +38,14 @@ class Report(Hooks):
         self.log.append(record)
 
     def at_end(self, recipe) -> None:
+        from deepspeed.utils import z3_leaf_module
+
         from trainer.engine import frozen_weights, partition_stats
         model, ckpt = recipe.model, recipe.ckpt
         out = {"rank": recipe.rank, "world_size": recipe.world, "log": self.log,
                "llm_partition": partition_stats(frozen_weights(model.llm)),
                "activation_checkpointing": bool(model.llm.is_activation_checkpointing),
-               "zero3_leaves": [n for n, m in model.named_modules() if getattr(m, "_z3_leaf", False)],
+               "zero3_leaves": [n for n, m in model.named_modules() if z3_leaf_module(m)],
                "resumed_from": recipe.state.resumed_from, "memory": peak_memory(),
                "setup_memory": self.setup_memory,
                "trainable_bytes": sum(p.ds_numel * 4 for p in model.parameters() if p.requires_grad),   # fp32

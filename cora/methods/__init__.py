@@ -30,9 +30,9 @@ from .laser import Laser, LaserConfig
 from .reccocktail import RecCocktail, RecCocktailConfig
 from .tallrec import TALLRec
 
-__all__ = ["Method", "METHODS", "get_method", "make_method", "method_of", "read_lora", "weighted_mean", "yes_no_entropy",
-           "answer_entropy", "CoRA", "TALLRec", "CoLLM", "CoLLMConfig", "RecCocktail", "RecCocktailConfig", "Laser",
-           "LaserConfig", "BDLM", "BDLMConfig"]
+__all__ = ["Method", "METHODS", "get_method", "make_method", "method_of", "read_lora", "weighted_mean",
+           "yes_no_entropy", "answer_entropy", "CoRA", "TALLRec", "CoLLM", "CoLLMConfig", "RecCocktail",
+           "RecCocktailConfig", "Laser", "LaserConfig", "BDLM", "BDLMConfig"]
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (CoRA, TALLRec, CoLLM, RecCocktail, Laser, BDLM)}
 

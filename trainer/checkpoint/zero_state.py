@@ -130,12 +130,11 @@ def load_into(engine, model, files: dict[str, bytes], rank: int) -> dict:
         raise CheckpointError(f"the checkpoint holds other trainable tensors than this model (e.g. {diff}): "
                               f"it was saved with a different generator, injection or LLM config")
     zero = engine.optimizer
-    # the fused AdamW keeps its step counter on the parameters' device, the per-tensor loop on the host
-    step_device = lambda g: g.device if zero.optimizer.defaults.get("fused") else "cpu"  # noqa: E731
+    fused = zero.optimizer.defaults.get("fused")   # its step counter on the parameters' device; the loop's on the host
     for g in zero.fp32_partitioned_groups_flat:   # AdamW creates its state at the first step: create it now
         if not zero.optimizer.state[g]:
-            zero.optimizer.state[g] = {"step": torch.tensor(0.0, device=step_device(g)), "exp_avg": torch.zeros_like(g),
-                                       "exp_avg_sq": torch.zeros_like(g)}
+            zero.optimizer.state[g] = {"step": torch.tensor(0.0, device=g.device if fused else "cpu"),
+                                       "exp_avg": torch.zeros_like(g), "exp_avg_sq": torch.zeros_like(g)}
     for n, p in params:
         safe_set_full_fp32_param(p, trainable[n])
         for k in OPT_KEYS:
@@ -145,7 +144,8 @@ def load_into(engine, model, files: dict[str, bytes], rank: int) -> dict:
                 p.data.copy_(trainable[n])
     for g, s in zip(zero.fp32_partitioned_groups_flat, state["adam_steps"]):
         st = zero.optimizer.state[g]["step"]
-        zero.optimizer.state[g]["step"] = torch.tensor(s, dtype=st.dtype, device=st.device) if torch.is_tensor(st) else s
+        zero.optimizer.state[g]["step"] = (torch.tensor(s, dtype=st.dtype, device=st.device) if torch.is_tensor(st)
+                                           else s)
     if set(extra) != set(model.method.state(model)):
         raise CheckpointError(f"the checkpoint holds the method state {sorted(extra)}, this model needs "
                               f"{sorted(model.method.state(model))}: it was saved by another method")
