@@ -73,10 +73,10 @@ def build_rank(args) -> dict:
         held = sum(p.numel() * p.element_size() for p in llm.parameters())
         rank, world = 0, 1
     else:
-        from trainer.engine import EngineConfig, build_partitioned_llm, ds_config, select_accelerator
+        from trainer.engine import EngineConfig, build_partitioned_llm, ds_config, init_distributed, select_accelerator
         select_accelerator("cpu")
         import deepspeed
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed("cpu")
         rank, world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
         ds = ds_config(EngineConfig(bf16=args.dtype == "bfloat16"), world)
         before, t = proc_status()["VmRSS"], time.time()

@@ -198,7 +198,6 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
                       MASTER_PORT=str(port))
     from trainer.engine import select_accelerator
     select_accelerator(args.device)
-    import deepspeed
     import numpy as np
     import torch.distributed as dist
 
@@ -209,7 +208,7 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
     from trainer.config import TrainConfig
     from trainer.worker import train_step
     torch.set_num_threads(max(1, args.threads // world))
-    deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo")
+    eng.init_distributed(args.device)
     cfg = from_dict(TrainConfig, {"llm": {"name": "smollm2-135m-shape", "dtype": args.dtype},
                                   "engine": {"micro_batch_size": args.batch, "bf16": args.dtype == "bfloat16"},
                                   "run": {"workers": world, "device": args.device}})

@@ -84,20 +84,31 @@ class _Hashing:
 def read_shard(uri: str, entry: dict | str | None) -> list[dict]:
     """The samples of one WebDataset shard at a path or URI (``pyarrow.fs``), streamed: the tar is parsed
     as its bytes arrive, never held whole, and its size and sha256 are checked against ``entry`` (its
-    dataset.json entry; None: unchecked, a directory written before checksums) once read to the end."""
-    from webdataset.tariterators import tar_file_iterator
+    dataset.json entry; None: unchecked, a directory written before checksums) once read to the end.
+
+    The tar is read with the standard library's streaming ``tarfile`` mode, not webdataset's reader:
+    importing webdataset imports torch (1 s of CPU per actor, paid by every InteractionShard of every run);
+    a WebDataset shard is a plain tar, one "<key>.json" member per sample (cora.data.write.write_shards)."""
+    import tarfile
     fs, path = open_fs(uri)
     try:
         with fs.open_input_stream(path) as raw:
-            src = _Hashing(raw)     # one "<key>.json" member per sample (cora.data.write.write_shards)
-            samples = [json.loads(m["data"]) for m in tar_file_iterator(src) if m["fname"].endswith(".json")]
+            src = _Hashing(raw)
+            with tarfile.open(fileobj=src, mode="r|") as tar:
+                samples = [json.loads(tar.extractfile(m).read()) for m in tar
+                           if m.isfile() and m.name.endswith(".json")]
             while src.read(1 << 20):          # the tar's end blocks count in the checksum too
                 pass
     except FileNotFoundError:
         raise DataError(f"shard file {uri} is missing; prepare the data again") from None
+    except tarfile.TarError as e:
+        raise DataError(f"shard file {uri} is not a readable tar ({e}); prepare the data again") from None
     problem = entry_problem(entry, src.size, src.sha.hexdigest) if entry is not None else None
     if problem:
         raise DataError(f"shard file {uri} {problem} (dataset.json); prepare the data again")
+    if src.size % 512:      # a tar cut at a member's header just ends; a whole one is whole 512-byte blocks
+        raise DataError(f"shard file {uri} is cut short ({src.size} bytes, not whole 512-byte tar blocks); "
+                        "prepare the data again")
     return samples
 
 

@@ -25,6 +25,22 @@ def select_accelerator(device: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
 
 
+def init_distributed(device: str) -> None:
+    """DeepSpeed's process group: NCCL on CUDA, gloo on the CPU.
+
+    On the CPU accelerator DeepSpeed 0.19.8 compiles its shared-memory all-reduce (``deepspeed_shm_comm``,
+    a C++ extension built with ninja into ``~/.cache/torch_extensions``) whenever a process group starts.
+    That kernel serves only tensor-parallel inference (``inference_all_reduce``); ZeRO-3 training never calls
+    it. Building it took 35-50 s of a 2-core machine's first run (every fresh node, CI, the demo), so it is
+    marked unbuildable here first (``deepspeed.ops.__compatible_ops__``, which DeepSpeed keeps as one dict
+    for exactly such edits); the collectives go through gloo either way."""
+    import deepspeed
+    if device != "cuda":
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+
+
 @dataclass
 class EngineConfig:
     """DeepSpeed settings of the trainer."""

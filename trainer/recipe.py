@@ -135,12 +135,11 @@ class Recipe:
     def setup(self) -> None:
         """Accelerator, process group, the LLM partitioned across the ranks, the CoRA model, the engine."""
         from .board import Board, logs_to_stderr
-        from .engine import select_accelerator
+        from .engine import init_distributed, select_accelerator
         select_accelerator(self.cfg.run.device)
         logs_to_stderr()
         import warnings
 
-        import deepspeed
         import ray.train
         # DeepSpeed 0.19.8 calls torch.distributed's deprecated collective names on every step
         warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*is deprecated",
@@ -148,7 +147,7 @@ class Recipe:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(self.cfg.run.cpus_per_worker)       # the CPUs Ray reserved for this worker
-        deepspeed.init_distributed(dist_backend="nccl" if self.cfg.run.device == "cuda" else "gloo")
+        init_distributed(self.cfg.run.device)
         torch.manual_seed(self.cfg.run.seed)
         self.model, self.engine = self._build()
         if self.h.store is not None:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from cora.scoring import Batch
-
 
 def train_step(engine, raw: dict) -> dict:
     """One micro-batch: forward, backward and ``engine.step()`` (DeepSpeed steps the optimiser at the end of
     an accumulation window only). The record holds the loss, the learning rate this step trains with and
     the time of each phase (on CUDA, synchronised at each phase's end so that the times are the GPU's)."""
+    import torch
+
+    from cora.scoring import Batch
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     batch = Batch.from_arrays(raw, engine.device)     # DeepSpeed does not move inputs; pinned + async on CUDA
@@ -42,11 +41,14 @@ def train_step(engine, raw: dict) -> dict:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train entry point; ``config``: {"cfg": TrainConfig, "handover": trainer.recipe.Handover}."""
+    """Ray Train entry point; ``config``: {"payload": bytes}, the pickled {"cfg": TrainConfig, "handover":
+    trainer.recipe.Handover}."""
+    import ray.cloudpickle
     import ray.train
 
     from .recipe import Recipe
-    recipe = Recipe(config["cfg"], config["handover"])
+    parts = ray.cloudpickle.loads(config["payload"])
+    recipe = Recipe(parts["cfg"], parts["handover"])
     state = recipe.fit()
     ray.train.report({"loss": recipe.last_loss, "steps": state.step})
 
@@ -54,8 +56,16 @@ def train_loop(config: dict) -> None:
 def run(cfg, handover, storage_path: str, name: str = "cora", max_failures: int = 0):
     """Start the worker group (``cfg.run.workers`` ranks; gloo on CPU, NCCL on GPU) and train; after a
     failure Ray Train starts a new group (up to ``max_failures`` times), which resumes from the newest
-    committed checkpoint."""
-    return trainer_for(cfg, train_loop, {"cfg": cfg, "handover": handover}, storage_path, name, max_failures).fit()
+    committed checkpoint.
+
+    The group's controller (a Ray actor of its own) unpickles the loop's config. Handed over as objects,
+    the TrainConfig and Handover would make it import their modules, torch and transformers among them
+    (5 s of CPU at every start, beside the workers' own imports on a 2-core machine); as bytes only the
+    workers unpickle them. This module imports nothing heavy at its top for the same reason (the
+    controller imports it for ``train_loop``)."""
+    import ray.cloudpickle
+    payload = ray.cloudpickle.dumps({"cfg": cfg, "handover": handover})
+    return trainer_for(cfg, train_loop, {"payload": payload}, storage_path, name, max_failures).fit()
 
 
 def trainer_for(cfg, loop, loop_config: dict, storage_path: str, name: str = "cora", max_failures: int = 0):

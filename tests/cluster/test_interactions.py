@@ -18,7 +18,7 @@ import webdataset as wds
 from cluster import plan, runtime
 from cluster.client import BatchIterator, DataActorLost
 from cluster.embeddings import start_embedding_servers
-from cluster.interactions import DataError, InteractionShard, split_shards, start_interaction_shards
+from cluster.interactions import DataError, InteractionShard, read_shard, split_shards, start_interaction_shards
 from cora.data.schema import read_manifest
 
 BATCH = 32
@@ -250,6 +250,31 @@ def test_metrics_reach_the_prometheus_endpoint(served, data_dir):
     assert want <= set(values), f"missing {want - set(values)}; found {seen_names}"
     assert values["ray_cora_embedding_lookups_total"] > 0 and values["ray_cora_samples_produced_total"] > 0
     assert values["ray_cora_samples_per_second"] > 0
+
+
+def test_a_shard_reads_as_webdataset_reads_it_without_torch_and_a_cut_one_is_named(data_dir, tmp_path):
+    """read_shard parses a prepared shard with the standard library's tarfile: the samples webdataset's own
+    reader yields, in its order, checked against dataset.json, with torch never imported (the data actors'
+    start-up); a shard cut short is a DataError naming the file, not a parse error from the middle of a tar."""
+    import subprocess
+    import sys
+    manifest = read_manifest(str(data_dir))
+    names = manifest["shards"]["train"]
+    path = str(data_dir / names[1])
+    want = [json.loads(s["json"]) for s in wds.WebDataset(path, shardshuffle=False)]
+    code = ("import json, sys; from cluster.interactions import read_shard; "
+            f"got = read_shard({path!r}, json.loads(sys.argv[1])); print(json.dumps(got)); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(manifest["files"][names[1]])], check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    assert json.loads(out[0]) == want and len(want) == 60
+    assert out[1] == "False"
+    cut = tmp_path / "cut.tar"
+    data = (data_dir / names[1]).read_bytes()
+    cut.write_bytes(data[:len(data) // 2 + 100])
+    for entry in (manifest["files"][names[1]], None):     # checked; or not (a directory written before checksums)
+        with pytest.raises(DataError, match="cut.tar"):
+            read_shard(str(cut), entry)
 
 
 def test_bad_shard_assignment_and_missing_files_are_named(served, data_dir, tmp_path):
