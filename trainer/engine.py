@@ -28,8 +28,9 @@ def select_accelerator(device: str) -> None:
 def init_distributed(device: str) -> None:
     """DeepSpeed's process group: NCCL on CUDA, gloo on the CPU.
 
-    On the CPU accelerator DeepSpeed 0.19.8 compiles its shared-memory all-reduce (``deepspeed_shm_comm``,
-    a C++ extension built with ninja into ``~/.cache/torch_extensions``) whenever a process group starts.
+    On the CPU accelerator DeepSpeed 0.19.8 loads its shared-memory all-reduce (``deepspeed_shm_comm``, a C++
+    extension) whenever a process group starts, compiling it with ninja into ``~/.cache/torch_extensions``
+    where that cache does not have it yet.
     That kernel serves only tensor-parallel inference (``inference_all_reduce``); ZeRO-3 training never calls
     it. Building it took 35-50 s of a 2-core machine's first run (every fresh node, CI, the demo), so it is
     marked unbuildable here first (``deepspeed.ops.__compatible_ops__``, which DeepSpeed keeps as one dict

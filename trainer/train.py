@@ -45,9 +45,12 @@ def start_data(cfg: TrainConfig, cf_dim: int, cf_model: str, evaluate: bool = Tr
               "tokenizer": "smollm2" if cfg.llm.name in PRESETS or cfg.llm.name in REAL_PRESETS else cfg.llm.name,
               "template": method.template, "history_items": method.history_items,
               "bucket_window": cfg.data.bucket_window, "pad_multiple": cfg.data.pad_multiple}
-    if common["tokenizer"] == "smollm2":     # built once here: else every actor of a fresh machine reads the GGUF
-        from cora.tokenizer import smollm2_tokenizer_dir      # file itself, importing torch and transformers'
-        smollm2_tokenizer_dir()                                # model code (30 s each, 7 at once, on 2 cores)
+    # The tokenizer cached on this node before its actors start: else each of them, on a node without the
+    # cache, reads the GGUF file itself, importing torch and transformers' model code (measured: 30 s each,
+    # 7 at once on 2 cores). Actors on other nodes still build their node's cache once.
+    if common["tokenizer"] == "smollm2":
+        from cora.tokenizer import smollm2_tokenizer_dir
+        smollm2_tokenizer_dir()
     from cora.data.schema import read_manifest
     micro = cfg.engine.micro_batch_size
     batch = {"train": micro, "valid": cfg.data.eval_batch(micro), "test": cfg.data.eval_batch(micro)}
