@@ -40,8 +40,8 @@ GENERATORS = {"demo": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "inte
               "paper": {}}
 
 
-def prepare(tmp: Path, dim: int) -> tuple[Path, Path]:
-    """A synthetic dataset and random CF tables of ``dim`` columns for its users and items."""
+def prepare(tmp: Path, dim: int, interactions: int = 4000) -> tuple[Path, Path]:
+    """A synthetic dataset of ``interactions`` and random CF tables of ``dim`` columns for its users and items."""
     import pyarrow.parquet as pq
 
     from cora.cf.store import embedding_table
@@ -49,7 +49,7 @@ def prepare(tmp: Path, dim: int) -> tuple[Path, Path]:
     data, cf = tmp / "data", tmp / "cf"
     with contextlib.redirect_stdout(sys.stderr):         # stdout carries only the benchmark's JSON
         assert main(["prepare", "--source", "synthetic", "--out", str(data), "--users", "200", "--items", "100",
-                     "--interactions", "4000", "--samples-per-shard", "250", "--no-progress"]) == 0
+                     "--interactions", str(interactions), "--samples-per-shard", "250", "--no-progress"]) == 0
     cf.mkdir()
     rng = np.random.default_rng(0)
     for key in ("user", "item"):
@@ -64,9 +64,11 @@ def run_workers(workers: int, data: Path, cf: Path, tmp: Path, args) -> dict:
     return summarise(ranks, workers, args) | {"wall_s": round(time.time() - t, 1)}
 
 
-def train_ranks(workers: int, data: Path, cf: Path, tmp: Path, args, name: str, checkpoint: dict | None = None) -> list[dict]:
+def train_ranks(workers: int, data: Path, cf: Path, tmp: Path, args, name: str, checkpoint: dict | None = None,
+                hooks: tuple = ()) -> list[dict]:
     """Train ``args.steps`` steps with ``workers`` ranks; each rank's report (trainer.hooks.Report).
-    ``checkpoint``: {"uri", "every", "staging"} to checkpoint every that many steps."""
+    ``checkpoint``: {"uri", "every", "staging"} to checkpoint every that many steps; ``hooks``: more
+    trainer.hooks.Hooks, run before the Report's (which records the step records as they leave them)."""
     from cluster.embeddings import start_embedding_servers
     from cluster.interactions import start_interaction_shards
     from cora.config import from_dict
@@ -87,7 +89,7 @@ def train_ranks(workers: int, data: Path, cf: Path, tmp: Path, args, name: str, 
                    "activation_checkpointing": args.activation_checkpointing},
         "run": {"workers": workers, "epochs": 100, "max_steps": args.steps, "device": args.device,
                 "cpus_per_worker": args.cpus_per_worker, "checkpoint_every": checkpoint.get("every", 0)}})
-    handover = Handover(train=actors, cf_dim=args.dim, total_steps=args.steps, hooks=[Report(report)],
+    handover = Handover(train=actors, cf_dim=args.dim, total_steps=args.steps, hooks=[*hooks, Report(report)],
                         checkpoint_uri=checkpoint.get("uri"), staging_dir=checkpoint.get("staging"))
     run(cfg, handover, storage_path=str(tmp / f"ray-{name}"), name=name)
     from trainer.train import stop_data

@@ -8,6 +8,7 @@ import pickle
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,9 +224,31 @@ def test_storage_errors_are_retried_with_growing_back_off(tmp_path):
     up.close()
 
 
-def test_tensors_are_streamed_to_safetensors_from_their_pieces_with_the_manifest_entry(tmp_path):
+def direct_io_works(folder) -> bool:
+    """Whether the filesystem of ``folder`` takes an aligned O_DIRECT write (probed here with plain os calls)."""
+    import mmap
+    probe = Path(folder, "probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except (OSError, AttributeError):
+        return False
+    try:
+        block = mmap.mmap(-1, 4096)
+        os.write(fd, block)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+@pytest.mark.parametrize("direct, buffer_bytes", [(True, 16 << 20), (True, 4096), (False, 8192)])
+def test_tensors_are_streamed_to_safetensors_from_their_pieces_with_the_manifest_entry(tmp_path, direct, buffer_bytes):
     """write_safetensors: a file safetensors reads back exactly (pieces concatenated and cut as given, every dtype a
-    checkpoint holds), whose size and sha256 are those of its bytes; a piece list that does not fill its shape is
+    checkpoint holds), whose size and sha256 are those of its bytes, written direct (no page cache) exactly where
+    the filesystem takes O_DIRECT, or buffered when asked; with a buffer of one 4 KiB block the stream crosses
+    many buffer ends and the last block is padded and cut. A piece list that does not fill its shape is
     refused, as is a dtype safetensors has no name for."""
     from safetensors.torch import load
 
@@ -234,8 +257,12 @@ def test_tensors_are_streamed_to_safetensors_from_their_pieces_with_the_manifest
     flat = [torch.randn(7, generator=g), torch.randn(7, generator=g)]
     tensors = {"w": ck.Pieces((3, 4), [flat[0], flat[1][:5]]), "rng": torch.get_rng_state(),
                "half": torch.randn(2, 3, generator=g).to(torch.bfloat16), "scalar": torch.tensor(2.5),
-               "empty": torch.zeros(0, 4)}
-    entry = ck.write_safetensors(tmp_path / "t.safetensors", tensors)
+               "empty": torch.zeros(0, 4), "big": torch.randn(3001, generator=g)}
+    out = ck.DirectFile(tmp_path / "mode", buffer_bytes, direct)
+    out.write(b"x" * 5000)
+    assert out.close() == file_entry(b"x" * 5000) and (tmp_path / "mode").read_bytes() == b"x" * 5000
+    assert out.direct == (direct and direct_io_works(tmp_path))
+    entry = ck.write_safetensors(tmp_path / "t.safetensors", tensors, buffer_bytes, direct)
     data = (tmp_path / "t.safetensors").read_bytes()
     assert entry == file_entry(data) and int.from_bytes(data[:8], "little") % 8 == 0
     back = load(data)

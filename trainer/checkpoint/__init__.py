@@ -31,12 +31,18 @@ from pathlib import Path
 
 from .storage import (FILES, MANIFEST, NAME, STAGED, CheckpointError, _log, check_storage, checkpoint_name, clear,
                       latest_committed, list_checkpoints, newest_state, parse, prune, read_checkpoint, read_commit)
-from .uploader import Commit, Pieces, Uploader, stage, write_safetensors
+from .uploader import Commit, DirectFile, Pieces, Uploader, stage, write_safetensors
 from .zero_state import OPT_KEYS, capture, load_into
 
-__all__ = ["FILES", "MANIFEST", "NAME", "OPT_KEYS", "STAGED", "CheckpointError", "Checkpointer", "Commit", "Uploader",
-           "Pieces", "capture", "check_storage", "checkpoint_name", "clear", "latest_committed", "list_checkpoints", "load_into",
-           "newest_state", "parse", "prune", "read_checkpoint", "read_commit", "stage", "write_safetensors"]
+__all__ = ["FILES", "MANIFEST", "NAME", "OPT_KEYS", "STAGED", "CheckpointError", "Checkpointer", "Commit", "DirectFile",
+           "Uploader", "Pieces", "capture", "check_storage", "checkpoint_name", "clear", "latest_committed",
+           "list_checkpoints", "load_into", "newest_state", "parse", "prune", "read_checkpoint", "read_commit", "stage",
+           "write_safetensors"]
+
+
+def on_host(buffers: dict) -> bool:
+    """Whether a capture's copies (``capture``'s ``buffers``) are in host memory."""
+    return all(t.device.type == "cpu" for groups in buffers.values() for parts in groups for t in parts)
 
 
 class Checkpointer:
@@ -50,6 +56,7 @@ class Checkpointer:
         self.staging = Path(staging)
         self.uploader = Uploader(self.uri, keep_last, backoff) if rank == 0 else None
         self.save_seconds: list[float] = []      # time the training loop was held by each save
+        self._spare: dict | None = None
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -57,9 +64,15 @@ class Checkpointer:
     def save(self, engine, model, step: int, loop_state: dict, cursor: dict | None, best: bool = False,
              valid_auc: float | None = None) -> None:
         t, now = time.perf_counter(), time.time()
-        assemble = capture(engine, model, loop_state, cursor)     # the only part the training loop waits for
+        spare, self._spare = self._spare, None          # the last capture's buffers, if its files are written
+        assemble = capture(engine, model, loop_state, cursor, spare)   # the only part the training loop waits for
         if assemble is not None:
-            self.uploader.submit(lambda: stage(self.staging, step, assemble(), best, valid_auc, self.config, now))
+            def staged() -> Path:
+                out = stage(self.staging, step, assemble(), best, valid_auc, self.config, now)
+                if on_host(assemble.buffers):          # written: the next save may fill them again (host
+                    self._spare = assemble.buffers     # memory; device memory is not held between saves)
+                return out
+            self.uploader.submit(staged)
         self.save_seconds.append(time.perf_counter() - t)
 
     def restore(self, engine, model) -> dict | None:
