@@ -166,9 +166,9 @@ class DirectFile:
     filesystem takes it: each full buffer goes from this process's memory to the disk without passing through
     the page cache, and the sha256 of the bytes is taken from the same buffer.
 
-    Why: a buffered write of a 372 MB checkpoint cost 0.8-1.4 s of CPU on this 2-core VM, almost all of it
+    Why: staging a 372 MB checkpoint buffered cost 1.15-1.29 s of CPU on this 2-core VM, almost all of it
     the kernel allocating and filling fresh page-cache pages (every checkpoint's pages are new), against
-    0.3 s for the same bytes written direct and hashed (benchmarks/checkpoint.py; the ranks that train use
+    0.26 s written direct and hashed (``benchmarks/checkpoint.py --stage-only``; the ranks that train use
     both cores, so that CPU comes out of training). The copy into the buffer and the hashing release the
     GIL. Where ``O_DIRECT`` is refused (tmpfs before Linux 6.6, some network filesystems, not Linux) the same
     stream is written buffered, as it is with ``direct=False``; the attribute ``direct`` says which. The last
