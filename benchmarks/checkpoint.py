@@ -83,7 +83,6 @@ def block_rates(log: list[dict], batch: int, workers: int, blocks: list[bool]) -
 
 def in_one_run(args, data, cf, tmp) -> dict:
     blocks = [side for p in range(args.repeats) for side in ((False, True) if p % 2 == 0 else (True, False))]
-    args.steps = args.warmup + args.block * len(blocks) + 1
     uri = args.uri.rstrip("/") + "/blocks" if args.uri else str(tmp / "ckpt")
     ckpt = {"uri": uri, "every": args.every, "staging": str(tmp / "staging")}
     ranks = train_ranks(2, data, cf, tmp, args, "blocks", ckpt,
@@ -179,9 +178,10 @@ def main() -> None:
     runtime.init(num_cpus=4)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if not args.legs:        # the blocks, and one step after them (the end-of-run save follows the last step)
+            args.steps = args.warmup + 2 * args.repeats * args.block + 1
         # one epoch holds every block: an epoch's end saves a checkpoint of its own
-        steps = args.steps if args.legs else args.warmup + 2 * args.repeats * args.block + 1
-        data, cf = prepare(tmp, args.dim, interactions=max(4000, int(steps * args.batch * 2 * 1.5)))
+        data, cf = prepare(tmp, args.dim, interactions=max(4000, int(args.steps * args.batch * 2 * 1.5)))
         got = (in_legs if args.legs else in_one_run)(args, data, cf, tmp)
     ratios = [e / n for n, e in got["pairs"]]
     report = got["report"]
