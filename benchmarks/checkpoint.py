@@ -98,7 +98,7 @@ def in_one_run(args, data, cf, tmp) -> dict:
         pairs.append((none["rate"], every["rate"]))
     return {"pairs": pairs, "pairs_dropped": dropped, "report": ranks[0],
             "saves_per_block": [r["saves"] for r in rates if r["every"]],
-            "save_held_loop_s": ranks[0]["checkpoints"]["save_seconds"]}
+            "save_held_loop_s": [r["held"] for r in ranks[0]["log"] if r["held"] > 0]}   # the blocks' saves
 
 
 def leg_rate(rank0: dict, batch: int, workers: int, warmup: int) -> float:
