@@ -109,6 +109,10 @@ class RunConfig:
     """Start the Ray dashboard (on 127.0.0.1) with the local Ray instance; its URL is printed."""
     sync_timeout_s: float = 300.0
     """Object-storage run_dir: how long the final copy of a worker's run files retries before it fails."""
+    keep_freed_memory: bool = True
+    """Every worker keeps the memory a step frees for the next step instead of giving it back to the kernel
+    (glibc's allocator, ``cora.allocator``): no page faults on the same pages every step. False: glibc's
+    defaults (a smaller resident set between steps on a machine whose memory other processes need)."""
 
     def validate(self) -> list[str]:
         problems = [f"run.{k} must be >= 1, got {getattr(self, k)}" for k in ("epochs", "patience", "workers",

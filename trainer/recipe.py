@@ -147,6 +147,9 @@ class Recipe:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(self.cfg.run.cpus_per_worker)       # the CPUs Ray reserved for this worker
+        if self.cfg.run.keep_freed_memory:
+            from cora.allocator import keep_freed_memory
+            keep_freed_memory()
         init_distributed(self.cfg.run.device)
         torch.manual_seed(self.cfg.run.seed)
         self.model, self.engine = self._build()
