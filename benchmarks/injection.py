@@ -40,12 +40,18 @@ repetition (no variant always runs first or after the same one). A ratio is take
 repetition (the two steps ran seconds apart) and reported as the median over repetitions with its
 spread (min, max): ``ratios.cora_over_frozen``, ``ratios.cora_over_lora_same_dropout``,
 ``ratios.cora_over_peft``, ``spread`` beside them.
+
+Memory: every process keeps the memory a step frees, as the trainer's workers do (``run.keep_freed_memory``,
+``cora.allocator``); ``--glibc-defaults`` runs with glibc's allocator as it comes (the figures before
+2026-12-03). ``page_faults`` (and ``zero3.W.page_faults``, the most of any rank) hold each variant's median
+minor page faults per step: fresh pages the step touched.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -198,6 +204,7 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
                       MASTER_PORT=str(port))
     from trainer.engine import select_accelerator
     select_accelerator(args.device)
+    allocator(args)
     import numpy as np
     import torch.distributed as dist
 
@@ -234,13 +241,15 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
         k = rep % len(ZERO3_VARIANTS)
         for name in ZERO3_VARIANTS[k:] + ZERO3_VARIANTS[:k]:
             dist.barrier()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             record = train_step(engines[name], raw)
             if rep >= args.warmup:
-                times[name].append((record["forward"] + record["backward"], record["seconds"]))
+                times[name].append((record["forward"] + record["backward"], record["seconds"],
+                                    resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0))
     everyone: list = [None] * world
     dist.all_gather_object(everyone, times)
     if rank == 0:      # a repetition lasts as long as its slowest rank
-        slowest = {k: [tuple(max(r[k][i][j] for r in everyone) for j in (0, 1)) for i in range(args.reps)]
+        slowest = {k: [tuple(max(r[k][i][j] for r in everyone) for j in (0, 1, 2)) for i in range(args.reps)]
                    for k in ZERO3_VARIANTS}
         Path(out).write_text(json.dumps(slowest))
     dist.destroy_process_group()
@@ -262,7 +271,8 @@ def zero3(args) -> dict:
             out = str(Path(tmp) / "times.json")
             mp.spawn(zero3_rank, args=(world, args, port, out), nprocs=world)
             slowest = json.loads(Path(out).read_text())
-        entry = {"ranks": world, "threads_per_rank": max(1, args.threads // world)}
+        entry = {"ranks": world, "threads_per_rank": max(1, args.threads // world),
+                 "page_faults": {k: int(statistics.median(t[2] for t in v)) for k, v in slowest.items()}}
         for j, suffix in ((0, ""), (1, "_step")):
             times = {k: [t[j] for t in v] for k, v in slowest.items()}
             part = ratios(times)
@@ -288,9 +298,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--zero3", default="", help="also the training path under ZeRO-3 at these world sizes, e.g. 1,2")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="glibc's allocator as it comes (else the memory a step frees is kept, as the trainer does)")
     ap.add_argument("--zero3-only", action="store_true", help="only the training path (skip the one-process part)")
     args = ap.parse_args()
     args.threads = torch.get_num_threads()
+    allocator(args)
     result = {}
     if not args.zero3_only:
         torch.manual_seed(0)
@@ -298,16 +311,26 @@ def main() -> None:
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         for s in filter(None, args.skip.split(",")):
             steps.pop(s)
-        times = timed(steps, models, args, sync)
+        faults: dict[str, list[int]] = {}
+        times = timed(steps, models, args, sync, faults)
         del steps, models
         result = summary(times, args)
+        result["page_faults"] = {k: int(statistics.median(v)) for k, v in faults.items() if v}
     if args.zero3:
         result = {**(result or summary({}, args)), "zero3": zero3(args)}
     print(json.dumps(result, indent=None if args.json else 2))
 
 
-def timed(steps: dict, models: list, args, sync) -> dict[str, list[float]]:
-    """Seconds per step of each variant, one per repetition; the order is rotated by one each repetition."""
+def allocator(args) -> None:
+    """The trainer's allocator setting (``cora.allocator.keep_freed_memory``) unless ``--glibc-defaults``."""
+    from cora.allocator import keep_freed_memory
+    args.allocator = "glibc defaults" if args.glibc_defaults else (
+        "freed memory kept (run.keep_freed_memory)" if keep_freed_memory() else "glibc defaults (not glibc?)")
+
+
+def timed(steps: dict, models: list, args, sync, faults: dict | None = None) -> dict[str, list[float]]:
+    """Seconds per step of each variant, one per repetition; the order is rotated by one each repetition.
+    ``faults``: filled with each timed step's minor page faults, per variant."""
     names = list(steps)
     times: dict[str, list[float]] = {k: [] for k in names}
     for rep in range(args.warmup + args.reps):
@@ -316,12 +339,14 @@ def timed(steps: dict, models: list, args, sync) -> dict[str, list[float]]:
             for m in models:
                 m.zero_grad(set_to_none=True)
             sync()
-            t = time.perf_counter()
+            f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             steps[name]()
             sync()
             dt = time.perf_counter() - t
             if rep >= args.warmup:
                 times[name].append(dt)
+                if faults is not None:
+                    faults.setdefault(name, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             if not args.json:
                 print(f"rep {rep} {name}: {dt:.3f}s", file=sys.stderr)
     return times
@@ -341,6 +366,7 @@ def summary(times: dict[str, list[float]], args) -> dict:
            "model": "smollm2-135m-shape", "batch": args.batch, "seq": args.seq, "rank": args.rank,
            "dropout": args.dropout, "dropout_implementation": "cora.injection.adapter_dropout (every variant)",
            "targets": TARGETS, "reps": args.reps, "order": "rotated by one variant per repetition",
+           "allocator": getattr(args, "allocator", None),
            "median_s": {k: round(statistics.median(v), 4) for k, v in times.items() if v},
            "min_s": {k: round(min(v), 4) for k, v in times.items() if v},
            "max_s": {k: round(max(v), 4) for k, v in times.items() if v},

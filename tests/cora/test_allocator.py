@@ -22,6 +22,8 @@ def faults(side: str) -> dict[str, float]:
 @pytest.mark.slow
 def test_kept_memory_is_reused_by_the_next_step_without_page_faults():
     default, keep = faults("default"), faults("keep")
-    # glibc as it comes: the adapters' steps give memory back and fault it in again (thousands of pages)
-    assert default["cora"] > 5000 and default["lora"] > 500, default
-    assert keep["cora"] < default["cora"] / 3 and keep["lora"] < default["lora"] / 10, (keep, default)
+    # glibc as it comes: the adapters' steps give memory back and fault it in again (thousands of pages; how
+    # many, and in which variant, depends on glibc's adaptive threshold's history)
+    assert default["cora"] + default["lora"] > 2000, default
+    assert keep["cora"] + keep["lora"] < (default["cora"] + default["lora"]) / 5, (keep, default)
+    assert keep["frozen"] <= default["frozen"] + 100, (keep, default)
