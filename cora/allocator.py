@@ -4,15 +4,16 @@ that are already mapped instead of faulting in fresh ones.
 By default glibc gives memory back to the kernel as soon as more than a threshold of it is free at the top
 of the heap (``M_TRIM_THRESHOLD``, twice the mmap threshold, which glibc raises to the largest block freed so
 far, at most 32 MiB) and serves larger blocks by ``mmap``, unmapped again on free. A training step
-allocates and frees hundreds of MB of activations and gradients in blocks of a few MB, so every step
-trims and then faults the same pages in again, one 4 KiB page at a time: measured on the SmolLM2-135M shape
-in one process (``benchmarks/allocator.py``), a CoRA or LoRA step took 25,000-90,000 page faults (100-350 MB
-of fresh pages), the frozen LLM's none. On a virtual machine a fault also costs the host's first touch.
+allocates and frees hundreds of MB of activations and gradients, so a step can fault in again, one 4 KiB
+page at a time, what the previous one gave back. Measured on the SmolLM2-135M shape (batch 8, 128 tokens):
+in one process (``benchmarks/allocator.py``) a LoRA step took 24,000-38,000 page faults and a CoRA step
+0-5,000 (how many depends on the adaptive threshold's history), the frozen LLM's none; under ZeRO-3 at one
+rank (``benchmarks/injection.py --zero3 1``) a CoRA step took 98,000-115,000, for DeepSpeed's flat buffers
+of the paper generator, which are above 32 MiB and so mapped afresh whatever the threshold. On a virtual
+machine a fault also costs the host's first touch.
 
 ``keep_freed_memory`` sets, for the rest of the process: every block comes from the heap (no ``mmap`` per
-block; above 32 MiB glibc would otherwise map and unmap each one, whatever its threshold: DeepSpeed's
-flat buffers of the paper generator under ZeRO-3 took 114,000 faults a step that way), and the heap is
-trimmed only past 2 GiB free. The resident set then stays at its peak (it already did on this path: the
+block), and the heap is trimmed only past 2 GiB free. The resident set then stays at its peak (it already did on this path: the
 planner's allocator factor). A thread's arena still maps a block above its 64 MiB heap (glibc's fallback).
 ``run.keep_freed_memory`` (default true) applies it in every trainer worker.
 """

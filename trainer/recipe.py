@@ -149,7 +149,10 @@ class Recipe:
         torch.set_num_threads(self.cfg.run.cpus_per_worker)       # the CPUs Ray reserved for this worker
         if self.cfg.run.keep_freed_memory:
             from cora.allocator import keep_freed_memory
-            keep_freed_memory()
+            if not keep_freed_memory() and self.rank == 0:
+                from .checkpoint import _log
+                _log("run.keep_freed_memory: this C library is not glibc (or refused mallopt); its allocator is "
+                     "left as it is")
         init_distributed(self.cfg.run.device)
         torch.manual_seed(self.cfg.run.seed)
         self.model, self.engine = self._build()
