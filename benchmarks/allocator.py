@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 VARIANTS = ("frozen", "lora", "cora")
@@ -38,21 +36,13 @@ def child(args) -> dict:
         if not keep_freed_memory():
             raise SystemExit("keep_freed_memory() changed nothing here (not glibc?)")
     torch.manual_seed(0)
-    build_args = argparse.Namespace(batch=args.batch, seq=args.seq, rank=16, dropout=0.05, device="cpu",
-                                    dtype="float32")
-    steps, models = injection.build(build_args)
-    times: dict[str, list] = {k: [] for k in VARIANTS}
-    for rep in range(1 + args.reps):
-        k = rep % len(VARIANTS)
-        for name in VARIANTS[k:] + VARIANTS[:k]:
-            for m in models:
-                m.zero_grad(set_to_none=True)
-            f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-            steps[name]()
-            dt, faults = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-            if rep:
-                times[name].append((dt, faults))
-    return {k: (statistics.median(t for t, _ in v), statistics.median(f for _, f in v)) for k, v in times.items()}
+    run = argparse.Namespace(batch=args.batch, seq=args.seq, rank=16, dropout=0.05, device="cpu", dtype="float32",
+                             shape="smollm2-135m-shape", skip=",".join(set(injection.VARIANTS) - set(VARIANTS)),
+                             warmup=1, reps=args.reps, json=True)
+    steps, models = injection.build(run)
+    faults: dict[str, list[int]] = {}
+    times = injection.timed(steps, models, run, lambda: None, faults)       # rotated order, as injection.py
+    return {k: (statistics.median(times[k]), statistics.median(faults[k])) for k in VARIANTS}
 
 
 def spread(values: list[float]) -> list[float]:

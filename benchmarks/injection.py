@@ -3,9 +3,12 @@
     python benchmarks/injection.py --json                 (dropout 0.05)
     python benchmarks/injection.py --json --dropout 0     (no dropout anywhere)
     python benchmarks/injection.py --json --zero3 1,2     (also the training path: ZeRO-3, 1 and 2 ranks)
+    python benchmarks/injection.py --json --device cuda --dtype bfloat16 --peak-tflops 989 --shape llama-2-7b-shape
+                                                          (a GPU: adds each variant's MFU; benchmarks/gpu.sh runs the set)
 
 Side by side in one run, on a SmolLM2-135M-shaped Llama with random weights (hidden 576, 30 layers,
-9 heads, 3 KV heads, intermediate 1536, vocab 49152), batch 8, sequence 128, r=16 on q/k/v/o:
+9 heads, 3 KV heads, intermediate 1536, vocab 49152; ``--shape``: another of ``cora.llm.SHAPES``), batch 8,
+sequence 128, r=16 on q/k/v/o:
 
   frozen  the frozen LLM, gradients only w.r.t. its input embeddings (the floor)
   lora    this project's own LoRA (``adapter: lora``, method=tallrec): one shared A and P per module,
@@ -33,7 +36,11 @@ optimiser step is nothing), its input embeddings detached with gradients (as in 
 (``leaves=()``), as the trainer did before it hooked the Q-Former as one module (``trainer.engine.leaf_modules``):
 ``cora_over_cora_per_module`` is what that saves. A repetition's time is the slowest rank's;
 ``zero3.W.ratios`` hold the medians over repetitions of the forward + backward ratios (what one process
-measures) and of the whole steps' (``*_step``).
+measures) and of the whole steps' (``*_step``). ``--partitioning replicated``: the frozen LLM whole on every
+rank instead of partitioned (``engine.partitioning``).
+
+Throughput: ``tokens_per_s`` of each variant's median step (the training path: per rank, whole steps) and, with
+``--peak-tflops``, ``mfu`` = 4 N_mm B T / (step s x peak), N_mm the decoder's matmul parameters.
 
 Timing: after warm-up, each repetition runs every variant once, in an order rotated by one per
 repetition (no variant always runs first or after the same one). A ratio is taken within each
@@ -50,6 +57,7 @@ minor page faults per step: fresh pages the step touched.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -64,8 +72,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cora.injection import InjectedLinear, InjectionConfig, adapter_dropout  # noqa: E402
-from cora.llm import build_preset, load_tokenizer  # noqa: E402
+from cora.llm import SHAPES, build_preset, load_tokenizer  # noqa: E402
 from cora.methods import Method  # noqa: E402
+from cora.plan import Shape  # noqa: E402
 from cora.scoring import Batch, CoRAModel  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -124,10 +133,14 @@ def yes_head(hidden: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> tor
 
 
 def build(args):
+    """The variants' steps (those not in ``--skip``) and the models they train. The LLM is built once
+    (``build_preset``: seeded random weights) and copied for each variant that needs one of its own."""
     tok = load_tokenizer("smollm2")
     yes = tok(" Yes", add_special_tokens=False).input_ids[-1]
     dtype, dev = getattr(torch, args.dtype), torch.device(args.device)
-    new = lambda: build_preset("smollm2-135m-shape", tok, dtype, seed=0).requires_grad_(False).to(dev).train()  # noqa: E731
+    skip = set(filter(None, args.skip.split(",")))
+    base = build_preset(args.shape, tok, dtype, seed=0).requires_grad_(False).to(dev).train()
+    new = lambda: copy.deepcopy(base)  # noqa: E731
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(tok), (args.batch, args.seq), generator=g).to(dev)
     labels = torch.randint(0, 2, (args.batch,), generator=g).float().to(dev)
@@ -135,8 +148,9 @@ def build(args):
     batch = Batch(ids, torch.full((args.batch,), args.seq, device=dev), emb, emb.clone(), labels)
     inj = InjectionConfig(rank=args.rank, alpha=2 * args.rank, dropout=args.dropout, targets=TARGETS)
 
-    frozen = new()
+    frozen = base
     w_yes = frozen.get_output_embeddings().weight[yes].detach().clone()
+    steps, models = {}, [frozen]
 
     def step_frozen():
         x = frozen.get_input_embeddings()(ids).detach().requires_grad_()
@@ -148,29 +162,38 @@ def build(args):
         logits = frozen(inputs_embeds=x, use_cache=False).logits             # (B, T, V)
         F.binary_cross_entropy_with_logits(logits[:, -1, yes].float(), labels).backward()
 
-    from peft import LoraConfig, get_peft_model
-    peft_model = get_peft_model(new(), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
-                                                  target_modules=TARGETS))
-    replaced = same_dropout(peft_model, args.dropout)
-    assert replaced == len(TARGETS) * frozen.config.num_hidden_layers, replaced
-    peft_model.train()
+    steps["frozen"] = step_frozen
+    if "lora" not in skip:
+        lora = CoRAModel(new(), yes, 256, 256, replace(inj, adapter="lora"), method="tallrec").to(dev, dtype).train()
+        steps["lora"], models = (lambda: lora.loss(batch)[0].backward()), models + [lora]
+    if "peft" not in skip:
+        from peft import LoraConfig, get_peft_model
+        peft_model = get_peft_model(new(), LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
+                                                      lora_dropout=args.dropout, target_modules=TARGETS))
+        replaced = same_dropout(peft_model, args.dropout)
+        assert replaced == len(TARGETS) * frozen.config.num_hidden_layers, replaced
+        peft_model.train()
 
-    def step_peft():
-        h = peft_model.base_model.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        yes_head(h, w_yes, labels).backward()
+        def step_peft():
+            h = peft_model.base_model.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            yes_head(h, w_yes, labels).backward()
+        steps["peft"], models = step_peft, models + [peft_model]
+    if "cora" not in skip:
+        cora = CoRAModel(new(), yes, 256, 256, inj).to(dev, dtype).train()
+        steps["cora"], models = (lambda: cora.loss(batch)[0].backward()), models + [cora]
+    if "naive" not in skip:
+        naive = make_naive(CoRAModel(new(), yes, 256, 256, inj)).to(dev, dtype).train()
+        steps["naive"], models = (lambda: naive.loss(batch)[0].backward()), models + [naive]
+    if "frozen_full_logits" not in skip:
+        steps["frozen_full_logits"] = step_full_logits
+    for m in models:           # this project's adapters with non-zero P, as after some training
+        if isinstance(m, CoRAModel):
+            for p in m.injection.parameters():
+                nn.init.normal_(p, std=0.02)
+    return {k: steps[k] for k in VARIANTS if k in steps}, models
 
-    cora = CoRAModel(new(), yes, 256, 256, inj).to(dev, dtype).train()
-    lora = CoRAModel(new(), yes, 256, 256, replace(inj, adapter="lora"), method="tallrec").to(dev, dtype).train()
-    naive = make_naive(CoRAModel(new(), yes, 256, 256, inj)).to(dev, dtype).train()
-    for m in (cora, lora, naive):   # non-zero P, as after some training
-        for p in m.injection.parameters():
-            nn.init.normal_(p, std=0.02)
-    steps = {"frozen": step_frozen, "lora": lambda: lora.loss(batch)[0].backward(), "peft": step_peft,
-             "cora": lambda: cora.loss(batch)[0].backward(),
-             "naive": lambda: naive.loss(batch)[0].backward(),
-             "frozen_full_logits": step_full_logits}
-    models = [frozen, peft_model, cora, lora, naive]
-    return steps, models
+
+VARIANTS = ("frozen", "lora", "peft", "cora", "naive", "frozen_full_logits")
 
 
 class FrozenFloor(Method):
@@ -181,7 +204,7 @@ class FrozenFloor(Method):
 
     def attach(self, model, injection, generator, user_dim, item_dim):
         model.injection, model.generator = None, None
-        model.floor = nn.Parameter(torch.zeros(()))
+        model.floor = nn.Parameter(torch.zeros(1))      # not 0-d: DeepSpeed broadcasts a bf16 parameter as bytes
 
     def trainable(self, model):
         return [model.floor]
@@ -216,7 +239,7 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
     from trainer.worker import train_step
     torch.set_num_threads(max(1, args.threads // world))
     eng.init_distributed(args.device)
-    cfg = from_dict(TrainConfig, {"llm": {"name": "smollm2-135m-shape", "dtype": args.dtype},
+    cfg = from_dict(TrainConfig, {"llm": {"name": args.shape, "dtype": args.dtype},
                                   "engine": {"micro_batch_size": args.batch, "bf16": args.dtype == "bfloat16"},
                                   "run": {"workers": world, "device": args.device}})
     ds = eng.ds_config(cfg.engine, world)
@@ -224,7 +247,7 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
     engines = {}
     for name in ZERO3_VARIANTS:
         torch.manual_seed(0)
-        llm, tok = eng.build_llm(cfg.llm, ds, "zero3")
+        llm, tok = eng.build_llm(cfg.llm, ds, args.partitioning)
         yes = resolve_answer_token(tok)
         method = {"frozen": FrozenFloor(), "lora": "tallrec"}.get(name, "cora")
         model = CoRAModel(llm, yes, 256, 256, replace(inj, adapter="lora") if name == "lora" else inj,
@@ -262,6 +285,9 @@ def zero3(args) -> dict:
     import tempfile
 
     import torch.multiprocessing as mp
+
+    from trainer.planner import shape_of
+    args.matmul_params = shape_of(args.shape).matmul_params
     result = {}
     for world in [int(w) for w in args.zero3.split(",")]:
         with socket.socket() as sock, tempfile.TemporaryDirectory() as tmp:
@@ -271,7 +297,7 @@ def zero3(args) -> dict:
             out = str(Path(tmp) / "times.json")
             mp.spawn(zero3_rank, args=(world, args, port, out), nprocs=world)
             slowest = json.loads(Path(out).read_text())
-        entry = {"ranks": world, "threads_per_rank": max(1, args.threads // world),
+        entry = {"ranks": world, "threads_per_rank": max(1, args.threads // world), "partitioning": args.partitioning,
                  "page_faults": {k: int(statistics.median(t[2] for t in v)) for k, v in slowest.items()}}
         for j, suffix in ((0, ""), (1, "_step")):
             times = {k: [t[j] for t in v] for k, v in slowest.items()}
@@ -279,6 +305,7 @@ def zero3(args) -> dict:
             entry[f"median_s{suffix}"] = {k: round(statistics.median(v), 4) for k, v in times.items()}
             entry.setdefault("ratios", {}).update({k + suffix: v for k, v in part["ratios"].items()})
             entry.setdefault("spread", {}).update({k + suffix: v for k, v in part["spread"].items()})
+        entry.update(throughput(times, args))      # of the whole steps, per rank
         result[str(world)] = entry
         if not args.json:
             print(f"zero3 {world} rank(s): {entry['ratios']}", file=sys.stderr)
@@ -288,6 +315,9 @@ def zero3(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
+    ap.add_argument("--shape", default="smollm2-135m-shape", choices=sorted(SHAPES),
+                    help="the LLM's shape preset (cora.llm.SHAPES; random weights)")
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak FLOP/s in TFLOP/s: adds each variant's MFU")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16)
@@ -301,6 +331,8 @@ def main() -> None:
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="glibc's allocator as it comes (else the memory a step frees is kept, as the trainer does)")
     ap.add_argument("--zero3-only", action="store_true", help="only the training path (skip the one-process part)")
+    ap.add_argument("--partitioning", default="zero3", choices=["zero3", "replicated"],
+                    help="the training path's frozen LLM: partitioned by ZeRO-3 or whole on every rank (engine.partitioning)")
     args = ap.parse_args()
     args.threads = torch.get_num_threads()
     allocator(args)
@@ -309,10 +341,9 @@ def main() -> None:
         torch.manual_seed(0)
         steps, models = build(args)
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-        for s in filter(None, args.skip.split(",")):
-            steps.pop(s)
         faults: dict[str, list[int]] = {}
         times = timed(steps, models, args, sync, faults)
+        args.matmul_params = Shape.from_config(models[0].config.to_dict()).matmul_params
         del steps, models
         result = summary(times, args)
         result["page_faults"] = {k: int(statistics.median(v)) for k, v in faults.items() if v}
@@ -363,14 +394,30 @@ def summary(times: dict[str, list[float]], args) -> dict:
     """Per variant: median, min and max seconds; per ratio: the median over repetitions of the ratio within
     each repetition, and its (min, max)."""
     out = {"benchmark": "injection", "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-           "model": "smollm2-135m-shape", "batch": args.batch, "seq": args.seq, "rank": args.rank,
+           "model": args.shape, "batch": args.batch, "seq": args.seq, "rank": args.rank,
            "dropout": args.dropout, "dropout_implementation": "cora.injection.adapter_dropout (every variant)",
            "targets": TARGETS, "reps": args.reps, "order": "rotated by one variant per repetition",
            "allocator": getattr(args, "allocator", None),
            "median_s": {k: round(statistics.median(v), 4) for k, v in times.items() if v},
            "min_s": {k: round(min(v), 4) for k, v in times.items() if v},
            "max_s": {k: round(max(v), 4) for k, v in times.items() if v},
-           **ratios(times)}
+           **ratios(times), **throughput(times, args)}
+    return out
+
+
+def throughput(times: dict[str, list[float]], args) -> dict:
+    """Tokens per second of each variant's median step and, with ``--peak-tflops``, its MFU: 4 N_mm B T / (step
+    s x peak), N_mm the LLM's decoder matmul parameters (``cora.plan.Shape.matmul_params``): the frozen base's
+    forward (2 N_mm per token) and its backward to the activations (2 N_mm), the FLOPs every variant must do;
+    the adapters' own (about 2% more here) and attention's score products are not counted."""
+    n_mm = getattr(args, "matmul_params", None)
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    out: dict = {"tokens_per_s": {k: round(args.batch * args.seq / t) for k, t in med.items()}}
+    if args.peak_tflops and n_mm:
+        out["matmul_params"] = n_mm
+        out["peak_tflops"] = args.peak_tflops
+        out["mfu"] = {k: round(4 * n_mm * args.batch * args.seq / t / (args.peak_tflops * 1e12), 4)
+                      for k, t in med.items()}
     return out
 
 

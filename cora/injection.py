@@ -248,7 +248,9 @@ class SharedVariant(Variant):
 
     def down(self, layer, x):
         h, factor = adapter_dropout(x, layer.dropout, layer.training)
-        return F.linear(h, layer.lora_A * (self.scale * factor))
+        # .to: under ZeRO-3 with bf16 the LLM is bf16 and A stays fp32 (DeepSpeed casts no parameter of a
+        # model built under zero.Init, and the adapters are added after it), as CoRA's generated A does
+        return F.linear(h, (layer.lora_A * (self.scale * factor)).to(h.dtype))
 
     def effective_a(self, layer, sample):
         return layer.lora_A.t() * self.scale

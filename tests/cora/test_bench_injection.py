@@ -38,7 +38,7 @@ def test_the_order_rotates_and_ratios_are_per_repetition_with_their_spread():
             order.append(name)
         return run
     args = SimpleNamespace(warmup=1, reps=6, json=True, device="cpu", dtype="float32", batch=8, seq=128, rank=16,
-                           dropout=0.05)
+                           dropout=0.05, shape="smollm2-135m-shape", peak_tflops=None)
     steps = {k: step(k) for k in fake}
     times = bench.timed(steps, [], args, lambda: None)
     rounds = [order[i:i + 3] for i in range(0, len(order), 3)]
@@ -51,6 +51,10 @@ def test_the_order_rotates_and_ratios_are_per_repetition_with_their_spread():
     assert out["spread"]["cora_over_frozen"] == [1.0, 1.3]
     assert out["ratios"]["cora_over_lora_same_dropout"] == round(statistics.median([1.1, 2.0 / 2.2, 1.0]), 4)
     assert out["median_s"]["peft"] == 1.5 and out["min_s"]["frozen"] == 1.0 and out["max_s"]["lora"] == 2.2
+    assert out["tokens_per_s"]["frozen"] == 8 * 128 and "mfu" not in out          # 1 s median, no peak given
+    args.peak_tflops, args.matmul_params = 2.0, 10 ** 8                       # MFU = 4 N_mm B T / (s x peak)
+    assert bench.summary(times, args)["mfu"] == {k: round(4e8 * 8 * 128 / statistics.median(v) / 2e12, 4)
+                                                  for k, v in times.items()}
 
 
 def test_the_training_paths_frozen_floor_scores_as_the_frozen_llm_and_trains_one_scalar(tokenizer):

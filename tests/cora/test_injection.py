@@ -225,6 +225,24 @@ def test_lora_baseline_has_no_generator_and_trains_a(tokenizer, yes_id):
     assert dense_weight(m.base).shape == (m.out_features, m.in_features)
 
 
+@pytest.mark.parametrize("adapter", ["cora", "lora"])
+def test_a_bf16_llm_trains_fp32_adapters(adapter, tokenizer, yes_id):
+    """ZeRO-3 with bf16 leaves the adapters as created (fp32) and the LLM built under zero.Init in bf16
+    (DeepSpeed casts no parameter of such a model): the low-rank path casts to the activations' dtype
+    and its fp32 parameters get finite gradients (the LoRA baseline failed here on the first GPU run)."""
+    model = CoRAModel(tiny().to(torch.bfloat16), yes_id, 8, 8, InjectionConfig(adapter=adapter, rank=4), SMALL_GEN)
+    randomise_p(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    loss, logits = model.loss(_batch(tokenizer))
+    assert torch.isfinite(loss) and model.llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    loss.backward()
+    for m in model.injection.modules:
+        for p in [m.lora_P] + ([m.lora_A] if adapter == "lora" else []):
+            assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+            assert p.grad.abs().sum() > 0
+
+
 def test_injection_config_reports_every_problem_at_once():
     from cora.config import ConfigError, from_dict
     with pytest.raises(ConfigError) as err:

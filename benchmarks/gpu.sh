@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU figures, in one prepared run (a GPU machine's time is short): the device and its measured bf16
+# matrix rate, the trainer's ZeRO-3 step on CUDA (NCCL, bf16) timed against the frozen LLM and LoRA, and
+# one-process CoRA / LoRA / peft / the frozen LLM in bf16 on the SmolLM2-135M, Llama-3.2-1B and Llama-2-7B
+# shapes with tokens/s and MFU.
+#
+#   bash benchmarks/gpu.sh OUTDIR [PEAK_TFLOPS [NAMES]]   PEAK_TFLOPS: the MFU's denominator, default 989 (the
+#                                                        H100/H200 SXM dense bf16 datasheet figure); NAMES: a
+#                                                        comma-separated subset of the measurements below
+#
+# Each measurement runs under its own time limit and writes OUTDIR/NAME.json (benchmarks/injection.py's
+# --json output); OUTDIR/log.txt holds every command, its exit status, its seconds and its stderr.
+# $PYTHON (default python3) must have the project's dependencies and a CUDA build of torch.
+set -u
+out=${1:?usage: benchmarks/gpu.sh OUTDIR [PEAK_TFLOPS]}
+peak=${2:-989}
+only=${3:-}
+py=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+log="$out/log.txt"
+: >"$log"
+export PYTHONUNBUFFERED=1
+
+step() {   # step NAME SECONDS ARGS...: benchmarks/injection.py ARGS under a time limit, JSON to OUTDIR/NAME.json
+    local name=$1 limit=$2 t0 rc
+    shift 2
+    [[ -z "$only" || ",$only," == *",$name,"* ]] || return 0
+    echo "== $name: injection.py $*" >>"$log"
+    t0=$(date +%s)
+    timeout -k 10 "$limit" "$py" benchmarks/injection.py --json --device cuda --dtype bfloat16 \
+        --peak-tflops "$peak" "$@" >"$out/$name.json" 2>>"$log"
+    rc=$?
+    echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s" >>"$log"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    "$py" - <<'EOF'
+import time, torch, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,
+      torch.cuda.get_device_name())
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+for _ in range(3):
+    a @ b
+torch.cuda.synchronize()
+t = time.perf_counter()
+for _ in range(10):
+    a @ b
+torch.cuda.synchronize()
+print(f"bf16 8192^3 matmul: {10 * 2 * 8192 ** 3 / (time.perf_counter() - t) / 1e12:.0f} TFLOP/s (measured ceiling)")
+EOF
+} >"$out/env.txt" 2>>"$log"
+
+# the trainer's step (trainer.engine + trainer.worker.train_step) on CUDA: ZeRO-3 on NCCL, bf16, 1 rank; the
+# frozen LLM partitioned by ZeRO-3 or replicated (engine.partitioning)
+step zero3 200 --zero3 1 --zero3-only --reps 7 --warmup 2
+step replicated 200 --zero3 1 --zero3-only --reps 7 --warmup 2 --partitioning replicated
+step zero3-1b 200 --zero3 1 --zero3-only --reps 5 --warmup 2 --shape llama-3.2-1b-shape
+step replicated-1b 200 --zero3 1 --zero3-only --reps 5 --warmup 2 --shape llama-3.2-1b-shape --partitioning replicated
+# one process, the issue's configuration (batch 8, 128 tokens) and a larger one
+step smollm2-135m 90 --reps 15 --warmup 3
+step smollm2-135m-dropout0 90 --reps 15 --warmup 3 --dropout 0 --skip naive
+step smollm2-135m-b32-t256 90 --reps 9 --warmup 2 --batch 32 --seq 256 --skip naive
+step llama-3.2-1b 120 --shape llama-3.2-1b-shape --reps 9 --warmup 2 --skip naive,peft,frozen_full_logits
+step llama-2-7b 150 --shape llama-2-7b-shape --reps 7 --warmup 2 --skip naive,peft,frozen_full_logits
+step llama-2-7b-b16-t256 150 --shape llama-2-7b-shape --reps 7 --warmup 2 --batch 16 --seq 256 \
+    --skip naive,peft,frozen_full_logits
