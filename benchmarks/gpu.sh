@@ -9,7 +9,8 @@
 #                                                        comma-separated subset of the measurements below
 #
 # Each measurement runs under its own time limit and writes OUTDIR/NAME.json (benchmarks/injection.py's
-# --json output); OUTDIR/log.txt holds every command, its exit status, its seconds and its stderr.
+# --json output); OUTDIR/log.txt holds every command, its exit status, its seconds and its stderr;
+# OUTDIR/summary.json all the measurements' JSON by name (one file to bring back).
 # $PYTHON (default python3) must have the project's dependencies and a CUDA build of torch.
 set -u
 out=${1:?usage: benchmarks/gpu.sh OUTDIR [PEAK_TFLOPS]}
@@ -59,6 +60,9 @@ step zero3 200 --zero3 1 --zero3-only --reps 7 --warmup 2
 step replicated 200 --zero3 1 --zero3-only --reps 7 --warmup 2 --partitioning replicated
 step zero3-1b 200 --zero3 1 --zero3-only --reps 5 --warmup 2 --shape llama-3.2-1b-shape
 step replicated-1b 200 --zero3 1 --zero3-only --reps 5 --warmup 2 --shape llama-3.2-1b-shape --partitioning replicated
+step replicated-leaf 200 --zero3 1 --zero3-only --reps 7 --warmup 2 --partitioning replicated --leaf-layers
+step replicated-1b-leaf 200 --zero3 1 --zero3-only --reps 5 --warmup 2 --shape llama-3.2-1b-shape \
+    --partitioning replicated --leaf-layers
 # one process, the issue's configuration (batch 8, 128 tokens) and a larger one
 step smollm2-135m 90 --reps 15 --warmup 3
 step smollm2-135m-dropout0 90 --reps 15 --warmup 3 --dropout 0 --skip naive
@@ -67,3 +71,17 @@ step llama-3.2-1b 120 --shape llama-3.2-1b-shape --reps 9 --warmup 2 --skip naiv
 step llama-2-7b 150 --shape llama-2-7b-shape --reps 7 --warmup 2 --skip naive,peft,frozen_full_logits
 step llama-2-7b-b16-t256 150 --shape llama-2-7b-shape --reps 7 --warmup 2 --batch 16 --seq 256 \
     --skip naive,peft,frozen_full_logits
+
+"$py" - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+parts = {}
+for f in sorted(out.glob("*.json")):
+    if f.name != "summary.json":
+        try:
+            parts[f.stem] = json.loads(f.read_text())
+        except ValueError:
+            parts[f.stem] = None           # the step failed or ran out of time: log.txt says which
+(out / "summary.json").write_text(json.dumps(parts))
+EOF

@@ -37,7 +37,8 @@ optimiser step is nothing), its input embeddings detached with gradients (as in 
 ``cora_over_cora_per_module`` is what that saves. A repetition's time is the slowest rank's;
 ``zero3.W.ratios`` hold the medians over repetitions of the forward + backward ratios (what one process
 measures) and of the whole steps' (``*_step``). ``--partitioning replicated``: the frozen LLM whole on every
-rank instead of partitioned (``engine.partitioning``).
+rank instead of partitioned (``engine.partitioning``); ``--leaf-layers``: ZeRO-3 hooks each decoder layer as one
+module (``engine.leaf_layers``).
 
 Throughput: ``tokens_per_s`` of each variant's median step (the training path: per rank, whole steps) and, with
 ``--peak-tflops``, ``mfu`` = 4 N_mm B T / (step s x peak), N_mm the decoder's matmul parameters.
@@ -253,7 +254,7 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
         model = CoRAModel(llm, yes, 256, 256, replace(inj, adapter="lora") if name == "lora" else inj,
                           GeneratorConfig(), answer_weight=eng.gathered_answer_row(llm, yes), method=method)
         leaves = () if name == "cora_per_module" else eng.LEAVES
-        engines[name] = eng.initialize(model, ds, cfg.optim, 1000, leaves=leaves)[0]
+        engines[name] = eng.initialize(model, ds, cfg.optim, 1000, leaves=leaves, leaf_layers=args.leaf_layers)[0]
     g = np.random.default_rng(0)
     raw = {"input_ids": g.integers(0, 49152, (args.batch, args.seq)), "lengths": np.full(args.batch, args.seq),
            "user_emb": g.standard_normal((args.batch, 256), dtype=np.float32),
@@ -298,6 +299,7 @@ def zero3(args) -> dict:
             mp.spawn(zero3_rank, args=(world, args, port, out), nprocs=world)
             slowest = json.loads(Path(out).read_text())
         entry = {"ranks": world, "threads_per_rank": max(1, args.threads // world), "partitioning": args.partitioning,
+                 "leaf_layers": args.leaf_layers,
                  "page_faults": {k: int(statistics.median(t[2] for t in v)) for k, v in slowest.items()}}
         for j, suffix in ((0, ""), (1, "_step")):
             times = {k: [t[j] for t in v] for k, v in slowest.items()}
@@ -333,6 +335,8 @@ def main() -> None:
     ap.add_argument("--zero3-only", action="store_true", help="only the training path (skip the one-process part)")
     ap.add_argument("--partitioning", default="zero3", choices=["zero3", "replicated"],
                     help="the training path's frozen LLM: partitioned by ZeRO-3 or whole on every rank (engine.partitioning)")
+    ap.add_argument("--leaf-layers", action="store_true",
+                    help="the training path: ZeRO-3 hooks each decoder layer as one module (engine.leaf_layers)")
     args = ap.parse_args()
     args.threads = torch.get_num_threads()
     allocator(args)

@@ -113,6 +113,20 @@ class CoRAModel(nn.Module):
         self.method = method
         self.method.attach(self, injection, generator, user_dim, item_dim)
 
+    inputs_with_grad = False
+    """Whether the backbone's input embeddings carry a gradient (set by ``trainer.engine.initialize`` when ZeRO-3
+    hooks whole decoder layers: a leaf module's backward hook fires after its parameters' gradients only when
+    an input of it requires a gradient). Costs the first layer's input gradient, nothing else."""
+
+    def _with_grad(self, inputs: dict) -> dict:
+        if "input_ids" in inputs:
+            inputs = dict(inputs)
+            inputs["inputs_embeds"] = self.llm.get_input_embeddings()(inputs.pop("input_ids"))
+        embeds = inputs["inputs_embeds"]
+        if not embeds.requires_grad:
+            inputs["inputs_embeds"] = embeds.detach().requires_grad_()
+        return inputs
+
     @property
     def backbone(self) -> nn.Module:
         """The LLM without its LM head (LlamaModel, GPT2Model, ...)."""
@@ -129,6 +143,8 @@ class CoRAModel(nn.Module):
         if batch.input_ids.shape[0] == 0:
             raise ValueError("empty batch: 0 samples")
         inputs = self.method.inputs(self, batch)
+        if self.inputs_with_grad and torch.is_grad_enabled():
+            inputs = self._with_grad(inputs)
         positions = inputs.pop("positions", None)                              # default: the last real token
         hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
         rows = torch.arange(hidden.shape[0], device=hidden.device)

@@ -72,6 +72,13 @@ class EngineConfig:
     planner's choice (cora.plan.choose), made by ``cora train`` before the workers start: off where the
     activations fit in the run's device memory (recomputing costs a forward), on where they do not; every
     rank gets the same (a rank that recomputes issues ZeRO-3 gathers the others would not)."""
+    leaf_layers: bool = False
+    """ZeRO-3 hooks each decoder layer of the LLM as one module (``trainer.engine.leaf_modules``): one gather of
+    the layer's parameters before its forward and one reduce after its backward, instead of hooks on each of its
+    ~15 submodules. The inputs then carry a gradient (the embeddings' output, as CoLLM's and Laser's already do),
+    which a leaf's backward hook needs to fire after its parameters' gradients. Measured on this CPU, 1 rank,
+    replicated base (``benchmarks/injection.py --zero3 1 --zero3-only --partitioning replicated --leaf-layers``):
+    README "Engine hooks". With ``partitioning: zero3`` a whole layer's frozen weights are gathered at once."""
     partitioning: Literal["zero3", "replicated", "auto"] = "zero3"
     """Where the frozen LLM lives. zero3: partitioned over the ranks, every module all-gathered when used
     (memory N b / W, an all-gather of the model every step). replicated: a whole copy on every rank, held as
@@ -311,12 +318,23 @@ def leaf_modules(model, names=LEAVES) -> list[str]:
     return present
 
 
-def initialize(model, ds: dict, optim_cfg, total_steps: int, leaves=LEAVES):
+def layer_names(model) -> tuple[str, ...]:
+    """The qualified names, within ``model`` (a CoRAModel), of its LLM's decoder layers."""
+    from cora.injection import decoder_layers
+    layers = {id(m) for m in decoder_layers(model.llm)}
+    return tuple(n for n, m in model.named_modules() if id(m) in layers)
+
+
+def initialize(model, ds: dict, optim_cfg, total_steps: int, leaves=LEAVES, leaf_layers: bool = False):
     """The DeepSpeed engine over ``model`` with AdamW + warm-up/cosine on the trainable parameters; the
-    modules ``leaves`` hooked by ZeRO-3 as one (``leaf_modules``)."""
+    modules ``leaves`` hooked by ZeRO-3 as one (``leaf_modules``), and each decoder layer too with
+    ``leaf_layers`` (``EngineConfig.leaf_layers``: the model's inputs then carry a gradient)."""
     import deepspeed
 
     from cora.optim import build_optimizer
+    if leaf_layers:
+        leaves = tuple(leaves) + layer_names(model)
+        model.inputs_with_grad = True
     leaf_modules(model, leaves)
     params = model.trainable_parameters()
     opt, sched = build_optimizer(params, optim_cfg, total_steps)

@@ -218,7 +218,7 @@ class Recipe:
         model = CoRAModel(llm, yes, self.h.cf_dim, self.h.cf_dim, cfg.injection, cfg.generator,
                           answer_weight=eng.gathered_answer_row(llm, yes),
                           method=make_method(to_dict(cfg), num_items=len(self.h.items["titles"]) if self.h.items else None))
-        engine, _, _ = eng.initialize(model, ds, cfg.optim, self.h.total_steps)
+        engine, _, _ = eng.initialize(model, ds, cfg.optim, self.h.total_steps, leaf_layers=cfg.engine.leaf_layers)
         return model, engine
 
     def restore(self) -> dict | None:
