@@ -75,8 +75,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cora.injection import InjectedLinear, InjectionConfig, adapter_dropout  # noqa: E402
 from cora.llm import SHAPES, build_preset, load_tokenizer  # noqa: E402
 from cora.methods import Method  # noqa: E402
-from cora.plan import Shape  # noqa: E402
 from cora.scoring import Batch, CoRAModel  # noqa: E402
+from trainer.planner import shape_of  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -286,9 +286,6 @@ def zero3(args) -> dict:
     import tempfile
 
     import torch.multiprocessing as mp
-
-    from trainer.planner import shape_of
-    args.matmul_params = shape_of(args.shape).matmul_params
     result = {}
     for world in [int(w) for w in args.zero3.split(",")]:
         with socket.socket() as sock, tempfile.TemporaryDirectory() as tmp:
@@ -339,6 +336,7 @@ def main() -> None:
                     help="the training path: ZeRO-3 hooks each decoder layer as one module (engine.leaf_layers)")
     args = ap.parse_args()
     args.threads = torch.get_num_threads()
+    args.matmul_params = shape_of(args.shape).matmul_params          # for the MFU
     allocator(args)
     result = {}
     if not args.zero3_only:
@@ -347,7 +345,6 @@ def main() -> None:
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         faults: dict[str, list[int]] = {}
         times = timed(steps, models, args, sync, faults)
-        args.matmul_params = Shape.from_config(models[0].config.to_dict()).matmul_params
         del steps, models
         result = summary(times, args)
         result["page_faults"] = {k: int(statistics.median(v)) for k, v in faults.items() if v}

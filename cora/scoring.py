@@ -119,12 +119,11 @@ class CoRAModel(nn.Module):
     an input of it requires a gradient). Costs the first layer's input gradient, nothing else."""
 
     def _with_grad(self, inputs: dict) -> dict:
+        inputs = dict(inputs)
         if "input_ids" in inputs:
-            inputs = dict(inputs)
             inputs["inputs_embeds"] = self.llm.get_input_embeddings()(inputs.pop("input_ids"))
-        embeds = inputs["inputs_embeds"]
-        if not embeds.requires_grad:
-            inputs["inputs_embeds"] = embeds.detach().requires_grad_()
+        if not inputs["inputs_embeds"].requires_grad:
+            inputs["inputs_embeds"] = inputs["inputs_embeds"].detach().requires_grad_()
         return inputs
 
     @property
