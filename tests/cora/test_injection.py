@@ -229,7 +229,8 @@ def test_lora_baseline_has_no_generator_and_trains_a(tokenizer, yes_id):
 def test_a_bf16_llm_trains_fp32_adapters(adapter, tokenizer, yes_id):
     """ZeRO-3 with bf16 leaves the adapters as created (fp32) and the LLM built under zero.Init in bf16
     (DeepSpeed casts no parameter of such a model): the low-rank path casts to the activations' dtype
-    and its fp32 parameters get finite gradients (the LoRA baseline failed here on the first GPU run)."""
+    and its fp32 parameters get finite gradients (the LoRA baseline failed here, found preparing the first
+    GPU run)."""
     model = CoRAModel(tiny().to(torch.bfloat16), yes_id, 8, 8, InjectionConfig(adapter=adapter, rank=4), SMALL_GEN)
     randomise_p(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
