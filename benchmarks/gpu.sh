@@ -11,7 +11,8 @@
 # Each measurement runs under its own time limit and writes OUTDIR/NAME.json (benchmarks/injection.py's
 # --json output); OUTDIR/log.txt holds every command, its exit status, its seconds and its stderr;
 # OUTDIR/summary.json all the measurements' JSON by name (one file to bring back).
-# $PYTHON (default python3) must have the project's dependencies and a CUDA build of torch.
+# $PYTHON (default python3) must have the project's dependencies and a CUDA build of torch; on a machine without
+# them and without a package index, carry .whl/ from benchmarks/gpu_bundle.sh and `source benchmarks/gpu_install.sh`.
 set -u
 out=${1:?usage: benchmarks/gpu.sh OUTDIR [PEAK_TFLOPS]}
 peak=${2:-989}
