@@ -14,7 +14,7 @@
 # $PYTHON (default python3) must have the project's dependencies and a CUDA build of torch; on a machine without
 # them and without a package index, carry .whl/ from benchmarks/gpu_bundle.sh and `source benchmarks/gpu_install.sh`.
 set -u
-out=${1:?usage: benchmarks/gpu.sh OUTDIR [PEAK_TFLOPS]}
+out=${1:?usage: benchmarks/gpu.sh OUTDIR [PEAK_TFLOPS [NAMES]]}
 peak=${2:-989}
 only=${3:-}
 py=${PYTHON:-python3}

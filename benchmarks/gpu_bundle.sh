@@ -11,7 +11,7 @@
 # then only those the image lacks kept), DeepSpeed built here without its C++ ops (as ./launch.sh installs it),
 # Ray unpacked and recompressed without its Java jars and RLlib (79 MB as a wheel, 32 MB so), and the SmolLM2
 # tokenizer cache (no GGUF file travels). Left out: virtualenv and py-spy (Ray's runtime_env pip and the
-# dashboard's profiler). About 59 MB; checked on 2026-12-04 in a Python 3.12 venv holding only the image's
+# dashboard's profiler). About 62 MB; checked on 2026-12-04 in a Python 3.12 venv holding only the image's
 # packages: `cora train --config configs/demo.yaml run.max_steps=2` trained to the end with PYTHONPATH=/tmp/site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
