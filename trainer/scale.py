@@ -14,9 +14,12 @@ The first ``--warmup`` steps are dropped; then
   step_s          mean over optimiser steps of the slowest rank's step (compute and data wait)
   samples/s       global batch (micro-batch x accumulation x workers) / step_s;  tokens/s: the padded prompt
                   tokens of a step (all ranks) / step_s
-  MFU             4 x N_mm x tokens/s / (workers x F), N_mm the frozen LLM's matmul parameters, F the
-                  hardware's achieved FLOP/s per rank (cora.plan.Hardware.flops: on the CPU a measured
+  MFU             4 x N_mm x tokens/s / (workers x F), N_mm the frozen LLM's matmul parameters, F
+                  --peak-tflops when given (a GPU's datasheet peak, e.g. 989 for an H100/H200's dense bf16),
+                  else the hardware's achieved FLOP/s per rank (cora.plan.Hardware.flops: on the CPU a measured
                   matrix-product rate, not a datasheet peak)
+  peak memory     peak_rss_mib: the largest peak resident set of a rank; peak_cuda_mib (run.device=cuda): the
+                  largest torch.cuda.max_memory_allocated of a rank, which the planned peak is then compared with
   efficiency      (samples/s per worker at W) / (samples/s per worker at the smallest W of the same size and
                   partitioning): weak scaling when the micro-batch per rank is fixed (the work grows with the
                   workers), strong scaling when engine.global_batch_size is set (the same work, split)
@@ -39,7 +42,7 @@ from pathlib import Path
 
 COLUMNS = ["size", "params", "workers", "micro_batch", "global_batch", "seq_len", "longest", "partitioning", "status",
            "samples_per_s", "tokens_per_s", "tokens_per_s_per_worker", "mfu", "step_s", "peak_rss_mib",
-           "planned_step_s", "planned_peak_mib", "step_error", "memory_error", "weak_efficiency", "strong_efficiency", "choice", "run"]
+           "peak_cuda_mib", "planned_step_s", "planned_peak_mib", "step_error", "memory_error", "weak_efficiency", "strong_efficiency", "choice", "run"]
 
 
 def add_parser(sub) -> None:
@@ -52,6 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the figures")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--hardware", choices=["cpu", "h100"], default="cpu", help="the planner's machine constants")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the MFU's denominator per rank in TFLOP/s (a GPU's datasheet peak, e.g. 989); default: the "
+                        "--hardware profile's achieved FLOP/s")
     p.add_argument("--partitioning", default="auto",
                    help="zero3, replicated, auto (the planner's choice for each point, with its reason) or a "
                         "comma-separated list of them, each run at every point (e.g. zero3,replicated)")
@@ -140,11 +146,22 @@ def point(cfg, size: str, w: int, partitioning: str, args, report: Path, name: s
                           f"{before.budget / 2**30:.1f} GiB available", planned_peak_mib=round(before.memory["peak"] / 2**20))
         return row
     row["run"] = name
-    return measured(row, cfg, measure(cfg, report / "ranks" / name), hw, cf_dim, args.warmup)
+    return measured(row, cfg, measure(cfg, report / "ranks" / name), hw, cf_dim, args.warmup, mfu_flops(args, hw))
 
 
-def measured(row: dict, cfg, ranks: list[dict], hw, cf_dim: int, warmup: int) -> dict:
-    """``row`` filled from the ranks' reports (trainer.hooks.Report) and planned again at the measured lengths."""
+def mfu_flops(args, hw) -> float:
+    """The MFU's denominator per rank: --peak-tflops, else the planner hardware's achieved FLOP/s."""
+    return args.peak_tflops * 1e12 if args.peak_tflops else hw.flops
+
+
+def peak_of(row: dict) -> float:
+    """The measured peak memory the planned one is compared with: the GPU's when the point ran on one."""
+    return row["peak_cuda_mib"] if row["peak_cuda_mib"] not in ("", None) else row["peak_rss_mib"]
+
+
+def measured(row: dict, cfg, ranks: list[dict], hw, cf_dim: int, warmup: int, flops: float) -> dict:
+    """``row`` filled from the ranks' reports (trainer.hooks.Report) and planned again at the measured lengths;
+    MFU against ``flops`` per rank."""
     from cora.plan import plan
     from trainer.planner import setup_of
     w = row["workers"]
@@ -159,12 +176,15 @@ def measured(row: dict, cfg, ranks: list[dict], hw, cf_dim: int, warmup: int) ->
     setup = setup_of(cfg, row["partitioning"], cf_dim, seq)
     p = plan(setup, hw)                                                   # the time at the slowest rank's length
     peak_plan = plan(dataclasses.replace(setup, seq_len=longest), hw).memory["peak"] / 2**20   # the longest
-    peak = max(r["memory"]["peak_rss_mib"] for r in ranks)
+    rss = max(r["memory"]["peak_rss_mib"] for r in ranks)
+    cuda = [r["memory"]["peak_cuda_mib"] for r in ranks if "peak_cuda_mib" in r["memory"]]
+    row.update(peak_rss_mib=rss, peak_cuda_mib=max(cuda) if cuda else "")
+    peak = peak_of(row)
     row.update(status="measured", seq_len=seq, step_s=round(step_s, 4),
                samples_per_s=round(global_batch / step_s, 2), tokens_per_s=round(padded / step_s, 1),
                tokens_per_s_per_worker=round(padded / step_s / w, 1),
-               mfu=round(4 * p.setup.shape.matmul_params * padded / step_s / (w * hw.flops), 5),
-               peak_rss_mib=peak, planned_step_s=round(p.time["step"], 4),
+               mfu=round(4 * p.setup.shape.matmul_params * padded / step_s / (w * flops), 5),
+               planned_step_s=round(p.time["step"], 4),
                planned_peak_mib=round(peak_plan, 1), longest=longest,
                step_error=round((p.time["step"] - step_s) / step_s, 4),
                memory_error=round((peak_plan - peak) / peak, 4))
@@ -193,7 +213,7 @@ def replan(args, out) -> int:
                                               f"{row['size']}-w{row['workers']}") if (report / "ranks" / n).is_dir())
         cfg = from_dict(TrainConfig, json.loads((report / "runs" / name / "config.json").read_text()))
         ranks = [json.loads(p.read_text()) for p in sorted((report / "ranks" / name).glob("rank*.json"))]
-        measured(row, cfg, ranks, hw, cf_width(cfg), args.warmup)
+        measured(row, cfg, ranks, hw, cf_width(cfg), args.warmup, mfu_flops(args, hw))
         row["run"] = name
     efficiency(rows, strong=any(r["strong_efficiency"] != "" for r in rows))
     args.config = args.config or [f"replanned from {report}"]
@@ -236,13 +256,15 @@ def scaling_key(rows: list[dict]) -> str:
 
 
 def write_report(rows: list[dict], report: Path, args) -> None:
+    from cora.plan import HARDWARE
     with open(report / "scaling.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     measured = [r for r in rows if r["status"] == "measured"]
     lines = [f"# Scaling study ({', '.join(args.config)}; {args.steps} steps per point, {args.warmup} of warm-up "
-             f"dropped; planner hardware: {args.hardware})", "",
+             f"dropped; planner hardware: {args.hardware}; MFU = 4 x N_mm x tokens/s / (workers x "
+             f"{mfu_flops(args, HARDWARE[args.hardware]) / 1e12:g} TFLOP/s))", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
     lines += ["", "## Reading", ""]
@@ -276,8 +298,8 @@ def plots(rows: list[dict], report: Path) -> None:
         mine = [r for r in rows if r["workers"] == w]
         mine.sort(key=lambda r: r["params"])
         a.plot([r["params"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=f"{w} workers")
-        b.plot([r["params"] for r in mine], [r["peak_rss_mib"] for r in mine], "o-", label=f"{w} workers")
-    for ax, label in ((a, "tokens/s"), (b, "peak RSS per rank (MiB)")):
+        b.plot([r["params"] for r in mine], [peak_of(r) for r in mine], "o-", label=f"{w} workers")
+    for ax, label in ((a, "tokens/s"), (b, "peak memory per rank (MiB; GPU: allocated, else RSS)")):
         ax.set_xscale("log")
         ax.set_xlabel("LLM parameters")
         ax.set_ylabel(label)
@@ -298,12 +320,12 @@ def plots(rows: list[dict], report: Path) -> None:
     fig.savefig(report / "efficiency.png", dpi=100)
     plt.close(fig)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, got, want, label in ((a, "step_s", "planned_step_s", "step time (s)"),
-                                 (b, "peak_rss_mib", "planned_peak_mib", "peak memory per rank (MiB)")):
-        ax.scatter([r[got] for r in rows], [r[want] for r in rows])
+    for ax, got, want, label in ((a, lambda r: r["step_s"], "planned_step_s", "step time (s)"),
+                                 (b, peak_of, "planned_peak_mib", "peak memory per rank (MiB)")):
+        ax.scatter([got(r) for r in rows], [r[want] for r in rows])
         for r in rows:
-            ax.annotate(f"{r['size']} x{r['workers']}", (r[got], r[want]), fontsize=7)
-        top = max([r[got] for r in rows] + [r[want] for r in rows]) * 1.1
+            ax.annotate(f"{r['size']} x{r['workers']}", (got(r), r[want]), fontsize=7)
+        top = max([got(r) for r in rows] + [r[want] for r in rows]) * 1.1
         ax.plot([0, top], [0, top], "k--", lw=0.8)
         ax.set_xlabel(f"measured {label}")
         ax.set_ylabel(f"planned {label}")

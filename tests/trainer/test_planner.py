@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cora.plan import CPU, Setup, Shape, plan
 from trainer.cli import main
 
@@ -111,3 +113,33 @@ def test_scaling_efficiency_is_per_size_and_partitioning_weak_or_strong():
     assert all(r["strong_efficiency"] == "" for r in rows)
     efficiency(rows, strong=True)                 # engine.global_batch_size fixed: the same work, split
     assert [r["strong_efficiency"] for r in rows][:5] == [1.0, 0.75, 1.0, 0.75, 0.5]
+
+
+def test_a_gpu_point_is_compared_with_its_device_memory_and_its_mfu_with_the_given_peak():
+    """cora scale on a GPU: the planned peak against the ranks' peak allocated device memory (their resident
+    sets hold the host's copies, not what the plan counts), MFU against --peak-tflops when given."""
+    from cora.config import load
+    from cora.plan import H100
+    from trainer.config import TrainConfig
+    from trainer.planner import shape_of
+    from trainer.scale import COLUMNS, measured
+    cfg = load(TrainConfig, ["configs/demo.yaml"], ["llm.name=smollm2-135m-shape", "run.workers=2",
+                                                    "engine.partitioning=replicated"])
+    log = [{"seconds": 0.5, "data_wait": 0.0, "padded_tokens": 800}] * 4
+    ranks = [{"log": log, "memory": {"peak_rss_mib": 3000.0, "peak_cuda_mib": cuda}} for cuda in (1800.0, 1900.0)]
+
+    def row():
+        return {**dict.fromkeys(COLUMNS, ""), "size": "smollm2-135m-shape", "workers": 2, "micro_batch": 8,
+                "global_batch": 16, "partitioning": "replicated"}
+    gpu = measured(row(), cfg, ranks, H100, 16, warmup=1, flops=989e12)
+    assert gpu["peak_rss_mib"] == 3000.0 and gpu["peak_cuda_mib"] == 1900.0
+    assert gpu["memory_error"] == pytest.approx((gpu["planned_peak_mib"] - 1900.0) / 1900.0, abs=1e-4)
+    n_mm = shape_of("smollm2-135m-shape").matmul_params
+    # tokens/s = 2 ranks x 800 padded tokens / 0.5 s; MFU per rank against 989 TFLOP/s
+    assert gpu["tokens_per_s"] == 3200.0
+    assert gpu["mfu"] == pytest.approx(4 * n_mm * 3200 / (2 * 989e12), abs=1e-5)
+    host = measured(row(), cfg, [{**r, "memory": {"peak_rss_mib": 3000.0}} for r in ranks], H100, 16, warmup=1,
+                    flops=H100.flops)                         # a CPU run: no device memory, the resident set
+    assert host["peak_cuda_mib"] == "" and host["memory_error"] == pytest.approx(
+        (host["planned_peak_mib"] - 3000.0) / 3000.0, abs=1e-4)
+    assert host["mfu"] == pytest.approx(gpu["mfu"] * 989e12 / H100.flops, abs=1e-5)
