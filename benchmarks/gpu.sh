@@ -2,7 +2,7 @@
 # The GPU figures, in one prepared run (a GPU machine's time is short): the device and its measured bf16
 # matrix rate, the trainer's ZeRO-3 step on CUDA (NCCL, bf16) timed against the frozen LLM and LoRA, and
 # one-process CoRA / LoRA / peft / the frozen LLM in bf16 on the SmolLM2-135M, Llama-3.2-1B and Llama-2-7B
-# shapes with tokens/s and MFU.
+# shapes with tokens/s and MFU; and where the trainer's step goes (benchmarks/profile_step.py).
 #
 #   bash benchmarks/gpu.sh OUTDIR [PEAK_TFLOPS [NAMES]]   PEAK_TFLOPS: the MFU's denominator, default 989 (the
 #                                                        H100/H200 SXM dense bf16 datasheet figure); NAMES: a
@@ -24,17 +24,19 @@ log="$out/log.txt"
 : >"$log"
 export PYTHONUNBUFFERED=1
 
-step() {   # step NAME SECONDS ARGS...: benchmarks/injection.py ARGS under a time limit, JSON to OUTDIR/NAME.json
-    local name=$1 limit=$2 t0 rc
-    shift 2
+measure() {   # measure SCRIPT NAME SECONDS ARGS...: benchmarks/SCRIPT --json ARGS on CUDA in bf16 under a time
+              # limit, its JSON to OUTDIR/NAME.json
+    local script=$1 name=$2 limit=$3 t0 rc
+    shift 3
     [[ -z "$only" || ",$only," == *",$name,"* ]] || return 0
-    echo "== $name: injection.py $*" >>"$log"
+    echo "== $name: $script $*" >>"$log"
     t0=$(date +%s)
-    timeout -k 10 "$limit" "$py" benchmarks/injection.py --json --device cuda --dtype bfloat16 \
-        --peak-tflops "$peak" "$@" >"$out/$name.json" 2>>"$log"
+    timeout -k 10 "$limit" "$py" "benchmarks/$script" --json --device cuda --dtype bfloat16 "$@" \
+        >"$out/$name.json" 2>>"$log"
     rc=$?
     echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s" >>"$log"
 }
+step() { measure injection.py "$1" "$2" --peak-tflops "$peak" "${@:3}"; }      # step NAME SECONDS ARGS...
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -64,6 +66,11 @@ step replicated-1b 200 --zero3 1 --zero3-only --reps 5 --warmup 2 --shape llama-
 step replicated-leaf 200 --zero3 1 --zero3-only --reps 7 --warmup 2 --partitioning replicated --leaf-layers
 step replicated-1b-leaf 200 --zero3 1 --zero3-only --reps 5 --warmup 2 --shape llama-3.2-1b-shape \
     --partitioning replicated --leaf-layers
+# where the trainer's step goes on the GPU (benchmarks/profile_step.py: torch.profiler, kernel launches, host
+# waits, hooked modules), the 135M shape, replicated, per module and per layer
+profile() { measure profile_step.py "$@"; }                                    # profile NAME SECONDS ARGS...
+profile profile-replicated 150 --partitioning replicated
+profile profile-replicated-leaf 150 --partitioning replicated --leaf-layers
 # one process, the configuration (batch 8, 128 tokens) and a larger one
 step smollm2-135m 90 --reps 15 --warmup 3
 step smollm2-135m-dropout0 90 --reps 15 --warmup 3 --dropout 0 --skip naive

@@ -229,37 +229,13 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
     from trainer.engine import select_accelerator
     select_accelerator(args.device)
     allocator(args)
-    import numpy as np
     import torch.distributed as dist
 
-    from cora.config import from_dict
-    from cora.generator import GeneratorConfig
-    from cora.llm import resolve_answer_token
     from trainer import engine as eng
-    from trainer.config import TrainConfig
     from trainer.worker import train_step
     torch.set_num_threads(max(1, args.threads // world))
     eng.init_distributed(args.device)
-    cfg = from_dict(TrainConfig, {"llm": {"name": args.shape, "dtype": args.dtype},
-                                  "engine": {"micro_batch_size": args.batch, "bf16": args.dtype == "bfloat16"},
-                                  "run": {"workers": world, "device": args.device}})
-    ds = eng.ds_config(cfg.engine, world)
-    inj = InjectionConfig(rank=args.rank, alpha=2 * args.rank, dropout=args.dropout, targets=TARGETS)
-    engines = {}
-    for name in ZERO3_VARIANTS:
-        torch.manual_seed(0)
-        llm, tok = eng.build_llm(cfg.llm, ds, args.partitioning)
-        yes = resolve_answer_token(tok)
-        method = {"frozen": FrozenFloor(), "lora": "tallrec"}.get(name, "cora")
-        model = CoRAModel(llm, yes, 256, 256, replace(inj, adapter="lora") if name == "lora" else inj,
-                          GeneratorConfig(), answer_weight=eng.gathered_answer_row(llm, yes), method=method)
-        leaves = () if name == "cora_per_module" else eng.LEAVES
-        engines[name] = eng.initialize(model, ds, cfg.optim, 1000, leaves=leaves, leaf_layers=args.leaf_layers)[0]
-    g = np.random.default_rng(0)
-    raw = {"input_ids": g.integers(0, 49152, (args.batch, args.seq)), "lengths": np.full(args.batch, args.seq),
-           "user_emb": g.standard_normal((args.batch, 256), dtype=np.float32),
-           "item_emb": g.standard_normal((args.batch, 256), dtype=np.float32),
-           "labels": g.integers(0, 2, args.batch).astype(np.float32)}
+    engines, raw = training_engines(args, world, ZERO3_VARIANTS)
     times: dict[str, list] = {k: [] for k in ZERO3_VARIANTS}
     for rep in range(args.warmup + args.reps):
         k = rep % len(ZERO3_VARIANTS)
@@ -277,6 +253,40 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
                    for k in ZERO3_VARIANTS}
         Path(out).write_text(json.dumps(slowest))
     dist.destroy_process_group()
+
+
+def training_engines(args, world: int, names) -> tuple[dict, dict]:
+    """The engines of ``names`` (of ``ZERO3_VARIANTS``) as the trainer builds them (``trainer.engine``, this
+    process one of ``world`` ranks, its process group started), and one raw batch of ``args.batch`` x ``args.seq``
+    random tokens (``trainer.worker.train_step``'s input)."""
+    import numpy as np
+
+    from cora.config import from_dict
+    from cora.generator import GeneratorConfig
+    from cora.llm import resolve_answer_token
+    from trainer import engine as eng
+    from trainer.config import TrainConfig
+    cfg = from_dict(TrainConfig, {"llm": {"name": args.shape, "dtype": args.dtype},
+                                  "engine": {"micro_batch_size": args.batch, "bf16": args.dtype == "bfloat16"},
+                                  "run": {"workers": world, "device": args.device}})
+    ds = eng.ds_config(cfg.engine, world)
+    inj = InjectionConfig(rank=args.rank, alpha=2 * args.rank, dropout=args.dropout, targets=TARGETS)
+    engines = {}
+    for name in names:
+        torch.manual_seed(0)
+        llm, tok = eng.build_llm(cfg.llm, ds, args.partitioning)
+        yes = resolve_answer_token(tok)
+        method = {"frozen": FrozenFloor(), "lora": "tallrec"}.get(name, "cora")
+        model = CoRAModel(llm, yes, 256, 256, replace(inj, adapter="lora") if name == "lora" else inj,
+                          GeneratorConfig(), answer_weight=eng.gathered_answer_row(llm, yes), method=method)
+        leaves = () if name == "cora_per_module" else eng.LEAVES
+        engines[name] = eng.initialize(model, ds, cfg.optim, 1000, leaves=leaves, leaf_layers=args.leaf_layers)[0]
+    g = np.random.default_rng(0)
+    raw = {"input_ids": g.integers(0, 49152, (args.batch, args.seq)), "lengths": np.full(args.batch, args.seq),
+           "user_emb": g.standard_normal((args.batch, 256), dtype=np.float32),
+           "item_emb": g.standard_normal((args.batch, 256), dtype=np.float32),
+           "labels": g.integers(0, 2, args.batch).astype(np.float32)}
+    return engines, raw
 
 
 def zero3(args) -> dict:
