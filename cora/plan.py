@@ -75,8 +75,10 @@ Step time per rank (seconds), ``plan(...).time``
                  replicated base gathers only the trainable part (E = 0, calls = 0)
     reduce       (W - 1)/W x 4 G / BW (the trainable gradients' reduce-scatter)
     optimiser    G / W x t_p (AdamW per parameter, memory-bound; ``Hardware.optim_s_per_param``)
-    overhead     passes x M x t_mod + t_0: host time per module holding ZeRO-3 parameters and per pass
-                 (ZeRO-3's pre/post module hooks), and per micro-batch whatever the model
+    overhead     passes x (M x t_mod + L x t_L) + t_0: host time per module holding ZeRO-3 parameters and per
+                 pass (ZeRO-3's pre/post module hooks), per decoder layer and pass whatever the partitioning
+                 (its operators' launches and the hooks on its modules: ``Hardware.layer_overhead_s``, the
+                 term that sets a GPU's step at small batches), and per micro-batch whatever the model
                  (``Hardware.step_overhead_s``)
     step = k x (compute + elementwise + gather + reduce + overhead) + optimiser, k micro-batches per
            optimiser step (``Setup.accumulation``)
@@ -191,6 +193,10 @@ class Hardware:
     products (a GPU, assumed)."""
     step_overhead_s: float = 0.0
     """t_0: host seconds per micro-batch step whatever the model (the loop, the batch, the generator's Python)."""
+    layer_overhead_s: float = 0.0
+    """t_L: host seconds per decoder layer per pass whatever the partitioning (its operators' kernel launches,
+    ZeRO-3's hooks on its modules); 0 where a fit folds it into the other terms (this CPU, whose step is its
+    products)."""
     copy_bandwidth: float | None = None
     """bytes/s of ZeRO-3's per-step handling of the frozen weights on one rank (W = 1: no collective, but the
     same bytes are touched); None: free."""
@@ -200,7 +206,8 @@ class Hardware:
     activation_factor: float = 1.0
     """a_act: peak memory of a step's activations over their live size. On the CPU the peak resident set is
     glibc malloc's high-water mark, which keeps freed blocks of the varying batch shapes; a GPU's
-    max_memory_allocated counts live tensors (1)."""
+    max_memory_allocated counts live tensors only, yet peaked at 1.55x the counted activations on one H200
+    (the step's transient tensors, which the count of saved ones leaves out)."""
     shared_by: int = 1
     """Ranks that share memory_bytes at most (a CPU node: one rank per core); 1: a device per rank."""
     gathered_factor: float = 1.0
@@ -224,11 +231,20 @@ CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo
                runtime_bytes=685e6, comm_bytes=8.5e6, memory_bytes=22 * 2**30, shared_by=2, element_s=6.104e-9,
                step_overhead_s=0.03572, copy_bandwidth=3.414e9, busy_slowdown=1.175, activation_factor=1.799,
                gathered_factor=2.529)
-# Datasheet figures at an assumed 40% of peak for the products, NVLink all-gather bandwidth; not measured
-# (no GPU was lent to this work).
-H100 = Hardware(name="H100 SXM 80 GB (assumed: 40% of 989 TFLOP/s bf16, 150 GB/s all-gather; not measured)",
+# One H100/H200 SXM per rank. The products at 40% of the dense bf16 peak (989 TFLOP/s): the frozen 7B shape's
+# one-process step reached 43% on an H200 (README "On a GPU"). The host terms (t_L, t_mod, t_0) and the
+# activations' factor fitted, by relative least squares, on the six points of `bash benchmarks/gpu_scale.sh`
+# on one H200 (2026-12-04: the 135M, 1B and 7B shapes x zero3 and replicated, one GPU, batch 8, ~99 tokens,
+# the paper's generator): within 12% of each point's step and 7% of its peak device memory, with no point left
+# over to validate them. At that batch the step is the host's (0.5-1.1 s against 0.001-0.06 s of products): t_L
+# 7.8 ms per decoder layer and pass, t_mod 0.45 ms per module with ZeRO-3 weights and pass, t_0 0.13 s. The
+# all-gather bandwidth and latency (NVLink, W > 1) are assumed, not measured; the memory is an H100's 80 GB
+# (an H200 has 141). Fit again on the cluster's own machines: the host's speed is the step here.
+H100 = Hardware(name="H100/H200 SXM (products 40% of 989 TFLOP/s bf16; host and activation terms fitted on one H200; "
+                     "150 GB/s all-gather assumed)",
                 flops=0.4 * 989e12, bandwidth=150e9, latency=30e-6, optim_s_per_param=0.05e-9,
-                module_overhead_s=20e-6, runtime_bytes=0, comm_bytes=0, memory_bytes=80e9)
+                module_overhead_s=0.4476e-3, layer_overhead_s=7.786e-3, step_overhead_s=0.131, runtime_bytes=0,
+                comm_bytes=0, memory_bytes=80e9, activation_factor=1.55)
 HARDWARE = {"cpu": CPU, "h100": H100}
 
 
@@ -392,7 +408,8 @@ def step_time(s: Setup, hw: Hardware) -> dict:
     hooked = (sh.modules if s.partitioning == "zero3" else 0) + trainable_modules     # modules with ZeRO-3 weights
     out = {"compute": k * busy * f / hw.flops, "elementwise": k * busy * activation_elements(s) * hw.element_s,
            "gather": k * gather, "reduce": k * reduce, "optimiser": g / w * hw.optim_s_per_param,
-           "overhead": k * (passes * hooked * hw.module_overhead_s + hw.step_overhead_s)}
+           "overhead": k * (passes * (hooked * hw.module_overhead_s + sh.layers * hw.layer_overhead_s)
+                            + hw.step_overhead_s)}
     out["step"] = sum(out.values())
     out["flops"] = f
     return out

@@ -100,6 +100,11 @@ def test_step_time_by_hand():
     assert plan(setup(world=1, partitioning="replicated"), cpu).time["gather"] == 0
     ac = plan(setup(activation_checkpointing=True), ROUND).time
     assert ac["flops"] - t["flops"] == 800 * 2 * 73_728 and ac["overhead"] == pytest.approx(0.12)
+    # a GPU's host: 5 ms per decoder layer and pass whatever the partitioning (2 layers, 2 passes; 3 recomputing)
+    gpu = dataclasses.replace(ROUND, layer_overhead_s=5e-3)
+    assert plan(setup(), gpu).time["overhead"] == pytest.approx(0.08 + 2 * 2 * 5e-3)
+    assert plan(setup(partitioning="replicated"), gpu).time["overhead"] == pytest.approx(0.04 + 2 * 2 * 5e-3)
+    assert plan(setup(activation_checkpointing=True), gpu).time["overhead"] == pytest.approx(0.12 + 3 * 2 * 5e-3)
 
 
 def test_deepspeeds_reuse_distance_decides_what_stays_gathered():
