@@ -71,6 +71,7 @@ step replicated-1b-leaf 200 --zero3 1 --zero3-only --reps 5 --warmup 2 --shape l
 profile() { measure profile_step.py "$@"; }                                    # profile NAME SECONDS ARGS...
 profile profile-replicated 150 --partitioning replicated
 profile profile-replicated-leaf 150 --partitioning replicated --leaf-layers
+profile profile-replicated-auto 150 --partitioning replicated --auto-sizes      # cora train's GPU settings
 # one process, the configuration (batch 8, 128 tokens) and a larger one
 step smollm2-135m 90 --reps 15 --warmup 3
 step smollm2-135m-dropout0 90 --reps 15 --warmup 3 --dropout 0 --skip naive

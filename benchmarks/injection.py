@@ -258,7 +258,9 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
 def training_engines(args, world: int, names) -> tuple[dict, dict]:
     """The engines of ``names`` (of ``ZERO3_VARIANTS``) as the trainer builds them (``trainer.engine``, this
     process one of ``world`` ranks, its process group started), and one raw batch of ``args.batch`` x ``args.seq``
-    random tokens (``trainer.worker.train_step``'s input)."""
+    random tokens (``trainer.worker.train_step``'s input). ``args.auto_sizes``: ZeRO-3's persistence threshold and
+    buckets sized to the model (``engine.persistence_threshold`` and ``prefetch_bucket_size`` 'auto', as the GPU
+    configs set them), else DeepSpeed's defaults with nothing persistent."""
     import numpy as np
 
     from cora.config import from_dict
@@ -266,10 +268,11 @@ def training_engines(args, world: int, names) -> tuple[dict, dict]:
     from cora.llm import resolve_answer_token
     from trainer import engine as eng
     from trainer.config import TrainConfig
+    sizes = {"persistence_threshold": "auto", "prefetch_bucket_size": "auto"} if getattr(args, "auto_sizes", False) else {}
     cfg = from_dict(TrainConfig, {"llm": {"name": args.shape, "dtype": args.dtype},
-                                  "engine": {"micro_batch_size": args.batch, "bf16": args.dtype == "bfloat16"},
+                                  "engine": {"micro_batch_size": args.batch, "bf16": args.dtype == "bfloat16", **sizes},
                                   "run": {"workers": world, "device": args.device}})
-    ds = eng.ds_config(cfg.engine, world)
+    ds = eng.ds_config(cfg.engine, world, shape_of(args.shape).hidden)
     inj = InjectionConfig(rank=args.rank, alpha=2 * args.rank, dropout=args.dropout, targets=TARGETS)
     engines = {}
     for name in names:

@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--partitioning", default="zero3", choices=["zero3", "replicated"])
     ap.add_argument("--leaf-layers", action="store_true", help="ZeRO-3 hooks each decoder layer as one module")
+    ap.add_argument("--auto-sizes", action="store_true",
+                    help="ZeRO-3's persistence threshold and buckets 'auto' (sized to the model, as the GPU configs set "
+                         "them; reduce buckets of h^2 elements): else DeepSpeed's defaults")
     args = ap.parse_args()
     names = [v for v in args.variants.split(",") if v]
     bad = [v for v in names if v not in ZERO3_VARIANTS]
@@ -96,7 +99,8 @@ def main() -> None:
     eng.init_distributed(args.device)
     engines, raw = training_engines(args, 1, names)
     result = {"shape": args.shape, "batch": args.batch, "seq": args.seq, "device": args.device, "dtype": args.dtype,
-              "partitioning": args.partitioning, "leaf_layers": args.leaf_layers, "variants": {}}
+              "partitioning": args.partitioning, "leaf_layers": args.leaf_layers, "auto_sizes": args.auto_sizes,
+              "variants": {}}
     for name in names:
         e = engines[name]
         records = [train_step(e, raw) for _ in range(args.warmup + args.reps)][args.warmup:]

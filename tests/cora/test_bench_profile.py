@@ -21,8 +21,10 @@ def run(tokenizer, *extra: str) -> dict:     # the tokenizer fixture: its files 
 
 
 def test_profile_step_times_profiles_and_counts_the_hooked_modules(tokenizer):
-    per_module, per_layer = run(tokenizer), run(tokenizer, "--leaf-layers", "--partitioning", "replicated")
-    assert per_layer["leaf_layers"] is True and per_layer["partitioning"] == "replicated"
+    per_module = run(tokenizer)
+    per_layer = run(tokenizer, "--leaf-layers", "--partitioning", "replicated", "--auto-sizes")
+    assert per_layer["leaf_layers"] is True and per_layer["partitioning"] == "replicated" and per_layer["auto_sizes"]
+    assert per_module["auto_sizes"] is False
     for result in (per_module, per_layer):
         for name in ("frozen", "cora"):
             v = result["variants"][name]
