@@ -15,7 +15,9 @@
 # (every command's stderr). The runs themselves (checkpoints of the paper's generator: hundreds of MB) stay
 # under $WORK (default /tmp/cora-scale).
 # On a machine without the project's packages: carry .whl/ (benchmarks/gpu_bundle.sh), `source
-# benchmarks/gpu_install.sh` first.
+# benchmarks/gpu_install.sh` first. On one H200 (2026-12-04) the data took 30 s and a point 80 s (the 7B shape's
+# 120-150 s: Ray, the imports, the build, 14 steps, the end-of-run checkpoint), so the six default points need
+# about 11 minutes: split them by SIZES where a call is limited to 10.
 set -u
 out=${1:?usage: benchmarks/gpu_scale.sh OUTDIR [SIZES [PARTITIONINGS [WORKERS]]] [key=value ...]}
 sizes=${2:-smollm2-135m-shape,llama-3.2-1b-shape,llama-2-7b-shape}
