@@ -193,6 +193,8 @@ class Hardware:
     products (a GPU, assumed)."""
     step_overhead_s: float = 0.0
     """t_0: host seconds per micro-batch step whatever the model (the loop, the batch, the generator's Python)."""
+    peak_flops: float | None = None
+    """The datasheet peak FLOP/s of one rank's device (MFU's denominator in ``cora scale``); None: none (a CPU)."""
     layer_overhead_s: float = 0.0
     """t_L: host seconds per decoder layer per pass whatever the partitioning (its operators' kernel launches,
     ZeRO-3's hooks on its modules); 0 where a fit folds it into the other terms (this CPU, whose step is its
@@ -242,7 +244,7 @@ CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo
 # (an H200 has 141). Fit again on the cluster's own machines: the host's speed is the step here.
 H100 = Hardware(name="H100/H200 SXM (products 40% of 989 TFLOP/s bf16; host and activation terms fitted on one H200; "
                      "150 GB/s all-gather assumed)",
-                flops=0.4 * 989e12, bandwidth=150e9, latency=30e-6, optim_s_per_param=0.05e-9,
+                flops=0.4 * 989e12, peak_flops=989e12, bandwidth=150e9, latency=30e-6, optim_s_per_param=0.05e-9,
                 module_overhead_s=0.4476e-3, layer_overhead_s=7.786e-3, step_overhead_s=0.131, runtime_bytes=0,
                 comm_bytes=0, memory_bytes=80e9, activation_factor=1.55)
 HARDWARE = {"cpu": CPU, "h100": H100}

@@ -3,8 +3,9 @@
     cora scale --config configs/demo.yaml --sizes tiny-llama,smollm2-135m-shape --workers 1,2 --steps 10 \
         --partitioning auto --out runs/scale [key=value ...]
 
-For each point: the planner (cora.plan, on ``--hardware``) is asked first, with the prompt length
-``data.max_length``; ``--partitioning auto`` (the default) takes its choice between a ZeRO-3-partitioned and a
+For each point: the planner (cora.plan, on ``--hardware``, by default the profile of the point's
+run.device: h100 for cuda, else cpu) is asked first, with the prompt length ``data.max_length``;
+``--partitioning auto`` (the default) takes its choice between a ZeRO-3-partitioned and a
 replicated frozen base (the fastest that fits, with the reason in the ``choice`` column), ``zero3,replicated``
 runs both. A point that does not fit is written as such, not run. Otherwise ``cora train`` runs with
 ``llm.name``, ``run.workers``, ``engine.partitioning`` and ``run.max_steps`` set (``run.run_dir`` under
@@ -15,9 +16,9 @@ The first ``--warmup`` steps are dropped; then
   samples/s       global batch (micro-batch x accumulation x workers) / step_s;  tokens/s: the padded prompt
                   tokens of a step (all ranks) / step_s
   MFU             4 x N_mm x tokens/s / (workers x F), N_mm the frozen LLM's matmul parameters, F
-                  --peak-tflops when given (a GPU's datasheet peak, e.g. 989 for an H100/H200's dense bf16),
-                  else the hardware's achieved FLOP/s per rank (cora.plan.Hardware.flops: on the CPU a measured
-                  matrix-product rate, not a datasheet peak)
+                  --peak-tflops when given, else the hardware profile's datasheet peak (h100: 989 TFLOP/s, dense
+                  bf16) or, for the CPU, which has none, its achieved FLOP/s per rank (cora.plan.Hardware.flops: a
+                  measured matrix-product rate)
   peak memory     peak_rss_mib: the largest peak resident set of a rank; peak_cuda_mib (run.device=cuda): the
                   largest torch.cuda.max_memory_allocated of a rank, which the planned peak is then compared with
   efficiency      (samples/s per worker at W) / (samples/s per worker at the smallest W of the same size and
@@ -54,10 +55,11 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="optimiser steps per point")
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the figures")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--hardware", choices=["cpu", "h100"], default="cpu", help="the planner's machine constants")
+    p.add_argument("--hardware", choices=["cpu", "h100"],
+                   help="the planner's machine constants (default: by each point's run.device: h100 for cuda, else cpu)")
     p.add_argument("--peak-tflops", type=float,
-                   help="the MFU's denominator per rank in TFLOP/s (a GPU's datasheet peak, e.g. 989); default: the "
-                        "--hardware profile's achieved FLOP/s")
+                   help="the MFU's denominator per rank in TFLOP/s; default: the hardware profile's datasheet peak "
+                        "(h100: 989, dense bf16) or, without one, its achieved FLOP/s (cpu: a measured rate)")
     p.add_argument("--partitioning", default="auto",
                    help="zero3, replicated, auto (the planner's choice for each point, with its reason) or a "
                         "comma-separated list of them, each run at every point (e.g. zero3,replicated)")
@@ -127,9 +129,9 @@ def _main(args, out) -> int:
 def point(cfg, size: str, w: int, partitioning: str, args, report: Path, name: str) -> dict:
     """One (size, workers, partitioning) point: planned ('auto': the planner's choice, with its reason), then
     (when it fits) trained and measured."""
-    from cora.plan import HARDWARE, plan
+    from cora.plan import plan
     from trainer.planner import choose_for, setup_of
-    hw = HARDWARE[args.hardware]
+    hw = hardware(args, cfg)
     e, cf_dim = cfg.engine, cf_width(cfg)
     row = dict.fromkeys(COLUMNS, "")
     row.update(size=size, workers=w, micro_batch=e.micro_batch_size, partitioning=partitioning,
@@ -149,9 +151,16 @@ def point(cfg, size: str, w: int, partitioning: str, args, report: Path, name: s
     return measured(row, cfg, measure(cfg, report / "ranks" / name), hw, cf_dim, args.warmup, mfu_flops(args, hw))
 
 
+def hardware(args, cfg):
+    """The planner's profile of a point: --hardware, else by its run.device (trainer.planner.hardware_of)."""
+    from cora.plan import HARDWARE
+    from trainer.planner import hardware_of
+    return HARDWARE[args.hardware] if args.hardware else hardware_of(cfg)
+
+
 def mfu_flops(args, hw) -> float:
-    """The MFU's denominator per rank: --peak-tflops, else the planner hardware's achieved FLOP/s."""
-    return args.peak_tflops * 1e12 if args.peak_tflops else hw.flops
+    """The MFU's denominator per rank: --peak-tflops, else the profile's datasheet peak, else its achieved rate."""
+    return args.peak_tflops * 1e12 if args.peak_tflops else hw.peak_flops or hw.flops
 
 
 def peak_of(row: dict) -> float:
@@ -194,7 +203,6 @@ def measured(row: dict, cfg, ranks: list[dict], hw, cf_dim: int, warmup: int, fl
 def replan(args, out) -> int:
     """``cora scale --replan``: the report in --out planned again (its measurements kept)."""
     from cora.config import from_dict
-    from cora.plan import HARDWARE
     from trainer.config import TrainConfig
     report = Path(args.out)
     try:
@@ -203,7 +211,6 @@ def replan(args, out) -> int:
     except OSError as e:
         print(f"cora scale --replan: {report} has no readable scaling.csv ({e}); run cora scale first", file=sys.stderr)
         return 2
-    hw = HARDWARE[args.hardware]
     for row in rows:
         for k in ("params", "workers", "micro_batch", "global_batch"):
             row[k] = int(row[k])
@@ -213,6 +220,7 @@ def replan(args, out) -> int:
                                               f"{row['size']}-w{row['workers']}") if (report / "ranks" / n).is_dir())
         cfg = from_dict(TrainConfig, json.loads((report / "runs" / name / "config.json").read_text()))
         ranks = [json.loads(p.read_text()) for p in sorted((report / "ranks" / name).glob("rank*.json"))]
+        hw = hardware(args, cfg)
         measured(row, cfg, ranks, hw, cf_width(cfg), args.warmup, mfu_flops(args, hw))
         row["run"] = name
     efficiency(rows, strong=any(r["strong_efficiency"] != "" for r in rows))
@@ -256,15 +264,15 @@ def scaling_key(rows: list[dict]) -> str:
 
 
 def write_report(rows: list[dict], report: Path, args) -> None:
-    from cora.plan import HARDWARE
     with open(report / "scaling.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     measured = [r for r in rows if r["status"] == "measured"]
     lines = [f"# Scaling study ({', '.join(args.config)}; {args.steps} steps per point, {args.warmup} of warm-up "
-             f"dropped; planner hardware: {args.hardware}; MFU = 4 x N_mm x tokens/s / (workers x "
-             f"{mfu_flops(args, HARDWARE[args.hardware]) / 1e12:g} TFLOP/s))", "",
+             f"dropped; planner hardware: {args.hardware or 'by run.device'}; MFU = 4 x N_mm x tokens/s / (workers x "
+             + (f"{args.peak_tflops:g} TFLOP/s" if args.peak_tflops else "the profile's peak, or its achieved rate on "
+                "the CPU") + "))", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
     lines += ["", "## Reading", ""]

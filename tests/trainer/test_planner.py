@@ -143,3 +143,21 @@ def test_a_gpu_point_is_compared_with_its_device_memory_and_its_mfu_with_the_giv
     assert host["peak_cuda_mib"] == "" and host["memory_error"] == pytest.approx(
         (host["planned_peak_mib"] - 3000.0) / 3000.0, abs=1e-4)
     assert host["mfu"] == pytest.approx(gpu["mfu"] * 989e12 / H100.flops, abs=1e-5)
+
+
+def test_cora_scale_plans_a_cuda_point_on_the_gpu_profile_and_takes_its_peak_for_the_mfu():
+    """Without --hardware a point is planned on its run.device's profile (run.device=cuda: h100), and without
+    --peak-tflops the MFU is against that profile's datasheet peak (the CPU has none: its measured rate)."""
+    from argparse import Namespace
+
+    from cora.config import load
+    from cora.plan import CPU, H100
+    from trainer.config import TrainConfig
+    from trainer.scale import hardware, mfu_flops
+    gpu = load(TrainConfig, ["configs/demo.yaml"], ["run.device=cuda", "engine.bf16=true"])
+    cpu = load(TrainConfig, ["configs/demo.yaml"], [])
+    default = Namespace(hardware=None, peak_tflops=None)
+    assert hardware(default, gpu) is H100 and hardware(default, cpu) is CPU
+    assert mfu_flops(default, H100) == 989e12 and mfu_flops(default, CPU) == CPU.flops
+    assert hardware(Namespace(hardware="cpu", peak_tflops=None), gpu) is CPU          # --hardware wins
+    assert mfu_flops(Namespace(hardware=None, peak_tflops=500.0), H100) == 500e12
