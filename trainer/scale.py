@@ -10,6 +10,9 @@ replicated frozen base (the fastest that fits, with the reason in the ``choice``
 runs both. A point that does not fit is written as such, not run. Otherwise ``cora train`` runs with
 ``llm.name``, ``run.workers``, ``engine.partitioning`` and ``run.max_steps`` set (``run.run_dir`` under
 OUT/runs/; no validation or test: the point is a measurement) and a ``trainer.hooks.Report`` in every worker.
+A point whose run fails (it cannot start, or crashes) is written as failed with the error, and the study goes
+on (exit status 1 at the end); scaling.csv is rewritten after every point, so a study cut short keeps the
+points it measured.
 The first ``--warmup`` steps are dropped; then
 
   step_s          mean over optimiser steps of the slowest rank's step (compute and data wait)
@@ -116,14 +119,31 @@ def _main(args, out) -> int:
             except ConfigError as e:
                 print(f"cora scale: {size} x {w} workers: {e}", file=sys.stderr)
                 return 2
-            rows.append(point(cfg, size, w, part, args, report, name))
+            try:
+                rows.append(point(cfg, size, w, part, args, report, name))
+            except Exception as e:         # a point that cannot start or crashes: written down, the study goes on
+                rows.append(failed(cfg, size, w, part, e))
+            write_csv(rows, report)        # after every point: a study cut short keeps the points it measured
             r = rows[-1]
             print(f"[scale] {size} x {w} ({r['partitioning']}{', planner: ' + r['choice'] if r['choice'] else ''}): "
                   f"{r['status']}, {r['samples_per_s']} samples/s", file=sys.stderr)
     efficiency(rows, strong=cfg.engine.global_batch_size is not None)
     write_report(rows, report, args)
     print(json.dumps({"report": str(report), "rows": rows}, indent=1), file=out)
-    return 0
+    bad = [f"{r['size']} x {r['workers']} ({r['partitioning']})" for r in rows if r["status"].startswith("failed")]
+    if bad:
+        print(f"cora scale: {len(bad)} point(s) failed: {', '.join(bad)} (the status column says why; the rest of "
+              f"the report stands)", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def failed(cfg, size: str, w: int, partitioning: str, error: Exception) -> dict:
+    """The row of a point whose run raised ``error``: its status says so, on one line."""
+    e = cfg.engine
+    why = "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return {**dict.fromkeys(COLUMNS, ""), "size": size, "workers": w, "micro_batch": e.micro_batch_size,
+            "global_batch": e.micro_batch_size * e.accumulation(w) * w, "partitioning": partitioning,
+            "status": f"failed: {type(error).__name__}: {why}"}
 
 
 def point(cfg, size: str, w: int, partitioning: str, args, report: Path, name: str) -> dict:
@@ -213,7 +233,7 @@ def replan(args, out) -> int:
         return 2
     for row in rows:
         for k in ("params", "workers", "micro_batch", "global_batch"):
-            row[k] = int(row[k])
+            row[k] = int(row[k]) if row[k] != "" else ""        # a failed point's may be unknown
         if row["status"] != "measured":
             continue
         name = row["run"] or next(n for n in (f"{row['size']}-w{row['workers']}-{row['partitioning']}",
@@ -263,11 +283,15 @@ def scaling_key(rows: list[dict]) -> str:
     return "strong_efficiency" if any(r["strong_efficiency"] != "" for r in rows) else "weak_efficiency"
 
 
-def write_report(rows: list[dict], report: Path, args) -> None:
+def write_csv(rows: list[dict], report: Path) -> None:
     with open(report / "scaling.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_report(rows: list[dict], report: Path, args) -> None:
+    write_csv(rows, report)
     measured = [r for r in rows if r["status"] == "measured"]
     lines = [f"# Scaling study ({', '.join(args.config)}; {args.steps} steps per point, {args.warmup} of warm-up "
              f"dropped; planner hardware: {args.hardware or 'by run.device'}; MFU = 4 x N_mm x tokens/s / (workers x "

@@ -1,5 +1,6 @@
 """cora scale end to end on the CPU: two real (size, workers) points trained and measured, two that the
-planner says do not fit reported without being run, and the report's three artefacts."""
+planner says do not fit reported without being run, two that fail at their start written down as failed
+while the study goes on, and the report's three artefacts."""
 
 import csv
 import json
@@ -7,28 +8,39 @@ import json
 import pytest
 
 from cluster import runtime
+from cora.llm import build_config, load_tokenizer
 from tests.conftest import TEST_CPUS
 from trainer.cli import main
 
 pytestmark = pytest.mark.slow
 
 
-def test_cora_scale_two_points_and_two_that_do_not_fit(tmp_path, capsys):
+def test_cora_scale_two_points_two_that_do_not_fit_and_two_that_fail(tmp_path, capsys):
     data, cf, out = tmp_path / "data", tmp_path / "cf", tmp_path / "report"
+    broken = tmp_path / "broken-llm"              # a model directory with a config.json and nothing else
+    broken.mkdir()
+    (broken / "config.json").write_text(build_config("tiny-llama", load_tokenizer("tiny-llama")).to_json_string())
     assert main(["prepare", "--source", "synthetic", "--out", str(data), "--users", "60", "--items", "40",
                  "--interactions", "800", "--samples-per-shard", "40", "--no-progress"]) == 0
     assert main(["train-cf", "--data", str(data), "--model", "mf", "--out", str(cf), "--dim", "16",
                  "--epochs", "2", "--no-progress"]) == 0
     capsys.readouterr()
     runtime.init(num_cpus=TEST_CPUS)
-    assert main(["scale", "--config", "configs/demo.yaml", "--sizes", "tiny-llama,llama-3-70b-shape",
+    # the broken directory's points fail at their start: written down as failed, the study goes on, exit 1
+    assert main(["scale", "--config", "configs/demo.yaml", "--sizes", f"tiny-llama,{broken},llama-3-70b-shape",
                  "--workers", "1,2", "--steps", "6", "--warmup", "2", "--out", str(out),
-                 f"data.data_dir={data}", f"data.cf_dir={cf}", "run.epochs=1"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+                 f"data.data_dir={data}", f"data.cf_dir={cf}", "run.epochs=1"]) == 1
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert f"2 point(s) failed: {broken} x 1" in captured.err
     rows = list(csv.DictReader(open(out / "scaling.csv")))
+    failed = [rows.pop(2), rows.pop(2)]
+    for r, w in zip(failed, ("1", "2")):
+        assert (r["size"], r["workers"], r["step_s"]) == (str(broken), w, "")
+        assert r["status"].startswith("failed: ConfigError:") and "no *.safetensors weights" in r["status"]
     assert [(r["size"], r["workers"]) for r in rows] == [("tiny-llama", "1"), ("tiny-llama", "2"),
                                                          ("llama-3-70b-shape", "1"), ("llama-3-70b-shape", "2")]
-    assert printed["rows"][0]["size"] == "tiny-llama" and len(printed["rows"]) == 4
+    assert printed["rows"][0]["size"] == "tiny-llama" and len(printed["rows"]) == 6
     for r in rows[:2]:
         assert r["status"] == "measured"
         step, w = float(r["step_s"]), int(r["workers"])
@@ -50,6 +62,7 @@ def test_cora_scale_two_points_and_two_that_do_not_fit(tmp_path, capsys):
         assert not (out / "runs" / f"llama-3-70b-shape-w{r['workers']}").exists()
     md = (out / "scaling.md").read_text()
     assert "| tiny-llama | 3219776 | 1 |" in md and "## Reading" in md and "does not fit" in md
+    assert f"- {broken} x 2: failed: ConfigError:" in md
     assert "the planner chose replicated" in md
     for png in ("throughput_memory.png", "efficiency.png", "planned_vs_measured.png"):
         head = (out / png).read_bytes()
