@@ -137,13 +137,17 @@ def _main(args, out) -> int:
     return 1 if bad else 0
 
 
+def new_row(cfg, size: str, w: int, partitioning: str) -> dict:
+    """A point's row before it is planned or run: what its config says, every other column empty."""
+    e = cfg.engine
+    return {**dict.fromkeys(COLUMNS, ""), "size": size, "workers": w, "micro_batch": e.micro_batch_size,
+            "global_batch": e.micro_batch_size * e.accumulation(w) * w, "partitioning": partitioning}
+
+
 def failed(cfg, size: str, w: int, partitioning: str, error: Exception) -> dict:
     """The row of a point whose run raised ``error``: its status says so, on one line."""
-    e = cfg.engine
     why = "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-    return {**dict.fromkeys(COLUMNS, ""), "size": size, "workers": w, "micro_batch": e.micro_batch_size,
-            "global_batch": e.micro_batch_size * e.accumulation(w) * w, "partitioning": partitioning,
-            "status": f"failed: {type(error).__name__}: {why}"}
+    return {**new_row(cfg, size, w, partitioning), "status": f"failed: {type(error).__name__}: {why}"}
 
 
 def point(cfg, size: str, w: int, partitioning: str, args, report: Path, name: str) -> dict:
@@ -153,9 +157,7 @@ def point(cfg, size: str, w: int, partitioning: str, args, report: Path, name: s
     from trainer.planner import choose_for, setup_of
     hw = hardware(args, cfg)
     e, cf_dim = cfg.engine, cf_width(cfg)
-    row = dict.fromkeys(COLUMNS, "")
-    row.update(size=size, workers=w, micro_batch=e.micro_batch_size, partitioning=partitioning,
-               global_batch=e.micro_batch_size * e.accumulation(w) * w)
+    row = new_row(cfg, size, w, partitioning)
     if "auto" in (partitioning, e.activation_checkpointing):    # the planner's choice (also of the checkpointing)
         before, why = choose_for(cfg, partitioning, hw, cf_dim)
         row.update(partitioning=before.setup.partitioning, choice=why)
