@@ -268,7 +268,7 @@ def training_engines(args, world: int, names) -> tuple[dict, dict]:
     from cora.llm import resolve_answer_token
     from trainer import engine as eng
     from trainer.config import TrainConfig
-    sizes = {"persistence_threshold": "auto", "prefetch_bucket_size": "auto"} if getattr(args, "auto_sizes", False) else {}
+    sizes = {"persistence_threshold": "auto", "prefetch_bucket_size": "auto"} if args.auto_sizes else {}
     cfg = from_dict(TrainConfig, {"llm": {"name": args.shape, "dtype": args.dtype},
                                   "engine": {"micro_batch_size": args.batch, "bf16": args.dtype == "bfloat16", **sizes},
                                   "run": {"workers": world, "device": args.device}})
@@ -309,7 +309,7 @@ def zero3(args) -> dict:
             mp.spawn(zero3_rank, args=(world, args, port, out), nprocs=world)
             slowest = json.loads(Path(out).read_text())
         entry = {"ranks": world, "threads_per_rank": max(1, args.threads // world), "partitioning": args.partitioning,
-                 "leaf_layers": args.leaf_layers,
+                 "leaf_layers": args.leaf_layers, "auto_sizes": args.auto_sizes,
                  "page_faults": {k: int(statistics.median(t[2] for t in v)) for k, v in slowest.items()}}
         for j, suffix in ((0, ""), (1, "_step")):
             times = {k: [t[j] for t in v] for k, v in slowest.items()}
@@ -347,6 +347,9 @@ def main() -> None:
                     help="the training path's frozen LLM: partitioned by ZeRO-3 or whole on every rank (engine.partitioning)")
     ap.add_argument("--leaf-layers", action="store_true",
                     help="the training path: ZeRO-3 hooks each decoder layer as one module (engine.leaf_layers)")
+    ap.add_argument("--auto-sizes", action="store_true",
+                    help="the training path: ZeRO-3's persistence threshold and buckets 'auto' (sized to the model, as "
+                         "the GPU configs set them), else DeepSpeed's defaults")
     args = ap.parse_args()
     args.threads = torch.get_num_threads()
     args.matmul_params = shape_of(args.shape).matmul_params          # for the MFU
