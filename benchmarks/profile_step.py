@@ -33,8 +33,10 @@ WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
 
 
 def hooked_modules(engine) -> int:
-    """Modules with ZeRO-3's forward pre-hook (DeepSpeed hooks every module not inside a ZeRO-3 leaf)."""
-    return sum(1 for m in engine.module.modules() if m._forward_pre_hooks)
+    """Modules with ZeRO-3's forward pre-hook (DeepSpeed hooks every module not inside a ZeRO-3 leaf); the
+    project's own pre-hooks (``cora.injection.SharedDown`` on attention modules) are not counted."""
+    return sum(1 for m in engine.module.modules()
+               if any(getattr(h, "__name__", "") == "_pre_forward_module_hook" for h in m._forward_pre_hooks.values()))
 
 
 def profiled(engine, raw: dict, steps: int, device: str, top: int) -> dict:
