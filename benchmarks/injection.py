@@ -37,8 +37,10 @@ optimiser step is nothing), its input embeddings detached with gradients (as in 
 ``cora_over_cora_per_module`` is what that saves. A repetition's time is the slowest rank's;
 ``zero3.W.ratios`` hold the medians over repetitions of the forward + backward ratios (what one process
 measures) and of the whole steps' (``*_step``). ``--partitioning replicated``: the frozen LLM whole on every
-rank instead of partitioned (``engine.partitioning``); ``--leaf-layers``: ZeRO-3 hooks each decoder layer as one
-module (``engine.leaf_layers``).
+rank instead of partitioned (``engine.partitioning``), the generator and P under ZeRO stage 2 (``--zero-stage``,
+``engine.zero_stage``); ``cora_per_module`` is then replaced by ``cora_stage3`` (CoRA with them under ZeRO-3, as
+the trainer ran a replicated base before 2026-12-04; ``cora_over_cora_stage3``), or ``cora_stage2`` with
+``--zero-stage 3``. ``--leaf-layers``: ZeRO-3 hooks each decoder layer as one module (``engine.leaf_layers``).
 
 Throughput: ``tokens_per_s`` of each variant's median step (the training path: per rank, whole steps) and, with
 ``--peak-tflops``, ``mfu`` = 4 N_mm B T / (step s x peak), N_mm the decoder's matmul parameters.
@@ -217,7 +219,16 @@ class FrozenFloor(Method):
         return model.yes_logit(hidden) + model.floor
 
 
-ZERO3_VARIANTS = ("frozen", "lora", "cora", "cora_per_module")
+ZERO3_VARIANTS = ("frozen", "lora", "cora", "cora_per_module", "cora_stage3", "cora_stage2")
+"""Every variant the training path can build (``training_engines``); ``zero3_variants`` picks a run's four."""
+
+
+def zero3_variants(args) -> tuple[str, ...]:
+    """frozen, lora, cora and the CoRA that cora is compared with: with a partitioned base, the Q-Former hooked
+    per module; with a replicated one, the trainable part under the other ZeRO stage (``--zero-stage``)."""
+    if args.partitioning == "zero3":
+        return ZERO3_VARIANTS[:4]
+    return ZERO3_VARIANTS[:3] + (("cora_stage2",) if args.zero_stage == "3" else ("cora_stage3",))
 
 
 def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
@@ -235,11 +246,12 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
     from trainer.worker import train_step
     torch.set_num_threads(max(1, args.threads // world))
     eng.init_distributed(args.device)
-    engines, raw = training_engines(args, world, ZERO3_VARIANTS)
-    times: dict[str, list] = {k: [] for k in ZERO3_VARIANTS}
+    names = zero3_variants(args)
+    engines, raw = training_engines(args, world, names)
+    times: dict[str, list] = {k: [] for k in names}
     for rep in range(args.warmup + args.reps):
-        k = rep % len(ZERO3_VARIANTS)
-        for name in ZERO3_VARIANTS[k:] + ZERO3_VARIANTS[:k]:
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
             dist.barrier()
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             record = train_step(engines[name], raw)
@@ -250,7 +262,7 @@ def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
     dist.all_gather_object(everyone, times)
     if rank == 0:      # a repetition lasts as long as its slowest rank
         slowest = {k: [tuple(max(r[k][i][j] for r in everyone) for j in (0, 1, 2)) for i in range(args.reps)]
-                   for k in ZERO3_VARIANTS}
+                   for k in names}
         Path(out).write_text(json.dumps(slowest))
     dist.destroy_process_group()
 
@@ -269,10 +281,13 @@ def training_engines(args, world: int, names) -> tuple[dict, dict]:
     from trainer import engine as eng
     from trainer.config import TrainConfig
     sizes = {"persistence_threshold": "auto", "prefetch_bucket_size": "auto"} if args.auto_sizes else {}
+    stage = {"zero_stage": int(args.zero_stage)} if args.zero_stage != "auto" else {}
     cfg = from_dict(TrainConfig, {"llm": {"name": args.shape, "dtype": args.dtype},
-                                  "engine": {"micro_batch_size": args.batch, "bf16": args.dtype == "bfloat16", **sizes},
+                                  "engine": {"micro_batch_size": args.batch, "bf16": args.dtype == "bfloat16",
+                                             "partitioning": args.partitioning, **stage, **sizes},
                                   "run": {"workers": world, "device": args.device}})
-    ds = eng.ds_config(cfg.engine, world, shape_of(args.shape).hidden)
+    hidden = shape_of(args.shape).hidden
+    ds = eng.ds_config(cfg.engine, world, hidden)
     inj = InjectionConfig(rank=args.rank, alpha=2 * args.rank, dropout=args.dropout, targets=TARGETS)
     engines = {}
     for name in names:
@@ -283,7 +298,9 @@ def training_engines(args, world: int, names) -> tuple[dict, dict]:
         model = CoRAModel(llm, yes, 256, 256, replace(inj, adapter="lora") if name == "lora" else inj,
                           GeneratorConfig(), answer_weight=eng.gathered_answer_row(llm, yes), method=method)
         leaves = () if name == "cora_per_module" else eng.LEAVES
-        engines[name] = eng.initialize(model, ds, cfg.optim, 1000, leaves=leaves, leaf_layers=args.leaf_layers)[0]
+        own = ds if name not in ("cora_stage2", "cora_stage3") else eng.ds_config(
+            replace(cfg.engine, zero_stage=int(name[-1])), world, hidden)
+        engines[name] = eng.initialize(model, own, cfg.optim, 1000, leaves=leaves, leaf_layers=args.leaf_layers)[0]
     g = np.random.default_rng(0)
     raw = {"input_ids": g.integers(0, 49152, (args.batch, args.seq)), "lengths": np.full(args.batch, args.seq),
            "user_emb": g.standard_normal((args.batch, 256), dtype=np.float32),
@@ -309,6 +326,7 @@ def zero3(args) -> dict:
             mp.spawn(zero3_rank, args=(world, args, port, out), nprocs=world)
             slowest = json.loads(Path(out).read_text())
         entry = {"ranks": world, "threads_per_rank": max(1, args.threads // world), "partitioning": args.partitioning,
+                 "zero_stage": 3 if args.partitioning == "zero3" else (2 if args.zero_stage == "auto" else int(args.zero_stage)),
                  "leaf_layers": args.leaf_layers, "auto_sizes": args.auto_sizes,
                  "page_faults": {k: int(statistics.median(t[2] for t in v)) for k, v in slowest.items()}}
         for j, suffix in ((0, ""), (1, "_step")):
@@ -345,6 +363,10 @@ def main() -> None:
     ap.add_argument("--zero3-only", action="store_true", help="only the training path (skip the one-process part)")
     ap.add_argument("--partitioning", default="zero3", choices=["zero3", "replicated"],
                     help="the training path's frozen LLM: partitioned by ZeRO-3 or whole on every rank (engine.partitioning)")
+    ap.add_argument("--zero-stage", default="auto", choices=["auto", "2", "3"],
+                    help="the training path with --partitioning replicated: the ZeRO stage over the generator and P "
+                         "(engine.zero_stage; auto: 2); the other stage's CoRA is timed beside it (cora_stage3 or "
+                         "cora_stage2)")
     ap.add_argument("--leaf-layers", action="store_true",
                     help="the training path: ZeRO-3 hooks each decoder layer as one module (engine.leaf_layers)")
     ap.add_argument("--auto-sizes", action="store_true",
@@ -404,7 +426,8 @@ RATIOS = {"cora_over_frozen": ("cora", "frozen"), "cora_over_lora_same_dropout":
           "cora_over_peft": ("cora", "peft"), "lora_over_frozen": ("lora", "frozen"),
           "peft_over_frozen": ("peft", "frozen"), "naive_over_frozen": ("naive", "frozen"),
           "frozen_full_logits_over_frozen": ("frozen_full_logits", "frozen"),
-          "cora_over_cora_per_module": ("cora", "cora_per_module")}
+          "cora_over_cora_per_module": ("cora", "cora_per_module"), "cora_over_cora_stage3": ("cora", "cora_stage3"),
+          "cora_over_cora_stage2": ("cora", "cora_stage2")}
 
 
 def summary(times: dict[str, list[float]], args) -> dict:

@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--partitioning", default="zero3", choices=["zero3", "replicated"])
+    ap.add_argument("--zero-stage", default="auto", choices=["auto", "2", "3"],
+                    help="with --partitioning replicated: the ZeRO stage over the generator and P (engine.zero_stage; "
+                         "auto: 2, which hooks no module)")
     ap.add_argument("--leaf-layers", action="store_true", help="ZeRO-3 hooks each decoder layer as one module")
     ap.add_argument("--auto-sizes", action="store_true",
                     help="ZeRO-3's persistence threshold and buckets 'auto' (sized to the model, as the GPU configs set "
@@ -103,7 +106,8 @@ def main() -> None:
     eng.init_distributed(args.device)
     engines, raw = training_engines(args, 1, names)
     result = {"shape": args.shape, "batch": args.batch, "seq": args.seq, "device": args.device, "dtype": args.dtype,
-              "partitioning": args.partitioning, "leaf_layers": args.leaf_layers, "auto_sizes": args.auto_sizes,
+              "partitioning": args.partitioning, "zero_stage": args.zero_stage, "leaf_layers": args.leaf_layers,
+              "auto_sizes": args.auto_sizes,
               "variants": {}}
     for name in names:
         e = engines[name]

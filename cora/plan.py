@@ -23,7 +23,7 @@ Memory per rank (bytes), ``plan(...).memory``
                  CPU: DeepSpeed's shared-memory collectives map every rank's 66 MiB workspace, and gloo)
     frozen       zero3: N x b / W (every parameter partitioned: persistence threshold 0; with a threshold
                  p, the parameters with fewer than p elements are whole on every rank);
-                 replicated: N x b (the trainer holds it as buffers, which ZeRO-3 leaves whole)
+                 replicated: N x b (the trainer holds it as buffers, which DeepSpeed leaves whole)
     gathered     zero3 with W > 1 only (one rank's "partition" is the weight itself: nothing is copied):
                  max(V x h, K) x b, the full tensors of gathered modules alive at once. DeepSpeed releases a
                  module after its forward unless it is used again within stage3_max_reuse_distance elements
@@ -35,7 +35,8 @@ Memory per rank (bytes), ``plan(...).memory``
                  once at set-up)
     trainable    G x s / W: fp32 training s = 16 (weights 4, gradients 4, AdamW's two moments 8); bf16
                  s = 18 (bf16 weights 2, fp32 master 4, fp32 gradients 4, moments 8). ZeRO-3 partitions
-                 all of it.
+                 all of it; ZeRO stage 2 (a replicated base's default, ``Setup.zero_stage``) keeps the weights
+                 whole: G x (b + (s - b) / W).
     activations  saved for backward, per token and layer, in elements:
                      2h (the two RMSNorms' inputs) + h (the shared q/k/v down-projection's input,
                      dropout(x), kept for A's gradient) + 4 d_q (attention's q, k, v, output; k and v
@@ -65,14 +66,16 @@ Step time per rank (seconds), ``plan(...).time``
     modules      M = M_llm + 4 L + M_gen: the modules holding ZeRO-3 parameters, each with ZeRO-3's hooks:
                  M_llm = 9 L + 2 (+1 for an untied head: 7 linears and 2 norms per layer, the embedding,
                  the final norm; 0 for a replicated base, whose weights are buffers), 4 L the injection's P
-                 (q/k/v/o), M_gen the generator's (counted from the built generator)
+                 (q/k/v/o), M_gen the generator's (counted from the built generator); the last two are 0
+                 under ZeRO stage 2, which hooks no module
     gather       W = 1, zero3: E b / ``Hardware.copy_bandwidth`` (no collective; ZeRO-3 still handles the
                  frozen weights every step).
                  W > 1: (W - 1)/W x (E b + 4 G) / BW + (calls + 4 L + M_gen) x lat, E the frozen elements
                  gathered per step: each used module once at its forward (the embedding, the decoder
                  modules, the final norm) and again at its backward when it was released (``gathers``: none
                  under ~0.5B); the trainable part is held from forward to backward, gathered once. A
-                 replicated base gathers only the trainable part (E = 0, calls = 0)
+                 replicated base gathers only the trainable part (E = 0, calls = 0); under stage 2 that is
+                 one all-gather of the updated weights after the optimiser step, 1 call instead of 4 L + M_gen
     reduce       (W - 1)/W x 4 G / BW (the trainable gradients' reduce-scatter)
     optimiser    G / W x t_p (AdamW per parameter, memory-bound; ``Hardware.optim_s_per_param``)
     overhead     passes x (M x t_mod + L x t_L) + t_0: host time per module holding ZeRO-3 parameters and per
@@ -273,6 +276,9 @@ class Setup:
     persistence_threshold: int = 0
     accumulation: int = 1
     """Micro-batches per optimiser step (forward, backward and gradient reduce-scatter each; AdamW once)."""
+    zero_stage: int = 2
+    """The ZeRO stage over the trainable part with a replicated base (``engine.zero_stage``: 2, or 3); a
+    partitioned base is always 3 (``stage``)."""
     reuse_distance: int = 10**9
     """DeepSpeed's stage3_max_reuse_distance (elements; its default 1e9): a module gathered in forward stays
     gathered until its backward when fewer elements than this are used in between."""
@@ -285,7 +291,14 @@ class Setup:
             problems.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
         if self.partitioning not in ("zero3", "replicated"):
             problems.append(f"partitioning {self.partitioning!r} is not one of zero3, replicated")
+        if self.zero_stage not in (2, 3):
+            problems.append(f"zero_stage {self.zero_stage!r} is not 2 or 3")
         return problems
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage the trainable part runs under: 3 with a partitioned base, else ``zero_stage``."""
+        return 3 if self.partitioning == "zero3" else self.zero_stage
 
 
 @dataclass
@@ -342,13 +355,14 @@ def memory(s: Setup, hw: Hardware) -> dict:
     else:
         frozen, gathered = sh.params * b, 0.0
     per_state = 16 if b == 4 else 18
+    whole = b if s.stage == 2 else 0            # stage 2: the trainable weights whole on every rank
     tokens = s.micro_batch * s.seq_len
     if s.activation_checkpointing:
         activations = tokens * b * (sh.layers * sh.hidden + activation_elements(s) / (tokens * sh.layers))
     else:
         activations = activation_elements(s) * b
     out = {"runtime": hw.runtime_bytes, "comm": hw.comm_bytes if w > 1 else 0.0, "frozen": frozen,
-           "gathered": hw.gathered_factor * gathered, "trainable": g * per_state / w,
+           "gathered": hw.gathered_factor * gathered, "trainable": g * (whole + (per_state - whole) / w),
            "activations": hw.activation_factor * activations}
     out["peak"] = sum(out.values())
     return out
@@ -399,15 +413,17 @@ def step_time(s: Setup, hw: Hardware) -> dict:
     gather = 0.0
     if w > 1:
         frozen = gathers(s) if s.partitioning == "zero3" else {"elements": 0, "calls": 0}
-        # the trainable weights (a few MB) are held from forward to backward: gathered once
+        # the trainable weights (a few MB) are held from forward to backward: gathered once (stage 3, a call
+        # per module holding them), or all-gathered once after the optimiser step (stage 2, one call)
         gather = ((w - 1) / w * (frozen["elements"] * b + 4 * g) / hw.bandwidth
-                  + (frozen["calls"] + trainable_modules) * hw.latency)
+                  + (frozen["calls"] + (trainable_modules if s.stage == 3 else 1)) * hw.latency)
     reduce = (w - 1) / w * g * 4 / hw.bandwidth
     if w == 1 and s.partitioning == "zero3" and hw.copy_bandwidth:
         gather = gathers(s)["elements"] * b / hw.copy_bandwidth
     k = s.accumulation
     busy = hw.busy_slowdown if w > 1 else 1.0
-    hooked = (sh.modules if s.partitioning == "zero3" else 0) + trainable_modules     # modules with ZeRO-3 weights
+    hooked = ((sh.modules if s.partitioning == "zero3" else 0)                         # modules with ZeRO-3 weights
+              + (trainable_modules if s.stage == 3 else 0))
     out = {"compute": k * busy * f / hw.flops, "elementwise": k * busy * activation_elements(s) * hw.element_s,
            "gather": k * gather, "reduce": k * reduce, "optimiser": g / w * hw.optim_s_per_param,
            "overhead": k * (passes * (hooked * hw.module_overhead_s + sh.layers * hw.layer_overhead_s)

@@ -1,9 +1,9 @@
-"""DeepSpeed ZeRO-3 set-up inside one trainer worker: the frozen LLM partitioned from the start, the
-injection and generator attached, and the engine that trains only the generator and P.
+"""DeepSpeed set-up inside one trainer worker: the frozen LLM partitioned from the start (or whole on every
+rank), the injection and generator attached, and the engine that trains only the generator and P.
 
-    ds = ds_config(...)                     # ZeRO-3; bf16 on GPU, fp32 on CPU
+    ds = ds_config(...)                     # ZeRO-3 (stage 2 with a replicated base); bf16 on GPU, fp32 on CPU
     llm, tok = build_llm(...)               # zero3: under deepspeed.zero.Init, no rank holds the whole LLM;
-                                            # replicated: whole on every rank, as buffers ZeRO-3 leaves alone
+                                            # replicated: whole on every rank, as buffers DeepSpeed leaves alone
     model = CoRAModel(llm, ..., answer_weight=gathered "Yes" row)
     engine = deepspeed.initialize(model, optimizer=AdamW(trainable), lr_scheduler=warm-up + cosine)
 
@@ -82,9 +82,17 @@ class EngineConfig:
     partitioning: Literal["zero3", "replicated", "auto"] = "zero3"
     """Where the frozen LLM lives. zero3: partitioned over the ranks, every module all-gathered when used
     (memory N b / W, an all-gather of the model every step). replicated: a whole copy on every rank, held as
-    buffers so that ZeRO-3 partitions only the trainable generator and P (memory N b, no gather of the
-    base). auto: the planner's choice (cora.plan.choose: the fastest that fits in the run's device memory),
-    made by ``cora train`` before the workers start and printed with its reason."""
+    buffers that DeepSpeed leaves alone, and only the trainable generator and P data-parallel (memory N b,
+    no gather of the base; ``zero_stage``). auto: the planner's choice (cora.plan.choose: the fastest that
+    fits in the run's device memory), made by ``cora train`` before the workers start and printed with its
+    reason."""
+    zero_stage: Literal["auto", 2, 3] = "auto"
+    """The ZeRO stage over the trainable generator and P. 3: partitioned, gathered by hooks on every module
+    that holds them, before its forward and again before its backward. 2: whole on every rank (a few MB to
+    150 MB), only their gradients (reduce-scattered in buckets) and AdamW's state partitioned: no module
+    hooks at all, which is what a step bound by host time wants. auto: 2 with a replicated base. A
+    partitioned base (zero3, or auto resolved to it) is always 3: ZeRO-3 must gather it. A replicated base
+    takes 3 too (the earlier path, kept to measure against: ``benchmarks/injection.py --zero-stage``)."""
 
     def validate(self) -> list[str]:
         problems = [f"{k} must be >= 1, got {getattr(self, k)}" for k in ("micro_batch_size", "gradient_accumulation")
@@ -98,10 +106,25 @@ class EngineConfig:
             problems.append(f"gradient_clipping must be >= 0, got {self.gradient_clipping}")
         if self.partitioning not in ("zero3", "replicated", "auto"):
             problems.append(f"partitioning must be zero3, replicated or auto, got {self.partitioning!r}")
+        if self.zero_stage not in ("auto", 2, 3):
+            problems.append(f"zero_stage must be 2, 3 or auto, got {self.zero_stage!r}")
+        elif self.zero_stage == 2 and self.partitioning == "zero3":
+            problems.append("zero_stage 2 needs the frozen base whole on every rank, but partitioning is zero3: set "
+                            "engine.partitioning=replicated (or auto), or engine.zero_stage=3")
         problems += [f"{k} must be >= 0 or 'auto', got {getattr(self, k)}" for k in ("persistence_threshold",
                                                                                      "prefetch_bucket_size")
                      if isinstance(getattr(self, k), int) and getattr(self, k) < 0]
         return problems
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage a worker runs: ``zero_stage`` with 'auto' resolved by the (resolved) partitioning."""
+        if self.partitioning == "auto":
+            raise ValueError("engine.partitioning is 'auto': cora train resolves it before the workers start "
+                             "(trainer.planner.resolve_auto)")
+        if self.partitioning == "zero3":          # also where 'auto' chose it: ZeRO-3 must gather the base
+            return 3
+        return 2 if self.zero_stage == "auto" else self.zero_stage
 
     def persistence(self, hidden_size: int | None) -> int:
         """The persistence threshold in elements ('auto' resolved: 10 x hidden_size)."""
@@ -126,12 +149,15 @@ def ds_config(cfg: EngineConfig, world_size: int, hidden_size: int | None = None
         raise ValueError("engine.persistence_threshold or engine.prefetch_bucket_size is 'auto': pass the LLM's "
                          "hidden size (trainer.planner.shape_of(llm.name).hidden)")
     accumulation = cfg.accumulation(world_size)
-    zero = {"stage": 3, "contiguous_gradients": True, "overlap_comm": False,
-            "stage3_param_persistence_threshold": cfg.persistence(hidden_size)}
+    zero = {"stage": cfg.stage, "contiguous_gradients": True, "overlap_comm": False}
     if cfg.prefetch_bucket_size == "auto":
-        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size ** 2), reduce_bucket_size=hidden_size ** 2)
-    elif cfg.prefetch_bucket_size is not None:
-        zero["stage3_prefetch_bucket_size"] = cfg.prefetch_bucket_size
+        zero["reduce_bucket_size"] = hidden_size ** 2
+    if cfg.stage == 3:              # the gathers: stage 2 has none (its trainable weights are whole)
+        zero["stage3_param_persistence_threshold"] = cfg.persistence(hidden_size)
+        if cfg.prefetch_bucket_size == "auto":
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size ** 2)
+        elif cfg.prefetch_bucket_size is not None:
+            zero["stage3_prefetch_bucket_size"] = cfg.prefetch_bucket_size
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
@@ -326,16 +352,18 @@ def layer_names(model) -> tuple[str, ...]:
 
 
 def initialize(model, ds: dict, optim_cfg, total_steps: int, leaves=LEAVES, leaf_layers: bool = False):
-    """The DeepSpeed engine over ``model`` with AdamW + warm-up/cosine on the trainable parameters; the
-    modules ``leaves`` hooked by ZeRO-3 as one (``leaf_modules``), and each decoder layer too with
-    ``leaf_layers`` (``EngineConfig.leaf_layers``: the model's inputs then carry a gradient)."""
+    """The DeepSpeed engine over ``model`` with AdamW + warm-up/cosine on the trainable parameters; under
+    ZeRO-3 the modules ``leaves`` hooked as one (``leaf_modules``), and each decoder layer too with
+    ``leaf_layers`` (``EngineConfig.leaf_layers``: the model's inputs then carry a gradient); under stage 2
+    (``EngineConfig.zero_stage``) no module is hooked and both are moot."""
     import deepspeed
 
     from cora.optim import build_optimizer
-    if leaf_layers:
-        leaves = tuple(leaves) + layer_names(model)
-        model.inputs_with_grad = True
-    leaf_modules(model, leaves)
+    if ds["zero_optimization"]["stage"] == 3:      # stage 2 hooks no module: nothing to hook as one
+        if leaf_layers:
+            leaves = tuple(leaves) + layer_names(model)
+            model.inputs_with_grad = True
+        leaf_modules(model, leaves)
     params = model.trainable_parameters()
     opt, sched = build_optimizer(params, optim_cfg, total_steps)
     engine, opt, _, sched = deepspeed.initialize(model=model, model_parameters=params, optimizer=opt,

@@ -54,7 +54,8 @@ def generator_params(generator: str | dict, cf_dim: int, d_model: int, rank: int
 
 def setup_for(llm: str, world: int, micro_batch: int, seq_len: int, dtype: str = "float32",
               activation_checkpointing: bool = False, partitioning: str = "zero3", generator: str | dict = "demo",
-              cf_dim: int = 64, rank: int = 16, persistence_threshold: int = 0, accumulation: int = 1):
+              cf_dim: int = 64, rank: int = 16, persistence_threshold: int = 0, accumulation: int = 1,
+              zero_stage: int = 2):
     """A cora.plan.Setup for a model name and the trainer's settings."""
     from cora.plan import Setup
     shape = shape_of(llm)
@@ -62,17 +63,17 @@ def setup_for(llm: str, world: int, micro_batch: int, seq_len: int, dtype: str =
     return Setup(shape=shape, world=world, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype,
                  activation_checkpointing=activation_checkpointing, partitioning=partitioning,
                  generator_params=total, generator_head_params=head, generator_modules=modules, rank=rank,
-                 persistence_threshold=persistence_threshold, accumulation=accumulation)
+                 persistence_threshold=persistence_threshold, accumulation=accumulation, zero_stage=zero_stage)
 
 
 def setup_of(cfg, partitioning: str, cf_dim: int, seq_len: int | None = None):
     """The cora.plan.Setup of a TrainConfig (its LLM, workers, micro-batch, dtype, generator, injection rank
-    and ZeRO-3 sizes); ``seq_len``: the prompt length to plan for (default data.max_length)."""
+    and ZeRO sizes and stage); ``seq_len``: the prompt length to plan for (default data.max_length)."""
     e = cfg.engine
     return setup_for(cfg.llm.name, cfg.run.workers, e.micro_batch_size, seq_len or cfg.data.max_length,
                      cfg.llm.dtype, e.activation_checkpointing is True, partitioning, cfg.generator.__dict__, cf_dim,
                      cfg.injection.rank, e.persistence(shape_of(cfg.llm.name).hidden),
-                     e.accumulation(cfg.run.workers))
+                     e.accumulation(cfg.run.workers), 2 if e.zero_stage == "auto" else e.zero_stage)
 
 
 def hardware_of(cfg):
@@ -129,6 +130,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cf-dim", type=int, default=64, help="CF embedding size (user and item)")
     p.add_argument("--rank", type=int, default=16, help="injection rank r")
     p.add_argument("--persistence-threshold", type=int, default=0)
+    p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2,
+                   help="the ZeRO stage over the generator and P with a replicated base (engine.zero_stage; a "
+                        "partitioned base is always 3)")
     p.add_argument("--hardware", choices=["cpu", "h100"], default="cpu")
     p.add_argument("--memory-gib", type=float, help="memory of one device, shared by up to the hardware's ranks per "
                                                     "device (default: the hardware's; cpu: 22 GiB for 2 ranks)")
@@ -154,7 +158,8 @@ def run(args) -> int:
         try:
             fixed = "zero3" if args.partitioning == "auto" else args.partitioning
             s = setup_for(args.llm, w, args.micro_batch, args.seq_len, args.dtype, args.activation_checkpointing == "on",
-                          fixed, args.generator, args.cf_dim, args.rank, args.persistence_threshold)
+                          fixed, args.generator, args.cf_dim, args.rank, args.persistence_threshold,
+                          zero_stage=args.zero_stage)
             free = "auto" in (args.partitioning, args.activation_checkpointing)
             p, why = (choose(s, hw, (False, True) if args.activation_checkpointing == "auto" else None,
                              PARTITIONINGS if args.partitioning == "auto" else (fixed,))

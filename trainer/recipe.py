@@ -453,6 +453,7 @@ class Recipe:
                    "no_injection_test": s.no_injection,
                    "no_injection_ranking": s.no_injection_ranking, "resumed_from": s.resumed_from, "worker_nodes": nodes,
                    "method": self.cfg.method, "trainable_parameters": self.trainable_parameters(),
+                   "partitioning": self.cfg.engine.partitioning, "zero_stage": self.engine.zero_optimization_stage(),
                    "samples": s.samples, "train_seconds": round(s.train_seconds, 3),
                    "tokens": s.tokens, "padded_tokens": s.padded_tokens,
                    "padding_share": round(s.padded_tokens / (s.tokens + s.padded_tokens), 4) if s.tokens else None,

@@ -44,7 +44,8 @@ import statistics
 import sys
 from pathlib import Path
 
-COLUMNS = ["size", "params", "workers", "micro_batch", "global_batch", "seq_len", "longest", "partitioning", "status",
+COLUMNS = ["size", "params", "workers", "micro_batch", "global_batch", "seq_len", "longest", "partitioning",
+           "zero_stage", "status",
            "samples_per_s", "tokens_per_s", "tokens_per_s_per_worker", "mfu", "step_s", "peak_rss_mib",
            "peak_cuda_mib", "planned_step_s", "planned_peak_mib", "step_error", "memory_error", "weak_efficiency", "strong_efficiency", "choice", "run"]
 
@@ -196,6 +197,9 @@ def measured(row: dict, cfg, ranks: list[dict], hw, cf_dim: int, warmup: int, fl
     from cora.plan import plan
     from trainer.planner import setup_of
     w = row["workers"]
+    # the ZeRO stage the ranks ran (reports before it was recorded: always 3), planned as such
+    row["zero_stage"] = ranks[0].get("zero_stage", 3)
+    cfg.engine.zero_stage = row["zero_stage"] if row["partitioning"] == "replicated" else "auto"
     steps = [r["log"][warmup:] for r in ranks]
     step_s = statistics.mean(max(s["seconds"] + s["data_wait"] for s in group) for group in zip(*steps))
     padded = statistics.mean(sum(s["padded_tokens"] for s in group) for group in zip(*steps))

@@ -1,5 +1,5 @@
 """benchmarks/profile_step.py, run as a user runs it: the trainer's one-rank step timed and profiled, the modules
-ZeRO-3 hooks counted (fewer with --leaf-layers), and stdout holding the JSON alone."""
+ZeRO-3 hooks counted (fewer with --leaf-layers, none under ZeRO stage 2), and stdout holding the JSON alone."""
 
 import json
 import subprocess
@@ -22,7 +22,8 @@ def run(tokenizer, *extra: str) -> dict:     # the tokenizer fixture: its files 
 
 def test_profile_step_times_profiles_and_counts_the_hooked_modules(tokenizer):
     per_module = run(tokenizer)
-    per_layer = run(tokenizer, "--leaf-layers", "--partitioning", "replicated", "--auto-sizes")
+    per_layer = run(tokenizer, "--leaf-layers", "--partitioning", "replicated", "--zero-stage", "3", "--auto-sizes",
+                    "--variants", "frozen,cora,cora_stage2")
     assert per_layer["leaf_layers"] is True and per_layer["partitioning"] == "replicated" and per_layer["auto_sizes"]
     assert per_module["auto_sizes"] is False
     for result in (per_module, per_layer):
@@ -38,3 +39,6 @@ def test_profile_step_times_profiles_and_counts_the_hooked_modules(tokenizer):
     # a decoder layer hooked as one module: its ~15 submodules lose their hooks (tiny-llama: 2 layers)
     for name in ("frozen", "cora"):
         assert per_layer["variants"][name]["hooked_modules"] <= per_module["variants"][name]["hooked_modules"] - 20
+    # the generator and P under ZeRO stage 2 (a replicated base's default): no module hooked at all
+    stage2 = per_layer["variants"]["cora_stage2"]
+    assert stage2["hooked_modules"] == 0 and stage2["seconds"] > 0 and per_layer["variants"]["cora"]["hooked_modules"] > 0

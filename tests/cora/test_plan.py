@@ -58,8 +58,12 @@ def test_memory_by_hand():
     assert grown["frozen"] == m["frozen"] and grown["trainable"] == m["trainable"]
     ac = plan(setup(activation_checkpointing=True), ROUND).memory
     assert ac["activations"] == 800 * 4 * (2 * 64 + 896)         # layer inputs + one layer's set
-    rep = plan(setup(partitioning="replicated", dtype="bfloat16"), ROUND).memory
+    rep = plan(setup(partitioning="replicated", dtype="bfloat16", zero_stage=3), ROUND).memory
     assert rep["frozen"] == 3_219_776 * 2 and rep["gathered"] == 0 and rep["trainable"] == 7144 * 18 / 2
+    # ZeRO stage 2 (a replicated base's default): the bf16 weights whole, master, gradients and moments halved
+    two = plan(setup(partitioning="replicated", dtype="bfloat16"), ROUND).memory
+    assert two["trainable"] == 7144 * (2 + 16 / 2) and two["frozen"] == rep["frozen"]
+    assert plan(setup(partitioning="replicated", world=1), ROUND).memory["trainable"] == 7144 * 16   # all of it
     kept = plan(setup(persistence_threshold=5000), ROUND).memory  # norms (64), q/o (4096), k/v (2048) stay whole
     whole = 5 * 64 + 2 * 2 * 4096 + 2 * 2 * 2048
     assert kept["frozen"] == ((3_219_776 - whole) / 2 + whole) * 4 == 6_489_344
@@ -83,10 +87,14 @@ def test_step_time_by_hand():
     assert two["step"] == pytest.approx(2 * (t["step"] - t["optimiser"]) + t["optimiser"])
     one = plan(setup(world=1), ROUND).time
     assert one["gather"] == 0 and one["reduce"] == 0
-    rep = plan(setup(partitioning="replicated"), ROUND).time       # only the trainable part is gathered
+    rep = plan(setup(partitioning="replicated", zero_stage=3), ROUND).time   # only the trainable part is gathered
     assert rep["gather"] == pytest.approx(0.5 * 7144 * 4 / 1e8 + 20 * 1e-4)
     # and only the modules holding ZeRO-3 parameters (P's 8, the generator's 12) run ZeRO-3's hooks
     assert rep["overhead"] == pytest.approx(2 * 20 * 1e-3)
+    # ZeRO stage 2 (a replicated base's default): the same bytes in one all-gather after AdamW, no module hooked
+    two = plan(setup(partitioning="replicated"), ROUND).time
+    assert two["gather"] == pytest.approx(0.5 * 7144 * 4 / 1e8 + 1e-4) and two["overhead"] == 0
+    assert two["reduce"] == rep["reduce"] and two["optimiser"] == rep["optimiser"]
     import dataclasses
     cpu = dataclasses.replace(ROUND, busy_slowdown=1.25, element_s=1e-9, step_overhead_s=0.01, copy_bandwidth=1e9)
     busy = plan(setup(), cpu).time                # two ranks sharing a node's cores: 1.25 x the compute time
@@ -103,7 +111,8 @@ def test_step_time_by_hand():
     # a GPU's host: 5 ms per decoder layer and pass whatever the partitioning (2 layers, 2 passes; 3 recomputing)
     gpu = dataclasses.replace(ROUND, layer_overhead_s=5e-3)
     assert plan(setup(), gpu).time["overhead"] == pytest.approx(0.08 + 2 * 2 * 5e-3)
-    assert plan(setup(partitioning="replicated"), gpu).time["overhead"] == pytest.approx(0.04 + 2 * 2 * 5e-3)
+    assert plan(setup(partitioning="replicated", zero_stage=3), gpu).time["overhead"] == pytest.approx(0.04 + 2 * 2 * 5e-3)
+    assert plan(setup(partitioning="replicated"), gpu).time["overhead"] == pytest.approx(2 * 2 * 5e-3)
     assert plan(setup(activation_checkpointing=True), gpu).time["overhead"] == pytest.approx(0.12 + 3 * 2 * 5e-3)
 
 
@@ -141,8 +150,9 @@ def test_the_choice_of_partitioning_changes_with_size():
 
 def test_bad_setups_are_refused_with_every_problem():
     with pytest.raises(ValueError) as e:
-        plan(setup(world=0, dtype="int8", partitioning="fsdp"), ROUND)
+        plan(setup(world=0, dtype="int8", partitioning="fsdp", zero_stage=1), ROUND)
     assert "world must be >= 1, got 0" in str(e.value) and "dtype 'int8'" in str(e.value)
+    assert "zero_stage 1 is not 2 or 3" in str(e.value)
     assert "partitioning 'fsdp' is not one of zero3, replicated" in str(e.value)
     with pytest.raises(ValueError, match="lacks intermediate_size"):
         Shape.from_config({"model_type": "gpt2", "hidden_size": 64, "num_hidden_layers": 2,

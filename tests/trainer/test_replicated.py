@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cora.llm import LLMConfig, load_llm
-from trainer.engine import EngineConfig, build_llm, frozen_as_buffers, frozen_weights, partition_stats
+from trainer.engine import EngineConfig, build_llm, ds_config, frozen_as_buffers, frozen_weights, partition_stats
 
 
 def test_frozen_weights_become_buffers_and_the_model_computes_the_same():
@@ -32,3 +32,26 @@ def test_the_partitioning_is_validated_and_auto_never_reaches_a_worker():
     assert EngineConfig(partitioning="auto").validate() == []
     with pytest.raises(ValueError, match="'auto' is resolved by cora train"):
         build_llm(LLMConfig(name="tiny-llama"), {}, "auto")
+    with pytest.raises(ValueError, match="cora train resolves it before the workers start"):
+        EngineConfig(partitioning="auto").stage
+
+
+def test_the_zero_stage_follows_the_partitioning_and_a_conflict_is_refused():
+    """ZeRO stage 2 over the trainable part with a replicated base (no module hooks), 3 with a partitioned one;
+    stage 2 with a partitioned base cannot be: said with the fix."""
+    assert EngineConfig(partitioning="replicated").stage == 2 and EngineConfig(partitioning="zero3").stage == 3
+    assert EngineConfig(partitioning="replicated", zero_stage=3).stage == 3
+    assert EngineConfig(partitioning="zero3", zero_stage=2).validate() == [
+        "zero_stage 2 needs the frozen base whole on every rank, but partitioning is zero3: set "
+        "engine.partitioning=replicated (or auto), or engine.zero_stage=3"]
+    assert EngineConfig(zero_stage=1).validate() == ["zero_stage must be 2, 3 or auto, got 1"]
+    auto_chose_zero3 = EngineConfig(partitioning="auto", zero_stage=2)   # valid: the stage applies when replicated
+    assert auto_chose_zero3.validate() == []
+    auto_chose_zero3.partitioning = "zero3"
+    assert auto_chose_zero3.stage == 3
+    # DeepSpeed's config: stage 2 carries no ZeRO-3 gather settings; 'auto' sizes its reduce bucket only
+    two = ds_config(EngineConfig(partitioning="replicated", persistence_threshold="auto", prefetch_bucket_size="auto"),
+                    2, hidden_size=64)["zero_optimization"]
+    assert two == {"stage": 2, "contiguous_gradients": True, "overlap_comm": False, "reduce_bucket_size": 64 ** 2}
+    three = ds_config(EngineConfig(prefetch_bucket_size="auto"), 2, hidden_size=64)["zero_optimization"]
+    assert three["stage"] == 3 and three["stage3_prefetch_bucket_size"] == int(0.9 * 64 ** 2)

@@ -1,6 +1,6 @@
-"""Exact resume and fault tolerance of `cora train` (2 ZeRO-3 ranks on the CPU, local Ray): a run whose
-worker is killed mid-epoch resumes from its newest committed checkpoint (on moto's S3 server) and
-trains on exactly the samples, with exactly the losses, of an uninterrupted run."""
+"""Exact resume and fault tolerance of `cora train` (2 ranks on the CPU, local Ray; ZeRO-3, or stage 2 over a
+replicated base): a run whose worker is killed mid-epoch resumes from its newest committed checkpoint (on moto's S3
+server) and trains on exactly the samples, with exactly the losses, of an uninterrupted run."""
 
 import json
 
@@ -36,24 +36,29 @@ def args(inputs, run, *extra):
 
 
 def test_killed_then_resumed_from_s3_equals_an_uninterrupted_run(inputs, tmp_path, s3_server, capsys):
+    """With a replicated base (engine.partitioning=replicated): the frozen LLM whole on each rank, the generator
+    and P under ZeRO stage 2, each flat parameter group cut into 2 partitions (a tensor possibly across both),
+    from which the checkpoint is assembled and into which it is loaded back. The other kill tests below run
+    ZeRO-3 (the default partitioning)."""
     fs, _ = open_fs("s3://ckpts", create_buckets=True)
     fs.create_dir("ckpts")
-    budget = "run.max_steps=24"
+    budget = ("run.max_steps=24", "engine.partitioning=replicated")
     ref = tmp_path / "reference"
-    assert main(args(inputs, ref, budget)) == 0
+    assert main(args(inputs, ref, *budget)) == 0
     run, uri = tmp_path / "run", "s3://ckpts/run"
     killer = Killer(uri, after_step=8)
     capsys.readouterr()
     # max_failures=0: the killed run fails ...
-    assert main(args(inputs, run, budget, f"run.checkpoint_uri={uri}", "run.max_failures=0")) == 1
+    assert main(args(inputs, run, *budget, f"run.checkpoint_uri={uri}", "run.max_failures=0")) == 1
     err = capsys.readouterr().err
     assert "the worker group failed (run.max_failures=0" in err and f"checkpoints stay in {uri}" in err
     assert "run.resume=auto" in err
     assert killer.killed_at is not None
     interrupted = steps(run)
     assert max(interrupted) < 24                   # ... mid-epoch (an epoch has 100 steps), before its budget
-    assert main(args(inputs, run, budget, f"run.checkpoint_uri={uri}", "run.resume=auto")) == 0
+    assert main(args(inputs, run, *budget, f"run.checkpoint_uri={uri}", "run.resume=auto")) == 0
     metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["partitioning"], metrics["zero_stage"]) == ("replicated", 2)
     resumed = int(metrics["resumed_from"].split("-")[1])
     assert 8 <= resumed < 24 and metrics["steps"] == 24
     want, got = final(ref), final(run)

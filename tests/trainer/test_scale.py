@@ -55,6 +55,7 @@ def test_cora_scale_two_points_two_that_do_not_fit_and_two_that_fail(tmp_path, c
     assert rows[0]["strong_efficiency"] == ""                # the micro-batch per rank was fixed: weak scaling
     for r in rows[:2]:                 # --partitioning auto (the default): the planner's choice, with its reason
         assert r["partitioning"] == "replicated" and "zero3 would take" in r["choice"]
+        assert r["zero_stage"] == "2"          # as the ranks reported it: the generator and P under ZeRO stage 2
     for r in rows[2:]:
         assert r["partitioning"] == "zero3" and r["choice"].startswith("nothing fits")
     for r in rows[2:]:                                 # 70B in fp32 on this machine: planned, never started

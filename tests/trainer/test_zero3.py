@@ -143,18 +143,19 @@ def test_training_is_finite_falls_and_sees_each_sample_once_per_epoch(two_rank_r
         assert sorted(seen) == sorted(train_ids)
 
 
-@pytest.mark.parametrize("checkpointing,partitioning,leaf_layers", [
-    (False, "zero3", False), (True, "zero3", False), (False, "replicated", False), (False, "replicated", True),
-    (True, "zero3", True)], ids=["plain", "activation_checkpointing", "replicated_base", "replicated_leaf_layers",
-                                 "activation_checkpointing_leaf_layers"])
+@pytest.mark.parametrize("checkpointing,partitioning,leaf_layers,stage", [
+    (False, "zero3", False, 3), (True, "zero3", False, 3), (False, "replicated", False, 2),
+    (False, "replicated", True, 3), (True, "zero3", True, 3)],
+    ids=["plain", "activation_checkpointing", "replicated_base_stage2", "replicated_stage3_leaf_layers",
+         "activation_checkpointing_leaf_layers"])
 def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, checkpointing, partitioning,
-                                                                     leaf_layers):
+                                                                     leaf_layers, stage):
     """Same seed, same samples: rank 0's and rank 1's k-th batches together are the k-th batch of a
     plain single-process run (no DeepSpeed), which must give the same loss step after step; also with
     the LLM's activations recomputed in backward (the per-sample path must recompute identically), with
-    the frozen LLM replicated (whole on each rank, ZeRO-3 over the generator and P only), and with ZeRO-3
-    hooking whole decoder layers (engine.leaf_layers: a layer's P released before its backward used it
-    would show here)."""
+    the frozen LLM replicated (whole on each rank, the generator and P data-parallel under ZeRO stage 2,
+    its default, or ZeRO-3), and with ZeRO-3 hooking whole decoder layers (engine.leaf_layers: a layer's P
+    released before its backward used it would show here)."""
     import torch
     from torch import nn
 
@@ -180,14 +181,16 @@ def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, c
         "llm": {"name": "tiny-llama"}, "run": {"max_steps": steps, "seed": 3, "workers": 2},
         "generator": gen, "optim": optim, "injection": {"dropout": 0.0},
         "engine": {"activation_checkpointing": checkpointing, "partitioning": partitioning,
-                   "leaf_layers": leaf_layers}})
+                   "leaf_layers": leaf_layers, "zero_stage": "auto" if stage == 2 else stage}})
     handover = Handover(train=actors, cf_dim=FACTORS, total_steps=steps,
                         hooks=[Report(tmp_path / "report", record_batches=steps)])
     run(cfg, handover, storage_path=str(tmp_path / "runs"))
     reports = [json.loads((tmp_path / "report" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["activation_checkpointing"] is checkpointing for r in reports)
+    assert all(r["zero_stage"] == stage for r in reports)
     layers = [f"llm.model.layers.{i}" for i in range(2)] if leaf_layers else []
-    assert all(sorted(r["zero3_leaves"]) == ["generator.qformer"] + layers for r in reports)   # each hooked as one
+    leaves = ["generator.qformer"] + layers if stage == 3 else []      # stage 2 hooks no module
+    assert all(sorted(r["zero3_leaves"]) == leaves for r in reports)   # each hooked as one
     for r in reports:                     # the frozen LLM's elements this rank holds: half of it, or all of it
         part = r["llm_partition"]
         assert part["total"] == 3_219_776 and part["share"] == pytest.approx(1.0 if partitioning == "replicated"

@@ -1,6 +1,10 @@
-"""The trainable state inside a ZeRO-3 worker group: ``capture`` gathers the flat fp32 partitions of the
-generator and P (master weights and AdamW's moments) to rank 0 with the RNG states and data cursors;
-``load_into`` puts a verified checkpoint back into every rank's engine."""
+"""The trainable state inside a worker group (ZeRO stage 3, or 2 over a replicated base): ``capture`` gathers
+the flat fp32 partitions of the generator and P (master weights and AdamW's moments) to rank 0 with the RNG
+states and data cursors; ``load_into`` puts a verified checkpoint back into every rank's engine.
+
+Where a parameter's elements lie (``segments``): ZeRO-3 cuts every parameter into W equal slices, rank r's
+slice at the same offset of its flat partition; stage 2 flattens a whole parameter group and cuts the flat
+buffer into W equal partitions, so a parameter lies in one rank's partition or across two or more."""
 
 from __future__ import annotations
 
@@ -20,11 +24,44 @@ def _trainable(model) -> list:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def full_shape(p) -> tuple:
+    """A trainable parameter's whole shape (a ZeRO-3 parameter's own tensor is an empty placeholder)."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def flat_groups(zero) -> list:
+    """The flat fp32 partitions AdamW steps, one per parameter group, on this rank (DeepSpeed keeps the optimiser
+    state per partition, not per parameter): ZeRO-3's and stage 2's names for them."""
+    groups = getattr(zero, "fp32_partitioned_groups_flat", None)
+    return groups if groups is not None else zero.single_partition_of_fp32_groups
+
+
+def segments(zero, p, world: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """(parameter group, [(rank, offset in that rank's flat partition, elements), ...]): where the flattened
+    parameter ``p``'s elements lie, in order."""
+    if hasattr(p, "ds_id"):          # ZeRO-3: the same-sized slice of p on every rank, the last one padded
+        group, offset, n = zero.grad_position[zero.get_param_id(p)]
+        out, left = [], p.ds_numel
+        for r in range(world):
+            if left > 0:
+                out.append((r, offset, min(n, left)))
+            left -= n
+        return group, out
+    group = next(i for i, params in enumerate(zero.bit16_groups) if any(q is p for q in params))
+    start = (p.data_ptr() - zero.bit16_groups_flat[group].data_ptr()) // p.element_size()   # p is a view of it
+    size, out, end = zero.partition_size[group], [], start + p.numel()
+    while start < end:
+        r, offset = divmod(start, size)
+        take = min(end - start, size - offset)
+        out.append((r, offset, take))
+        start += take
+    return group, out
+
+
 def _adam_steps(engine) -> list[float]:
-    """AdamW's step count of each flat fp32 partition (DeepSpeed ZeRO-3 keeps the optimiser state per
-    partition group, not per parameter)."""
+    """AdamW's step count of each flat fp32 partition."""
     zero = engine.optimizer
-    return [float(zero.optimizer.state[g].get("step", 0)) for g in zero.fp32_partitioned_groups_flat]
+    return [float(zero.optimizer.state[g].get("step", 0)) for g in flat_groups(zero)]
 
 
 def _gather_partitions(zero, key: str | None, rank: int, world: int, spare: list | None = None) -> list | None:
@@ -37,7 +74,7 @@ def _gather_partitions(zero, key: str | None, rank: int, world: int, spare: list
     import torch
     import torch.distributed as dist
     out = []
-    for i, flat in enumerate(zero.fp32_partitioned_groups_flat):
+    for i, flat in enumerate(flat_groups(zero)):
         local = (flat if key is None else zero.optimizer.state[flat][key]).detach().contiguous()
         if rank != 0:
             dist.send(local, dst=0)
@@ -52,19 +89,10 @@ def _gather_partitions(zero, key: str | None, rank: int, world: int, spare: list
     return out if rank == 0 else None
 
 
-def _assemble(gathered: list, position: tuple[int, int, int], numel: int, shape: tuple):
-    """A full parameter from the ranks' partitions, as ``Pieces`` (written without a copy): each rank holds
-    the same-sized slice of every parameter at the same offset of its flat group (``position``: group,
-    offset, slice size; ZeRO-3 pads the last slice, cut off here)."""
+def _assemble(gathered: list, group: int, where: list[tuple[int, int, int]], shape: tuple):
+    """A full parameter from the ranks' partitions (``segments``), as ``Pieces`` (written without a copy)."""
     from .uploader import Pieces
-    group, offset, n = position
-    pieces, left = [], numel
-    for part in gathered[group]:
-        take = min(n, left)
-        if take > 0:
-            pieces.append(part[offset:offset + take])
-        left -= take
-    return Pieces(tuple(shape), pieces)
+    return Pieces(tuple(shape), [gathered[group][r][offset:offset + n] for r, offset, n in where])
 
 
 def capture(engine, model, loop_state: dict, cursor: dict | None,
@@ -86,7 +114,7 @@ def capture(engine, model, loop_state: dict, cursor: dict | None,
     dist.all_gather_object(ranks, mine)     # in memory between our own ranks; never read from storage
     if rank != 0:
         return None
-    layout = [(n, zero.grad_position[zero.get_param_id(p)], p.ds_numel, tuple(p.ds_shape)) for n, p in _trainable(model)]
+    layout = [(n, *segments(zero, p, world), full_shape(p)) for n, p in _trainable(model)]
     extra = {STATE + n: t.detach().cpu().clone().contiguous()       # e.g. Laser's item table: the same on every rank
              for n, t in model.method.state(model).items()}
     rng = {f"rank{r}": torch.tensor(m["rng"], dtype=torch.uint8) for r, m in enumerate(ranks)}
@@ -126,33 +154,44 @@ def restore_schedule(sched, optimizer, saved: dict, rank: int) -> None:
 
 
 def load_into(engine, model, files: dict[str, bytes], rank: int) -> dict:
-    """Put a verified checkpoint's state into the engine (every rank); returns its state.json."""
+    """Put a verified checkpoint's state into the engine (every rank); returns its state.json. Each rank writes
+    its own partitions' elements (``segments``) of the master weights and AdamW's moments, whatever world
+    size saved them, and the model's weights: ZeRO-3's partitions through a gather, stage 2's whole copy."""
     import deepspeed
     import torch
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     trainable, opt, rng, state = parse(files)
     extra = {n[len(STATE):]: trainable.pop(n) for n in list(trainable) if n.startswith(STATE)}
     params = _trainable(model)
-    want = {n: tuple(p.ds_shape) for n, p in params}
+    want = {n: full_shape(p) for n, p in params}
     have = {n: tuple(t.shape) for n, t in trainable.items()}
     if want != have:
         diff = sorted(set(want.items()) ^ set(have.items()))[:4]
         raise CheckpointError(f"the checkpoint holds other trainable tensors than this model (e.g. {diff}): "
                               f"it was saved with a different generator, injection or LLM config")
-    zero = engine.optimizer
+    zero, world = engine.optimizer, engine.world_size
+    groups = flat_groups(zero)
     fused = zero.optimizer.defaults.get("fused")   # its step counter on the parameters' device; the loop's on the host
-    for g in zero.fp32_partitioned_groups_flat:   # AdamW creates its state at the first step: create it now
+    for g in groups:                               # AdamW creates its state at the first step: create it now
         if not zero.optimizer.state[g]:
             zero.optimizer.state[g] = {"step": torch.tensor(0.0, device=g.device if fused else "cpu"),
                                        "exp_avg": torch.zeros_like(g), "exp_avg_sq": torch.zeros_like(g)}
-    for n, p in params:
-        safe_set_full_fp32_param(p, trainable[n])
-        for k in OPT_KEYS:
-            safe_set_full_optimizer_state(p, opt[f"{n}::{k}"], k)
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            if rank == 0:
-                p.data.copy_(trainable[n])
-    for g, s in zip(zero.fp32_partitioned_groups_flat, state["adam_steps"]):
+    link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:     # stage 2 links each parameter to its slice of that state after its first step: now
+        link()               # (DeepSpeed's safe_get_full_optimizer_state reads it through the link)
+    with torch.no_grad():
+        for n, p in params:
+            group, where = segments(zero, p, world)
+            for key, value in ((None, trainable[n]), *((k, opt[f"{n}::{k}"]) for k in OPT_KEYS)):
+                local = groups[group] if key is None else zero.optimizer.state[groups[group]][key]
+                flat, done = value.reshape(-1), 0
+                for r, offset, k in where:
+                    if r == rank:
+                        local[offset:offset + k].copy_(flat[done:done + k])
+                    done += k
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):   # a no-op on a stage-2 parameter
+                if rank == 0 or not hasattr(p, "ds_id"):
+                    p.data.copy_(trainable[n])
+    for g, s in zip(groups, state["adam_steps"]):
         st = zero.optimizer.state[g]["step"]
         zero.optimizer.state[g]["step"] = (torch.tensor(s, dtype=st.dtype, device=st.device) if torch.is_tensor(st)
                                            else s)
