@@ -58,20 +58,22 @@ EOF
 } >"$out/env.txt" 2>>"$log"
 
 # the trainer's step (trainer.engine + trainer.worker.train_step) on CUDA: ZeRO-3 on NCCL, bf16, 1 rank; the
-# frozen LLM partitioned by ZeRO-3 or replicated (engine.partitioning)
+# frozen LLM partitioned by ZeRO-3 or replicated (engine.partitioning); a replicated base trains the generator and
+# P under ZeRO stage 2 (engine.zero_stage), with CoRA under ZeRO-3 timed beside it (cora_stage3)
 step zero3 200 --zero3 1 --zero3-only --reps 7 --warmup 2
 step replicated 200 --zero3 1 --zero3-only --reps 7 --warmup 2 --partitioning replicated
 step zero3-1b 200 --zero3 1 --zero3-only --reps 5 --warmup 2 --shape llama-3.2-1b-shape
 step replicated-1b 200 --zero3 1 --zero3-only --reps 5 --warmup 2 --shape llama-3.2-1b-shape --partitioning replicated
-step replicated-leaf 200 --zero3 1 --zero3-only --reps 7 --warmup 2 --partitioning replicated --leaf-layers
+step replicated-leaf 200 --zero3 1 --zero3-only --reps 7 --warmup 2 --partitioning replicated --zero-stage 3 --leaf-layers
 step replicated-1b-leaf 200 --zero3 1 --zero3-only --reps 5 --warmup 2 --shape llama-3.2-1b-shape \
-    --partitioning replicated --leaf-layers
+    --partitioning replicated --zero-stage 3 --leaf-layers
 # where the trainer's step goes on the GPU (benchmarks/profile_step.py: torch.profiler, kernel launches, host
 # waits, hooked modules), the 135M shape, replicated, per module and per layer
 profile() { measure profile_step.py "$@"; }                                    # profile NAME SECONDS ARGS...
 profile profile-replicated 150 --partitioning replicated
-profile profile-replicated-leaf 150 --partitioning replicated --leaf-layers
+profile profile-replicated-leaf 150 --partitioning replicated --zero-stage 3 --leaf-layers  # leaf layers: ZeRO-3 only
 profile profile-replicated-auto 150 --partitioning replicated --auto-sizes      # cora train's GPU settings
+profile profile-replicated-stages 150 --partitioning replicated --variants frozen,cora,cora_stage3   # stage 2 vs 3
 # one process, the configuration (batch 8, 128 tokens) and a larger one
 step smollm2-135m 90 --reps 15 --warmup 3
 step smollm2-135m-dropout0 90 --reps 15 --warmup 3 --dropout 0 --skip naive

@@ -75,7 +75,7 @@ class EngineConfig:
     leaf_layers: bool = False
     """ZeRO-3 hooks each decoder layer of the LLM as one module (``trainer.engine.leaf_modules``): one gather of
     the layer's parameters before its forward and one reduce after its backward, instead of hooks on each of its
-    ~15 submodules. The inputs then carry a gradient (the embeddings' output, as CoLLM's and Laser's already do),
+    ~15 submodules (ZeRO-3 only: stage 2, ``zero_stage``, hooks no module). The inputs then carry a gradient (the embeddings' output, as CoLLM's and Laser's already do),
     which a leaf's backward hook needs to fire after its parameters' gradients. Measured on this CPU, 1 rank,
     replicated base (``benchmarks/injection.py --zero3 1 --zero3-only --partitioning replicated --leaf-layers``):
     README "Engine hooks". With ``partitioning: zero3`` a whole layer's frozen weights are gathered at once."""

@@ -114,7 +114,7 @@ def _main(args, out) -> int:
             name = f"{size}-w{w}" + (f"-{part}" if len(partitionings) > 1 else "")
             over = [*args.overrides, f"llm.name={size}", f"run.workers={w}", f"run.max_steps={args.steps}",
                     f"run.run_dir={report.absolute() / 'runs' / name}", "run.overwrite=true",
-                    "run.eval_baseline=false"]
+                    "run.eval_baseline=false", f"engine.partitioning={part}"]   # validated with the point's own
             try:
                 cfg = load(TrainConfig, args.config, over)
             except ConfigError as e:
@@ -165,7 +165,7 @@ def point(cfg, size: str, w: int, partitioning: str, args, report: Path, name: s
     else:
         before = plan(setup_of(cfg, partitioning, cf_dim), hw)
     e.partitioning = row["partitioning"]
-    row["params"] = before.setup.shape.params
+    row.update(params=before.setup.shape.params, zero_stage=e.stage)
     if not before.fits:
         row.update(status=f"does not fit: planned {before.memory['peak'] / 2**30:.1f} GiB per rank, "
                           f"{before.budget / 2**30:.1f} GiB available", planned_peak_mib=round(before.memory["peak"] / 2**20))
@@ -322,7 +322,8 @@ def write_report(rows: list[dict], report: Path, args) -> None:
     skipped = [r for r in rows if r["status"] != "measured"]
     lines += [f"- {r['size']} x {r['workers']}: {r['status']}." for r in skipped]
     (report / "scaling.md").write_text("\n".join(lines) + "\n")
-    plots(measured, report)
+    if measured:                  # nothing measured (every point failed or did not fit): nothing to plot
+        plots(measured, report)
 
 
 def plots(rows: list[dict], report: Path) -> None:

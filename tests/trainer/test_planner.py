@@ -161,3 +161,30 @@ def test_cora_scale_plans_a_cuda_point_on_the_gpu_profile_and_takes_its_peak_for
     assert mfu_flops(default, H100) == 989e12 and mfu_flops(default, CPU) == CPU.flops
     assert hardware(Namespace(hardware="cpu", peak_tflops=None), gpu) is CPU          # --hardware wins
     assert mfu_flops(Namespace(hardware=None, peak_tflops=500.0), H100) == 500e12
+
+
+def test_cora_scale_validates_each_point_with_its_own_partitioning(tmp_path, capsys):
+    """engine.zero_stage=2 is valid for a replicated point even though the config's own partitioning is zero3
+    (it used to be refused before any point ran); a point too large for the machine is planned, never started,
+    and its row carries the stage it would have run."""
+    import csv
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from cora.cf.store import embedding_table
+    from trainer.cli import main
+    cf = tmp_path / "cf"
+    cf.mkdir()
+    pq.write_table(embedding_table("user", np.zeros((3, 16))), cf / "user_embeddings.parquet")
+    (cf / "cf.json").write_text('{"config": {"model": "mf"}}')
+    args = ["scale", "--config", "configs/demo.yaml", "--sizes", "llama-3-70b-shape", "--workers", "1",
+            "--out", str(tmp_path / "report"), f"data.cf_dir={cf}", "engine.zero_stage=2"]
+    assert main([*args, "--partitioning", "replicated"]) == 0
+    row = next(csv.DictReader(open(tmp_path / "report" / "scaling.csv")))
+    assert (row["partitioning"], row["zero_stage"]) == ("replicated", "2") and row["status"].startswith("does not fit")
+    report = tmp_path / "report"          # nothing measured: the table and its reading, no empty plots (it crashed)
+    assert "does not fit" in (report / "scaling.md").read_text() and not list(report.glob("*.png"))
+    capsys.readouterr()
+    assert main([*args, "--partitioning", "zero3", "--out", str(tmp_path / "other")]) == 2   # a real conflict
+    assert "zero_stage 2 needs the frozen base whole on every rank" in capsys.readouterr().err
