@@ -75,8 +75,9 @@ class EngineConfig:
     leaf_layers: bool = False
     """ZeRO-3 hooks each decoder layer of the LLM as one module (``trainer.engine.leaf_modules``): one gather of
     the layer's parameters before its forward and one reduce after its backward, instead of hooks on each of its
-    ~15 submodules (ZeRO-3 only: stage 2, ``zero_stage``, hooks no module). The inputs then carry a gradient (the embeddings' output, as CoLLM's and Laser's already do),
-    which a leaf's backward hook needs to fire after its parameters' gradients. Measured on this CPU, 1 rank,
+    ~15 submodules (ZeRO-3 only: stage 2, ``zero_stage``, hooks no module). The inputs then carry a gradient
+    (the embeddings' output, as CoLLM's and Laser's already do), which a leaf's backward hook needs to fire after
+    its parameters' gradients. Measured on this CPU, 1 rank,
     replicated base (``benchmarks/injection.py --zero3 1 --zero3-only --partitioning replicated --leaf-layers``):
     README "Engine hooks". With ``partitioning: zero3`` a whole layer's frozen weights are gathered at once."""
     partitioning: Literal["zero3", "replicated", "auto"] = "zero3"
@@ -124,6 +125,11 @@ class EngineConfig:
                              "(trainer.planner.resolve_auto)")
         if self.partitioning == "zero3":          # also where 'auto' chose it: ZeRO-3 must gather the base
             return 3
+        return self.replicated_stage
+
+    @property
+    def replicated_stage(self) -> int:
+        """The stage a replicated base would run (``zero_stage``, 'auto' resolved: 2)."""
         return 2 if self.zero_stage == "auto" else self.zero_stage
 
     def persistence(self, hidden_size: int | None) -> int:

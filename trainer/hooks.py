@@ -48,8 +48,7 @@ class Report(Hooks):
                "zero3_leaves": [n for n, m in model.named_modules() if z3_leaf_module(m)],
                "resumed_from": recipe.state.resumed_from, "memory": peak_memory(),
                "setup_memory": self.setup_memory,
-               "trainable_bytes": sum(getattr(p, "ds_numel", p.numel()) * 4 for p in model.parameters()   # fp32
-                                      if p.requires_grad),
+               "trainable_bytes": recipe.trainable_parameters() * 4,   # fp32, whole sizes
                "zero_stage": recipe.engine.zero_optimization_stage(),
                "checkpoints": {"commits": [vars(c) for c in recipe.commits],
                                "save_seconds": ckpt.save_seconds if ckpt is not None else []}}

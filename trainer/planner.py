@@ -73,7 +73,7 @@ def setup_of(cfg, partitioning: str, cf_dim: int, seq_len: int | None = None):
     return setup_for(cfg.llm.name, cfg.run.workers, e.micro_batch_size, seq_len or cfg.data.max_length,
                      cfg.llm.dtype, e.activation_checkpointing is True, partitioning, cfg.generator.__dict__, cf_dim,
                      cfg.injection.rank, e.persistence(shape_of(cfg.llm.name).hidden),
-                     e.accumulation(cfg.run.workers), 2 if e.zero_stage == "auto" else e.zero_stage)
+                     e.accumulation(cfg.run.workers), e.replicated_stage)
 
 
 def hardware_of(cfg):
