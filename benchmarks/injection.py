@@ -223,12 +223,23 @@ ZERO3_VARIANTS = ("frozen", "lora", "cora", "cora_per_module", "cora_stage3", "c
 """Every variant the training path can build (``training_engines``); ``zero3_variants`` picks a run's four."""
 
 
+def stage_setting(args) -> dict:
+    """``--zero-stage`` as engine settings: {} for auto, else {"zero_stage": 2 or 3}."""
+    return {} if args.zero_stage == "auto" else {"zero_stage": int(args.zero_stage)}
+
+
+def zero_stage(args) -> int:
+    """The ZeRO stage the training path's variants run, as the trainer resolves it (``EngineConfig.stage``)."""
+    from trainer.engine import EngineConfig
+    return EngineConfig(partitioning=args.partitioning, **stage_setting(args)).stage
+
+
 def zero3_variants(args) -> tuple[str, ...]:
     """frozen, lora, cora and the CoRA that cora is compared with: with a partitioned base, the Q-Former hooked
     per module; with a replicated one, the trainable part under the other ZeRO stage (``--zero-stage``)."""
     if args.partitioning == "zero3":
         return ZERO3_VARIANTS[:4]
-    return ZERO3_VARIANTS[:3] + (("cora_stage2",) if args.zero_stage == "3" else ("cora_stage3",))
+    return ZERO3_VARIANTS[:3] + (("cora_stage2",) if zero_stage(args) == 3 else ("cora_stage3",))
 
 
 def zero3_rank(rank: int, world: int, args, port: int, out: str) -> None:
@@ -281,10 +292,9 @@ def training_engines(args, world: int, names) -> tuple[dict, dict]:
     from trainer import engine as eng
     from trainer.config import TrainConfig
     sizes = {"persistence_threshold": "auto", "prefetch_bucket_size": "auto"} if args.auto_sizes else {}
-    stage = {"zero_stage": int(args.zero_stage)} if args.zero_stage != "auto" else {}
     cfg = from_dict(TrainConfig, {"llm": {"name": args.shape, "dtype": args.dtype},
                                   "engine": {"micro_batch_size": args.batch, "bf16": args.dtype == "bfloat16",
-                                             "partitioning": args.partitioning, **stage, **sizes},
+                                             "partitioning": args.partitioning, **stage_setting(args), **sizes},
                                   "run": {"workers": world, "device": args.device}})
     hidden = shape_of(args.shape).hidden
     ds = eng.ds_config(cfg.engine, world, hidden)
@@ -326,7 +336,7 @@ def zero3(args) -> dict:
             mp.spawn(zero3_rank, args=(world, args, port, out), nprocs=world)
             slowest = json.loads(Path(out).read_text())
         entry = {"ranks": world, "threads_per_rank": max(1, args.threads // world), "partitioning": args.partitioning,
-                 "zero_stage": 3 if args.partitioning == "zero3" else (2 if args.zero_stage == "auto" else int(args.zero_stage)),
+                 "zero_stage": zero_stage(args),
                  "leaf_layers": args.leaf_layers, "auto_sizes": args.auto_sizes,
                  "page_faults": {k: int(statistics.median(t[2] for t in v)) for k, v in slowest.items()}}
         for j, suffix in ((0, ""), (1, "_step")):

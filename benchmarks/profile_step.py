@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from injection import ZERO3_VARIANTS, training_engines  # noqa: E402
+from injection import ZERO3_VARIANTS, training_engines, zero_stage  # noqa: E402
 
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "Memcpy DtoH")
 
@@ -106,7 +106,7 @@ def main() -> None:
     eng.init_distributed(args.device)
     engines, raw = training_engines(args, 1, names)
     result = {"shape": args.shape, "batch": args.batch, "seq": args.seq, "device": args.device, "dtype": args.dtype,
-              "partitioning": args.partitioning, "zero_stage": args.zero_stage, "leaf_layers": args.leaf_layers,
+              "partitioning": args.partitioning, "zero_stage": zero_stage(args), "leaf_layers": args.leaf_layers,
               "auto_sizes": args.auto_sizes,
               "variants": {}}
     for name in names:

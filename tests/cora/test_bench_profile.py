@@ -26,6 +26,7 @@ def test_profile_step_times_profiles_and_counts_the_hooked_modules(tokenizer):
                     "--variants", "frozen,cora,cora_stage2")
     assert per_layer["leaf_layers"] is True and per_layer["partitioning"] == "replicated" and per_layer["auto_sizes"]
     assert per_module["auto_sizes"] is False
+    assert per_module["zero_stage"] == per_layer["zero_stage"] == 3        # resolved as the trainer does
     for result in (per_module, per_layer):
         for name in ("frozen", "cora"):
             v = result["variants"][name]
