@@ -13,20 +13,25 @@
         --flops 104.9e9 [--json]
 
 fits the constants only a training step shows, from a ``cora scale`` report run with ``--workers 1,2
---partitioning zero3,replicated``: the large size's four points and the small size's two replicated ones
-(every other point of the report is left to validate them). F, the latency and t_p are calibrate's
-own figures (given); S is a point's measured step, the planner's terms are taken at its measured prompt
-lengths (the mean for the time, the longest for the memory):
+--partitioning zero3,replicated``: the large size's four points, the small size's two replicated ones and
+its 1-worker zero3 one (every other point of the report is left to validate them). F, the latency and t_p
+are calibrate's own figures (given); S is a point's measured step, the planner's terms are taken at its
+measured prompt lengths (the mean for the time, the longest for the memory) and at the ZeRO stage it ran
+(the report's zero_stage: a replicated base's generator and P under stage 2 hook no module):
 
   element_s, step_overhead_s   t_e and t_0 from the two 1-worker replicated points (small, large):
                      S - flops / F - AdamW = activation elements x t_e + t_0, two equations
-  copy_bandwidth     the large size's frozen bytes / (S_zero3 - S_replicated) at W = 1 (the same batches:
-                     only ZeRO-3's handling of the frozen weights differs)
-  busy_slowdown      (S - the trainable part's gathers, reduce and AdamW - t_0) / (flops / F + elements x
-                     t_e), at W = 2, replicated: the two ranks share the 2 cores
+  copy_bandwidth, module_overhead_s   from the two sizes' 1-worker zero3 points against their replicated
+                     ones (the same batches: only ZeRO-3 differs): S_zero3 - S_replicated = frozen bytes /
+                     copy bandwidth + 2 x (hooked modules, zero3 - replicated) x t_mod, two equations (the
+                     frozen bytes set the large size's difference, the hooks the small one's)
+  busy_slowdown, sync_overhead_s   from the two sizes' 2-worker replicated points: S = k_busy x (flops / F +
+                     elements x t_e) + the trainable part's gathers, reduce and AdamW + t_0 + t_sync, two
+                     equations (the two ranks share the 2 cores; the step's fixed collectives wait on each other)
   bandwidth          the frozen base's gathered bytes / (S_zero3 - everything else planned), at W = 2
   runtime_bytes      R = the W = 1 replicated rank's resident set after set-up - its frozen and trainable bytes
   activation_factor  (peak - resident set after set-up) / planned activations, W = 1 replicated
+  stage3_activation_factor   the same at W = 1, zero3 (ZeRO-3's module hooks)
   comm_bytes         C = the small size's W = 2 replicated ranks' peak - everything else planned
   gathered_factor    (the W = 2 zero3 ranks' peak - everything else planned) / the gathered weights' bytes
 """
@@ -110,12 +115,13 @@ def fit(report: str, size: str, small: str, flops: float, latency: float) -> dic
     import csv
     import dataclasses
 
-    from cora.plan import CPU, DTYPE_BYTES, activation_elements, gathers, memory, plan
+    from cora.plan import CPU, DTYPE_BYTES, activation_elements, gathers, hooked_modules, memory, plan
     from trainer.planner import setup_for
     from trainer.train import _cf_info
     rows = {(r["size"], int(r["workers"]), r["partitioning"]): r
             for r in csv.DictReader(open(Path(report, "scaling.csv"))) if r["status"] == "measured"}
-    need = [(size, w, p) for w in (1, 2) for p in ("zero3", "replicated")] + [(small, w, "replicated") for w in (1, 2)]
+    need = ([(size, w, p) for w in (1, 2) for p in ("zero3", "replicated")] + [(small, w, "replicated") for w in (1, 2)]
+            + [(small, 1, "zero3")])
     if [k for k in need if k not in rows]:
         raise SystemExit(f"--fit: {report} lacks the measured points {[k for k in need if k not in rows]}: run cora "
                          f"scale with --sizes {small},{size} --workers 1,2 --partitioning zero3,replicated")
@@ -133,7 +139,8 @@ def fit(report: str, size: str, small: str, flops: float, latency: float) -> dic
                else int(r["seq_len"]))
         return setup_for(key[0], key[1], int(r["micro_batch"]), seq, cfg["llm"]["dtype"], e["activation_checkpointing"],
                          key[2], gen, cf_dim, cfg["injection"]["rank"],
-                         0 if e["persistence_threshold"] == "auto" else e["persistence_threshold"])
+                         0 if e["persistence_threshold"] == "auto" else e["persistence_threshold"],
+                         zero_stage=int(r.get("zero_stage") or 3))     # reports before the column: stage 3
 
     def step(key):
         return float(rows[key]["step_s"])
@@ -142,32 +149,52 @@ def fit(report: str, size: str, small: str, flops: float, latency: float) -> dic
                           for k, t in t_r.items()]
     element_s = (sl - st) / (tl - tt)
     step_overhead = st - tt * element_s
+    # S_zero3 - S_replicated = frozen bytes x c + 2 x hooked modules x t_mod at both sizes (c = 1 / copy bandwidth)
+    (bs, hs, ds), (bl, hl, dl) = [
+        (gathers(setup(z))["elements"] * DTYPE_BYTES[setup(z).dtype],
+         2 * (hooked_modules(setup(z)) - hooked_modules(setup(r))), step(z) - step(r))
+        for z, r in (((k, 1, "zero3"), (k, 1, "replicated")) for k in (small, size))]
+    det = bs * hl - bl * hs
+    c, t_mod = (ds * hl - dl * hs) / det, (bs * dl - bl * ds) / det
+    if c <= 0 or t_mod < 0:                   # noise beyond the small size's difference: the large one alone
+        c, t_mod = dl / bl, 0.0
+    copy_bandwidth = 1 / c
     one = dataclasses.replace(CPU, flops=flops, latency=latency, element_s=element_s, step_overhead_s=step_overhead,
-                              module_overhead_s=0.0, copy_bandwidth=None, busy_slowdown=1.0, bandwidth=1e30)
-    z1 = setup((size, 1, "zero3"))
-    copy_bandwidth = gathers(z1)["elements"] * DTYPE_BYTES[z1.dtype] / (step((size, 1, "zero3")) - step((size, 1, "replicated")))
-    r2 = plan(setup((size, 2, "replicated")), dataclasses.replace(one, bandwidth=CPU.bandwidth)).time
-    busy = (step((size, 2, "replicated")) - (r2["step"] - r2["compute"] - r2["elementwise"])) / (r2["compute"] + r2["elementwise"])
-    two = dataclasses.replace(one, bandwidth=CPU.bandwidth, busy_slowdown=busy)
+                              module_overhead_s=t_mod, copy_bandwidth=None, busy_slowdown=1.0, sync_overhead_s=0.0,
+                              bandwidth=1e30)
+    # S = k_busy x (compute + element-wise) + the rest planned + t_sync, at both sizes
+    (cs, rs, ss), (cl, rl, sl2) = [
+        (t["compute"] + t["elementwise"], t["step"] - t["compute"] - t["elementwise"], step(k))
+        for k, t in ((k, plan(setup(k), dataclasses.replace(one, bandwidth=CPU.bandwidth)).time)
+                     for k in ((small, 2, "replicated"), (size, 2, "replicated")))]
+    busy = ((sl2 - rl) - (ss - rs)) / (cl - cs)
+    sync = (ss - rs) - busy * cs
+    two = dataclasses.replace(one, bandwidth=CPU.bandwidth, busy_slowdown=busy, sync_overhead_s=sync)
     z2 = setup((size, 2, "zero3"))
     frozen = (z2.world - 1) / z2.world * gathers(z2)["elements"] * DTYPE_BYTES[z2.dtype]
     bandwidth = frozen / (step((size, 2, "zero3")) - (plan(z2, two).time["step"] - frozen / CPU.bandwidth))
 
-    unit = dataclasses.replace(CPU, activation_factor=1.0, gathered_factor=1.0, runtime_bytes=0.0, comm_bytes=0.0)
+    unit = dataclasses.replace(CPU, activation_factor=1.0, gathered_factor=1.0, runtime_bytes=0.0, comm_bytes=0.0,
+                               stage3_activation_factor=None)
     r1 = ranks((size, 1, "replicated"))[0]
     m1 = memory(setup((size, 1, "replicated"), longest=True), unit)
     runtime = r1["setup_memory"]["rss_mib"] * 2**20 - m1["frozen"] - m1["trainable"]
     a_act = (r1["memory"]["peak_rss_mib"] - r1["setup_memory"]["rss_mib"]) * 2**20 / m1["activations"]
+    z1 = ranks((size, 1, "zero3"))[0]
+    a_act3 = ((z1["memory"]["peak_rss_mib"] - z1["setup_memory"]["rss_mib"]) * 2**20
+              / memory(setup((size, 1, "zero3"), longest=True), unit)["activations"])
 
     def peak(key):
         return max(x["memory"]["peak_rss_mib"] for x in ranks(key)) * 2**20
     m2 = memory(setup((small, 2, "replicated"), longest=True), unit)
     comm = peak((small, 2, "replicated")) - (runtime + m2["frozen"] + m2["trainable"] + a_act * m2["activations"])
     m3 = memory(setup((size, 2, "zero3"), longest=True), unit)
-    a_gat = (peak((size, 2, "zero3")) - (runtime + comm + m3["frozen"] + m3["trainable"] + a_act * m3["activations"])) / m3["gathered"]
+    a_gat = (peak((size, 2, "zero3")) - (runtime + comm + m3["frozen"] + m3["trainable"] + a_act3 * m3["activations"])) / m3["gathered"]
     return {"flops": flops, "latency": latency, "element_s": element_s, "step_overhead_s": step_overhead,
-            "module_overhead_s": 0.0, "copy_bandwidth": copy_bandwidth, "busy_slowdown": busy, "bandwidth": bandwidth,
-            "runtime_bytes": runtime, "activation_factor": a_act, "comm_bytes": comm, "gathered_factor": a_gat}
+            "module_overhead_s": t_mod, "copy_bandwidth": copy_bandwidth, "busy_slowdown": busy,
+            "sync_overhead_s": sync, "bandwidth": bandwidth,
+            "runtime_bytes": runtime, "activation_factor": a_act, "stage3_activation_factor": a_act3,
+            "comm_bytes": comm, "gathered_factor": a_gat}
 
 
 def main() -> None:

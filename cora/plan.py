@@ -23,8 +23,10 @@ Memory per rank (bytes), ``plan(...).memory``
                  CPU: DeepSpeed's shared-memory collectives map every rank's 66 MiB workspace, and gloo)
     frozen       zero3: N x b / W (every parameter partitioned: persistence threshold 0; with a threshold
                  p, the parameters with fewer than p elements are whole on every rank);
+                 hpz: that + N x b / n, n the ranks of a node (``Setup.node_ranks``): DeepSpeed's hpZ (ZeRO++)
+                 keeps a secondary partition of every partitioned weight over the node's ranks;
                  replicated: N x b (the trainer holds it as buffers, which DeepSpeed leaves whole)
-    gathered     zero3 with W > 1 only (one rank's "partition" is the weight itself: nothing is copied):
+    gathered     zero3 and hpz with W > 1 only (one rank's "partition" is the weight itself: nothing is copied):
                  max(V x h, K) x b, the full tensors of gathered modules alive at once. DeepSpeed releases a
                  module after its forward unless it is used again within stage3_max_reuse_distance elements
                  (``Setup.reuse_distance``, default 1e9) of its trace; a decoder module is used again at its
@@ -44,8 +46,9 @@ Memory per rank (bytes), ``plan(...).memory``
                  = 3h + 5 d_q + 3I, times B x T x L x b. With activation checkpointing: the layer
                  inputs, B x T x L x h x b, plus one layer's full set (recomputed in backward).
     peak = runtime + comm + frozen + a x gathered + trainable + a x activations, a the allocator's peak over
-           the live size of what a step allocates (``Hardware.allocator_factor``: 1 on a GPU, fitted on the
-           CPU, where the peak resident set keeps freed blocks). T is the longest padded prompt of a step
+           the live size of what a step allocates (``Hardware.activation_factor``, ``gathered_factor``: fitted,
+           on the CPU the peak resident set keeps freed blocks; under ZeRO-3, whose module hooks wrap every
+           module's inputs and outputs, the activations' a is ``stage3_activation_factor``). T is the longest padded prompt of a step
            for the memory (data.max_length before a run), the mean one for the time.
 
 Step time per rank (seconds), ``plan(...).time``
@@ -75,14 +78,21 @@ Step time per rank (seconds), ``plan(...).time``
                  modules, the final norm) and again at its backward when it was released (``gathers``: none
                  under ~0.5B); the trainable part is held from forward to backward, gathered once. A
                  replicated base gathers only the trainable part (E = 0, calls = 0); under stage 2 that is
-                 one all-gather of the updated weights after the optimiser step, 1 call instead of 4 L + M_gen
-    reduce       (W - 1)/W x 4 G / BW (the trainable gradients' reduce-scatter)
+                 one all-gather of the updated weights after the optimiser step, 1 call instead of 4 L + M_gen.
+                 BW is ``Hardware.inter_node_bandwidth`` when the W ranks span nodes (W > n), else
+                 ``bandwidth``. hpz gathers the frozen base within a node, (n - 1)/n x E b / ``bandwidth``:
+                 a frozen weight's secondary partition, made at its first gather, is never invalidated (only
+                 the trainable ones are, after each optimiser step), so from the second step on every gather
+                 of the base reads it (the first step's gathers span all ranks; not planned)
+    reduce       (W - 1)/W x 4 G / BW (the trainable gradients' reduce-scatter, over all ranks)
     optimiser    G / W x t_p (AdamW per parameter, memory-bound; ``Hardware.optim_s_per_param``)
-    overhead     passes x (M x t_mod + L x t_L) + t_0: host time per module holding ZeRO-3 parameters and per
+    overhead     passes x (M x t_mod + L x t_L) + t_0 [+ t_sync when W > 1]: host time per module holding ZeRO-3
+                 parameters and per
                  pass (ZeRO-3's pre/post module hooks), per decoder layer and pass whatever the partitioning
                  (its operators' launches and the hooks on its modules: ``Hardware.layer_overhead_s``, the
                  term that sets a GPU's step at small batches), and per micro-batch whatever the model
-                 (``Hardware.step_overhead_s``)
+                 (``Hardware.step_overhead_s``), and, with several ranks, per micro-batch for the step's fixed
+                 collectives (``Hardware.sync_overhead_s``)
     step = k x (compute + elementwise + gather + reduce + overhead) + optimiser, k micro-batches per
            optimiser step (``Setup.accumulation``)
 """
@@ -198,6 +208,10 @@ class Hardware:
     """t_0: host seconds per micro-batch step whatever the model (the loop, the batch, the generator's Python)."""
     peak_flops: float | None = None
     """The datasheet peak FLOP/s of one rank's device (MFU's denominator in ``cora scale``); None: none (a CPU)."""
+    sync_overhead_s: float = 0.0
+    """t_sync: host seconds per micro-batch step when W > 1, whatever the model: the step's fixed collectives
+    (the gradients' reduce-scatter calls, the gradient norm's and the loss's all-reduce), each waiting for the
+    slowest rank; on a CPU node the ranks also share its cores with the data actors."""
     layer_overhead_s: float = 0.0
     """t_L: host seconds per decoder layer per pass whatever the partitioning (its operators' kernel launches,
     ZeRO-3's hooks on its modules); 0 where a fit folds it into the other terms (this CPU, whose step is its
@@ -217,25 +231,34 @@ class Hardware:
     """Ranks that share memory_bytes at most (a CPU node: one rank per core); 1: a device per rank."""
     gathered_factor: float = 1.0
     """a_gat: the same for the weights ZeRO-3 gathers (their all-gather buffers and copies, then the heap's)."""
+    stage3_activation_factor: float | None = None
+    """a_act under ZeRO-3 (the trainable part at stage 3: a partitioned base, or ``zero_stage`` 3): its module
+    hooks wrap every module's inputs and outputs, and the peak resident set of a CPU step grows with them;
+    None: ``activation_factor``."""
+    inter_node_bandwidth: float | None = None
+    """BW between nodes: bytes/s one rank receives in a collective whose ranks span several nodes (the
+    slowest link sets it); None: ``bandwidth`` (one node, or not known)."""
 
 
-# This project's 2-core CPU machine, idle (02 Dec 2026, 22:00-23:30 UTC). F and the latency by ``python
-# benchmarks/calibrate.py --json`` (104.9 GFLOP/s, 0.28 ms; its t_p was 1.8 ns idle, 10.4 ns on a loaded machine:
-# 10.4 kept, AdamW is a small term); every other constant fitted by ``python benchmarks/calibrate.py --fit REPORT
-# --size smollm2-360m-shape --small tiny-llama --flops 104.9e9 --latency 0.2756e-3`` on the report of ``cora scale
-# --config configs/demo.yaml --sizes tiny-llama,smollm2-135m-shape,smollm2-360m-shape --workers 1,2 --partitioning
-# zero3,replicated --steps 14 --warmup 4 data.max_length=192``: from the 360M shape's four points and tiny-llama's
-# two replicated ones. The 135M shape's four points and tiny-llama's zero3 ones validate them (the README's
-# table). The element-wise rate, the allocator's high-water factors and the two ranks' contention for the 2
-# cores are properties of this machine (the same command a session earlier gave t_e 2.6 ns, not 6.2: its
-# speed drifts by tens of percent between runs): fit them again on another. t_p is the fused AdamW's (0.5-0.8 ns;
-# the per-tensor loop the fit's runs used took 10.4 ns): the fit subtracts the AdamW term from each measured
-# step, so the fitted constants hold for either.
+# This project's 2-core CPU machine (05 Dec 2026, 23:40-00:03 UTC). F and the latency by ``python
+# benchmarks/calibrate.py --json`` (104.9 GFLOP/s, 0.28 ms); t_p the fused AdamW's (0.5-0.8 ns; AdamW is a small
+# term: the fit subtracts it from each measured step). Every other constant fitted by ``python
+# benchmarks/calibrate.py --fit REPORT --size smollm2-360m-shape --small tiny-llama --flops 104.9e9 --latency
+# 0.2756e-3`` on the report of ``cora scale --config configs/demo.yaml --sizes tiny-llama,smollm2-135m-shape,
+# smollm2-360m-shape --workers 1,2 --partitioning zero3,replicated --steps 14 --warmup 4 data.max_length=192``
+# (the replicated points under ZeRO stage 2, their default): from the 360M shape's four points and tiny-llama's
+# two replicated ones and its 1-worker zero3 one. The 135M shape's four points and tiny-llama's 2-worker zero3
+# one validate them (the README's table). t_mod, 0.13 ms per ZeRO-3-hooked module and pass, is what separates
+# a zero3 step from a replicated one beside the handling of the frozen bytes; t_0 is what is left per step.
+# The element-wise rate, the allocator's high-water factors and the two ranks' contention for the 2 cores are
+# properties of this machine, whose speed drifts by tens of percent between sessions (t_e was 2.6, 6.1 and now
+# 5.3 ns): fit them again on another.
 CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo)", flops=104.9e9,
-               bandwidth=130.4e6, latency=0.2756e-3, optim_s_per_param=0.7e-9, module_overhead_s=0.0,
-               runtime_bytes=685e6, comm_bytes=8.5e6, memory_bytes=22 * 2**30, shared_by=2, element_s=6.104e-9,
-               step_overhead_s=0.03572, copy_bandwidth=3.414e9, busy_slowdown=1.175, activation_factor=1.799,
-               gathered_factor=2.529)
+               bandwidth=248.7e6, latency=0.2756e-3, optim_s_per_param=0.7e-9, module_overhead_s=0.1348e-3,
+               runtime_bytes=670.3e6, comm_bytes=28.48e6, memory_bytes=22 * 2**30, shared_by=2, element_s=5.31e-9,
+               step_overhead_s=0.0138, sync_overhead_s=0.01817, copy_bandwidth=2.559e9, busy_slowdown=1.164,
+               activation_factor=1.457,
+               stage3_activation_factor=1.956, gathered_factor=2.182)
 # One H100/H200 SXM per rank. The products at 40% of the dense bf16 peak (989 TFLOP/s): the frozen 7B shape's
 # one-process step reached 43% on an H200 (README "On a GPU"). The host terms (t_L, t_mod, t_0) and the
 # activations' factor fitted, by relative least squares, on the six points of `bash benchmarks/gpu_scale.sh`
@@ -243,13 +266,14 @@ CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo
 # the paper's generator): within 12% of each point's step and 7% of its peak device memory, with no point left
 # over to validate them. At that batch the step is the host's (0.5-1.1 s against 0.001-0.06 s of products): t_L
 # 7.8 ms per decoder layer and pass, t_mod 0.45 ms per module with ZeRO-3 weights and pass, t_0 0.13 s. The
-# all-gather bandwidth and latency (NVLink, W > 1) are assumed, not measured; the memory is an H100's 80 GB
-# (an H200 has 141). Fit again on the cluster's own machines: the host's speed is the step here.
+# all-gather bandwidth and latency (NVLink, W > 1) are assumed, not measured, and so is the bandwidth between
+# nodes (one 400 Gb/s InfiniBand NIC per GPU: 50 GB/s); the memory is an H100's 80 GB (an H200 has 141). Fit
+# again on the cluster's own machines: the host's speed is the step here.
 H100 = Hardware(name="H100/H200 SXM (products 40% of 989 TFLOP/s bf16; host and activation terms fitted on one H200; "
-                     "150 GB/s all-gather assumed)",
+                     "150 GB/s all-gather in a node, 50 GB/s between nodes, assumed)",
                 flops=0.4 * 989e12, peak_flops=989e12, bandwidth=150e9, latency=30e-6, optim_s_per_param=0.05e-9,
                 module_overhead_s=0.4476e-3, layer_overhead_s=7.786e-3, step_overhead_s=0.131, runtime_bytes=0,
-                comm_bytes=0, memory_bytes=80e9, activation_factor=1.55)
+                comm_bytes=0, memory_bytes=80e9, activation_factor=1.55, inter_node_bandwidth=50e9)
 HARDWARE = {"cpu": CPU, "h100": H100}
 
 
@@ -264,8 +288,12 @@ class Setup:
     dtype: str = "float32"
     activation_checkpointing: bool = False
     partitioning: str = "zero3"
-    """'zero3' (the frozen base partitioned over all ranks) or 'replicated' (a whole copy on every rank,
-    only the generator and P data-parallel)."""
+    """'zero3' (the frozen base partitioned over all ranks), 'hpz' (the same, plus a secondary partition of
+    it over the ranks of one node, DeepSpeed's hpZ / ZeRO++: ``node_ranks``) or 'replicated' (a whole copy on
+    every rank, only the generator and P data-parallel)."""
+    node_ranks: int | None = None
+    """Ranks per node (n); None: every rank on one node. A collective over ranks of several nodes runs at
+    ``Hardware.inter_node_bandwidth``; hpz's secondary partition spans one node's n ranks."""
     generator_params: int = 0
     """G_gen: the generator's parameters (cora.generator; ``trainer.planner`` counts them)."""
     generator_head_params: int = 0
@@ -289,8 +317,13 @@ class Setup:
                     if getattr(self, k) < 1]
         if self.dtype not in DTYPE_BYTES:
             problems.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-        if self.partitioning not in ("zero3", "replicated"):
-            problems.append(f"partitioning {self.partitioning!r} is not one of zero3, replicated")
+        if self.partitioning not in PARTITIONINGS:
+            problems.append(f"partitioning {self.partitioning!r} is not one of {', '.join(PARTITIONINGS)}")
+        if self.node_ranks is not None and self.node_ranks < 1:
+            problems.append(f"node_ranks must be >= 1 or None, got {self.node_ranks}")
+        elif self.partitioning == "hpz" and self.world % self.node_ranks_ != 0:
+            problems.append(f"hpz needs the world ({self.world}) to be a multiple of the ranks per node "
+                            f"({self.node_ranks_}): DeepSpeed's secondary groups are whole nodes")
         if self.zero_stage not in (2, 3):
             problems.append(f"zero_stage {self.zero_stage!r} is not 2 or 3")
         return problems
@@ -298,7 +331,21 @@ class Setup:
     @property
     def stage(self) -> int:
         """The ZeRO stage the trainable part runs under: 3 with a partitioned base, else ``zero_stage``."""
-        return 3 if self.partitioning == "zero3" else self.zero_stage
+        return 3 if self.partitioned else self.zero_stage
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether ZeRO-3 partitions the frozen base (zero3, hpz)."""
+        return self.partitioning != "replicated"
+
+    @property
+    def node_ranks_(self) -> int:
+        """n: the ranks of one node (``node_ranks``, None resolved: all of them)."""
+        return min(self.node_ranks or self.world, self.world)
+
+    @property
+    def multi_node(self) -> bool:
+        return self.world > self.node_ranks_
 
 
 @dataclass
@@ -347,9 +394,11 @@ def activation_elements(s: Setup) -> float:
 def memory(s: Setup, hw: Hardware) -> dict:
     sh, w, b = s.shape, s.world, DTYPE_BYTES[s.dtype]
     g = trainable_params(s)
-    if s.partitioning == "zero3":
+    if s.partitioned:
         whole = sh.small_params(s.persistence_threshold)
         frozen = ((sh.params - whole) / w + whole) * b
+        if s.partitioning == "hpz":             # + the secondary partition, over the node's n ranks
+            frozen += (sh.params - whole) / s.node_ranks_ * b
         used = gathers(s)
         gathered = max(used["embedding"], used["kept"]) * b if w > 1 else 0.0
     else:
@@ -363,9 +412,23 @@ def memory(s: Setup, hw: Hardware) -> dict:
         activations = activation_elements(s) * b
     out = {"runtime": hw.runtime_bytes, "comm": hw.comm_bytes if w > 1 else 0.0, "frozen": frozen,
            "gathered": hw.gathered_factor * gathered, "trainable": g * (whole + (per_state - whole) / w),
-           "activations": hw.activation_factor * activations}
+           "activations": activation_factor(s, hw) * activations}
     out["peak"] = sum(out.values())
     return out
+
+
+def activation_factor(s: Setup, hw: Hardware) -> float:
+    """a_act of the setup's ZeRO stage (``Hardware.stage3_activation_factor`` under stage 3)."""
+    if s.stage == 3 and hw.stage3_activation_factor is not None:
+        return hw.stage3_activation_factor
+    return hw.activation_factor
+
+
+def bandwidths(s: Setup, hw: Hardware) -> tuple[float, float]:
+    """(BW of a collective over all ranks, BW of the frozen base's gathers): the inter-node bandwidth when the
+    ranks span nodes; hpz gathers the base from its node's secondary partition, at ``Hardware.bandwidth``."""
+    world = hw.inter_node_bandwidth or hw.bandwidth if s.multi_node else hw.bandwidth
+    return world, hw.bandwidth if s.partitioning == "hpz" else world
 
 
 def flops(s: Setup) -> float:
@@ -405,29 +468,35 @@ def gathers(s: Setup) -> dict:
     return {"embedding": embedding, "kept": kept, "elements": elements + embedding, "calls": calls + bool(embedding)}
 
 
+def hooked_modules(s: Setup) -> int:
+    """M: the modules holding ZeRO-3 parameters, each with ZeRO-3's hooks (see the docstring)."""
+    return (s.shape.modules if s.partitioned else 0) + (4 * s.shape.layers + s.generator_modules if s.stage == 3 else 0)
+
+
 def step_time(s: Setup, hw: Hardware) -> dict:
     sh, w, b = s.shape, s.world, DTYPE_BYTES[s.dtype]
     passes = 3 if s.activation_checkpointing else 2
     f = flops(s)
     g, trainable_modules = trainable_params(s), 4 * sh.layers + s.generator_modules
     gather = 0.0
+    bw_world, bw_frozen = bandwidths(s, hw)
     if w > 1:
-        frozen = gathers(s) if s.partitioning == "zero3" else {"elements": 0, "calls": 0}
+        frozen = gathers(s) if s.partitioned else {"elements": 0, "calls": 0}
+        n = s.node_ranks_ if s.partitioning == "hpz" else w     # hpz: a gather among the node's n ranks
         # the trainable weights (a few MB) are held from forward to backward: gathered once (stage 3, a call
         # per module holding them), or all-gathered once after the optimiser step (stage 2, one call)
-        gather = ((w - 1) / w * (frozen["elements"] * b + 4 * g) / hw.bandwidth
+        gather = ((n - 1) / n * frozen["elements"] * b / bw_frozen + (w - 1) / w * 4 * g / bw_world
                   + (frozen["calls"] + (trainable_modules if s.stage == 3 else 1)) * hw.latency)
-    reduce = (w - 1) / w * g * 4 / hw.bandwidth
-    if w == 1 and s.partitioning == "zero3" and hw.copy_bandwidth:
+    reduce = (w - 1) / w * g * 4 / bw_world
+    if w == 1 and s.partitioned and hw.copy_bandwidth:
         gather = gathers(s)["elements"] * b / hw.copy_bandwidth
     k = s.accumulation
     busy = hw.busy_slowdown if w > 1 else 1.0
-    hooked = ((sh.modules if s.partitioning == "zero3" else 0)                         # modules with ZeRO-3 weights
-              + (trainable_modules if s.stage == 3 else 0))
+    hooked = hooked_modules(s)
     out = {"compute": k * busy * f / hw.flops, "elementwise": k * busy * activation_elements(s) * hw.element_s,
            "gather": k * gather, "reduce": k * reduce, "optimiser": g / w * hw.optim_s_per_param,
            "overhead": k * (passes * (hooked * hw.module_overhead_s + sh.layers * hw.layer_overhead_s)
-                            + hw.step_overhead_s)}
+                            + hw.step_overhead_s + (hw.sync_overhead_s if w > 1 else 0.0))}
     out["step"] = sum(out.values())
     out["flops"] = f
     return out
@@ -441,8 +510,9 @@ def plan(s: Setup, hw: Hardware = CPU) -> Plan:
     return Plan(s, hw, memory(s, hw), step_time(s, hw))
 
 
-PARTITIONINGS = ("zero3", "replicated")
-"""The places of the frozen base the planner chooses among (``engine.partitioning`` but 'auto')."""
+PARTITIONINGS = ("zero3", "hpz", "replicated")
+"""The places of the frozen base the planner chooses among (``engine.partitioning`` but 'auto'). On one node
+hpz plans as zero3 with more memory: at equal time the first listed wins."""
 
 
 def choose(s: Setup, hw: Hardware, checkpointing: tuple[bool, ...] | None = None,

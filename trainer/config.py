@@ -185,4 +185,8 @@ class TrainConfig:
             problems += [f"method=reccocktail needs reccocktail.{k}: the export directory of a method=tallrec run on "
                          f"the {'source domains' if k == 'base_from' else 'target domain'}' data"
                          for k, v in cocktail.items() if not v]
+        e = self.engine
+        if isinstance(e.node_ranks, int) and 1 <= e.node_ranks < self.run.workers and self.run.workers % e.node_ranks:
+            problems.append(f"engine.node_ranks={e.node_ranks} does not divide run.workers={self.run.workers}: a node "
+                            f"holds node_ranks workers (hpz's secondary groups are whole nodes); set a divisor")
         return problems

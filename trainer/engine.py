@@ -80,13 +80,21 @@ class EngineConfig:
     its parameters' gradients. Measured on this CPU, 1 rank,
     replicated base (``benchmarks/injection.py --zero3 1 --zero3-only --partitioning replicated --leaf-layers``):
     README "Engine hooks". With ``partitioning: zero3`` a whole layer's frozen weights are gathered at once."""
-    partitioning: Literal["zero3", "replicated", "auto"] = "zero3"
+    partitioning: Literal["zero3", "hpz", "replicated", "auto"] = "zero3"
     """Where the frozen LLM lives. zero3: partitioned over the ranks, every module all-gathered when used
-    (memory N b / W, an all-gather of the model every step). replicated: a whole copy on every rank, held as
+    (memory N b / W, an all-gather of the model every step). hpz: zero3 plus a secondary partition of the
+    frozen base over the ranks of one node (DeepSpeed's hpZ, ZeRO++: ``node_ranks``; memory N b (1/W + 1/n)):
+    from the second step on every gather of it stays within a node, which only matters when the ranks span
+    nodes. replicated: a whole copy on every rank, held as
     buffers that DeepSpeed leaves alone, and only the trainable generator and P data-parallel (memory N b,
     no gather of the base; ``zero_stage``). auto: the planner's choice (cora.plan.choose: the fastest that
     fits in the run's device memory), made by ``cora train`` before the workers start and printed with its
     reason."""
+    node_ranks: int | Literal["auto"] = "auto"
+    """Ranks per node: hpz's secondary group (DeepSpeed's zero_hpz_partition_size, which must divide the
+    world) and, for the planner (partitioning auto), which collectives cross nodes. auto: in the workers, the
+    ranks Ray Train put on the worker's node; in the planner, every rank on one node (so it never picks hpz:
+    set this on a multi-node cluster)."""
     zero_stage: Literal["auto", 2, 3] = "auto"
     """The ZeRO stage over the trainable generator and P. 3: partitioned, gathered by hooks on every module
     that holds them, before its forward and again before its backward. 2: whole on every rank (a few MB to
@@ -105,13 +113,15 @@ class EngineConfig:
                             f"and {self.gradient_accumulation}): the accumulation is derived from the global batch")
         if self.gradient_clipping < 0:
             problems.append(f"gradient_clipping must be >= 0, got {self.gradient_clipping}")
-        if self.partitioning not in ("zero3", "replicated", "auto"):
-            problems.append(f"partitioning must be zero3, replicated or auto, got {self.partitioning!r}")
+        if self.partitioning not in ("zero3", "hpz", "replicated", "auto"):
+            problems.append(f"partitioning must be zero3, hpz, replicated or auto, got {self.partitioning!r}")
+        if self.node_ranks != "auto" and (not isinstance(self.node_ranks, int) or self.node_ranks < 1):
+            problems.append(f"node_ranks must be >= 1 or 'auto', got {self.node_ranks!r}")
         if self.zero_stage not in ("auto", 2, 3):
             problems.append(f"zero_stage must be 2, 3 or auto, got {self.zero_stage!r}")
-        elif self.zero_stage == 2 and self.partitioning == "zero3":
-            problems.append("zero_stage 2 needs the frozen base whole on every rank, but partitioning is zero3: set "
-                            "engine.partitioning=replicated (or auto), or engine.zero_stage=3")
+        elif self.zero_stage == 2 and self.partitioning in ("zero3", "hpz"):
+            problems.append(f"zero_stage 2 needs the frozen base whole on every rank, but partitioning is "
+                            f"{self.partitioning}: set engine.partitioning=replicated (or auto), or engine.zero_stage=3")
         problems += [f"{k} must be >= 0 or 'auto', got {getattr(self, k)}" for k in ("persistence_threshold",
                                                                                      "prefetch_bucket_size")
                      if isinstance(getattr(self, k), int) and getattr(self, k) < 0]
@@ -123,7 +133,7 @@ class EngineConfig:
         if self.partitioning == "auto":
             raise ValueError("engine.partitioning is 'auto': cora train resolves it before the workers start "
                              "(trainer.planner.resolve_auto)")
-        if self.partitioning == "zero3":          # also where 'auto' chose it: ZeRO-3 must gather the base
+        if self.partitioning in ("zero3", "hpz"):    # also where 'auto' chose it: ZeRO-3 must gather the base
             return 3
         return self.replicated_stage
 
@@ -149,8 +159,10 @@ class EngineConfig:
         return max(1, self.global_batch_size // (self.micro_batch_size * world_size))
 
 
-def ds_config(cfg: EngineConfig, world_size: int, hidden_size: int | None = None) -> dict:
-    """DeepSpeed's config; ``hidden_size``: the LLM's h, needed when a ZeRO-3 size is 'auto'."""
+def ds_config(cfg: EngineConfig, world_size: int, hidden_size: int | None = None,
+              local_ranks: int | None = None) -> dict:
+    """DeepSpeed's config; ``hidden_size``: the LLM's h, needed when a ZeRO-3 size is 'auto'; ``local_ranks``:
+    the ranks on this worker's node (``node_ranks`` 'auto' with hpz; default: all of them)."""
     if cfg.needs_hidden_size and not hidden_size:
         raise ValueError("engine.persistence_threshold or engine.prefetch_bucket_size is 'auto': pass the LLM's "
                          "hidden size (trainer.planner.shape_of(llm.name).hidden)")
@@ -164,6 +176,13 @@ def ds_config(cfg: EngineConfig, world_size: int, hidden_size: int | None = None
             zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size ** 2)
         elif cfg.prefetch_bucket_size is not None:
             zero["stage3_prefetch_bucket_size"] = cfg.prefetch_bucket_size
+    if cfg.partitioning == "hpz":
+        n = min(local_ranks or world_size if cfg.node_ranks == "auto" else cfg.node_ranks, world_size)
+        if world_size % n:
+            raise ValueError(f"engine.partitioning=hpz: the secondary partition spans {n} ranks (engine.node_ranks="
+                             f"{cfg.node_ranks}), which does not divide the {world_size} workers; place the same "
+                             f"number of workers on every node, or set engine.node_ranks to a divisor of {world_size}")
+        zero["zero_hpz_partition_size"] = n
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
@@ -178,15 +197,22 @@ def ds_config(cfg: EngineConfig, world_size: int, hidden_size: int | None = None
 
 
 def build_llm(llm_cfg, ds: dict, partitioning: str):
-    """(the frozen LLM as ``partitioning`` ('zero3' or 'replicated') places it, tokenizer)."""
+    """(the frozen LLM as ``partitioning`` ('zero3', 'hpz' or 'replicated') places it, tokenizer)."""
     if partitioning == "replicated":
         from cora.llm import load_llm
         llm, tok = load_llm(llm_cfg)
         return frozen_as_buffers(llm), tok
-    if partitioning != "zero3":
-        raise ValueError(f"partitioning must be zero3 or replicated here, got {partitioning!r} ('auto' is resolved "
-                         "by cora train before the workers start)")
-    return build_partitioned_llm(llm_cfg, ds)
+    if partitioning not in ("zero3", "hpz"):
+        raise ValueError(f"partitioning must be zero3, hpz or replicated here, got {partitioning!r} ('auto' is "
+                         "resolved by cora train before the workers start)")
+    llm, tok = build_partitioned_llm(llm_cfg, ds)
+    for p in llm.parameters():
+        # hpz: zero.Init cut each weight's secondary partition from the tensor as it was then, before a shape
+        # preset's values were written into the primary partitions. Dropped, they are cut again from the
+        # whole weight at its first gather (a gather over all ranks, once).
+        if getattr(p, "ds_secondary_tensor", None) is not None:
+            p.ds_secondary_tensor = None
+    return llm, tok
 
 
 REPLICATED = "_cora_replicated"
@@ -320,11 +346,13 @@ def gathered_answer_row(llm, token_id: int):
 def partition_stats(params) -> dict:
     """Elements this rank holds of ZeRO-3 partitioned parameters, measured from DeepSpeed's partitions
     (``ds_tensor``: this rank's slice; ``ds_numel``: the full size); a tensor ZeRO-3 does not partition (a
-    replicated base's buffers) is held whole."""
+    replicated base's buffers) is held whole. ``secondary``: the elements of hpz's secondary partitions
+    (``ds_secondary_tensor``, made at a weight's first gather)."""
     params = list(params)
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
-    return {"held": int(held), "total": int(total), "share": held / max(total, 1)}
+    secondary = sum(p.ds_secondary_tensor.numel() for p in params if getattr(p, "ds_secondary_tensor", None) is not None)
+    return {"held": int(held), "total": int(total), "share": held / max(total, 1), "secondary": int(secondary)}
 
 
 LEAVES = ("generator.qformer",)

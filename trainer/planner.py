@@ -55,7 +55,7 @@ def generator_params(generator: str | dict, cf_dim: int, d_model: int, rank: int
 def setup_for(llm: str, world: int, micro_batch: int, seq_len: int, dtype: str = "float32",
               activation_checkpointing: bool = False, partitioning: str = "zero3", generator: str | dict = "demo",
               cf_dim: int = 64, rank: int = 16, persistence_threshold: int = 0, accumulation: int = 1,
-              zero_stage: int = 2):
+              zero_stage: int = 2, node_ranks: int | None = None):
     """A cora.plan.Setup for a model name and the trainer's settings."""
     from cora.plan import Setup
     shape = shape_of(llm)
@@ -63,17 +63,20 @@ def setup_for(llm: str, world: int, micro_batch: int, seq_len: int, dtype: str =
     return Setup(shape=shape, world=world, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype,
                  activation_checkpointing=activation_checkpointing, partitioning=partitioning,
                  generator_params=total, generator_head_params=head, generator_modules=modules, rank=rank,
-                 persistence_threshold=persistence_threshold, accumulation=accumulation, zero_stage=zero_stage)
+                 persistence_threshold=persistence_threshold, accumulation=accumulation, zero_stage=zero_stage,
+                 node_ranks=node_ranks)
 
 
 def setup_of(cfg, partitioning: str, cf_dim: int, seq_len: int | None = None):
     """The cora.plan.Setup of a TrainConfig (its LLM, workers, micro-batch, dtype, generator, injection rank
-    and ZeRO sizes and stage); ``seq_len``: the prompt length to plan for (default data.max_length)."""
+    and ZeRO sizes and stage, its ranks per node: 'auto' plans one node); ``seq_len``: the prompt length to plan
+    for (default data.max_length)."""
     e = cfg.engine
     return setup_for(cfg.llm.name, cfg.run.workers, e.micro_batch_size, seq_len or cfg.data.max_length,
                      cfg.llm.dtype, e.activation_checkpointing is True, partitioning, cfg.generator.__dict__, cf_dim,
                      cfg.injection.rank, e.persistence(shape_of(cfg.llm.name).hidden),
-                     e.accumulation(cfg.run.workers), e.replicated_stage)
+                     e.accumulation(cfg.run.workers), e.replicated_stage,
+                     None if e.node_ranks == "auto" else e.node_ranks)
 
 
 def hardware_of(cfg):
@@ -124,8 +127,10 @@ def add_parser(sub) -> None:
     p.add_argument("--activation-checkpointing", nargs="?", const="on", default="off", choices=["on", "off", "auto"],
                    help="recompute the activations in backward (the flag alone: on); auto: the planner's choice, "
                         "on only where the activations do not fit otherwise")
-    p.add_argument("--partitioning", choices=["zero3", "replicated", "auto"], default="zero3",
+    p.add_argument("--partitioning", choices=["zero3", "hpz", "replicated", "auto"], default="zero3",
                    help="auto: the fastest that fits, with the reason")
+    p.add_argument("--node-ranks", type=int, help="ranks per node (default: every rank on one node): which "
+                                                  "collectives cross nodes, and hpz's secondary group")
     p.add_argument("--generator", choices=sorted(GENERATORS), default="demo")
     p.add_argument("--cf-dim", type=int, default=64, help="CF embedding size (user and item)")
     p.add_argument("--rank", type=int, default=16, help="injection rank r")
@@ -159,7 +164,7 @@ def run(args) -> int:
             fixed = "zero3" if args.partitioning == "auto" else args.partitioning
             s = setup_for(args.llm, w, args.micro_batch, args.seq_len, args.dtype, args.activation_checkpointing == "on",
                           fixed, args.generator, args.cf_dim, args.rank, args.persistence_threshold,
-                          zero_stage=args.zero_stage)
+                          zero_stage=args.zero_stage, node_ranks=args.node_ranks)
             free = "auto" in (args.partitioning, args.activation_checkpointing)
             p, why = (choose(s, hw, (False, True) if args.activation_checkpointing == "auto" else None,
                              PARTITIONINGS if args.partitioning == "auto" else (fixed,))

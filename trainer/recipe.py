@@ -146,6 +146,7 @@ class Recipe:
                                 category=FutureWarning)
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_ranks = ctx.get_local_world_size()
         torch.set_num_threads(self.cfg.run.cpus_per_worker)       # the CPUs Ray reserved for this worker
         if self.cfg.run.keep_freed_memory:
             from cora.allocator import keep_freed_memory
@@ -205,7 +206,7 @@ class Recipe:
         if cfg.engine.needs_hidden_size:                       # a ZeRO-3 size sized to the model ('auto')
             from .planner import shape_of
             hidden = shape_of(cfg.llm.name).hidden
-        ds = eng.ds_config(cfg.engine, self.world, hidden)
+        ds = eng.ds_config(cfg.engine, self.world, hidden, self.local_ranks)
         llm, tok = eng.build_llm(cfg.llm, ds, cfg.engine.partitioning)
         self.tok = tok
         if cfg.engine.activation_checkpointing not in (True, False):

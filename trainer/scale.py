@@ -5,9 +5,9 @@
 
 For each point: the planner (cora.plan, on ``--hardware``, by default the profile of the point's
 run.device: h100 for cuda, else cpu) is asked first, with the prompt length ``data.max_length``;
-``--partitioning auto`` (the default) takes its choice between a ZeRO-3-partitioned and a
-replicated frozen base (the fastest that fits, with the reason in the ``choice`` column), ``zero3,replicated``
-runs both. A point that does not fit is written as such, not run. Otherwise ``cora train`` runs with
+``--partitioning auto`` (the default) takes its choice among a ZeRO-3-partitioned frozen base, the same with
+hpZ's node-local secondary partition (``engine.node_ranks``) and a replicated one (the fastest that fits, with
+the reason in the ``choice`` column), ``zero3,replicated`` runs both. A point that does not fit is written as such, not run. Otherwise ``cora train`` runs with
 ``llm.name``, ``run.workers``, ``engine.partitioning`` and ``run.max_steps`` set (``run.run_dir`` under
 OUT/runs/; no validation or test: the point is a measurement) and a ``trainer.hooks.Report`` in every worker.
 A point whose run fails (it cannot start, or crashes) is written as failed with the error, and the study goes
@@ -65,7 +65,7 @@ def add_parser(sub) -> None:
                    help="the MFU's denominator per rank in TFLOP/s; default: the hardware profile's datasheet peak "
                         "(h100: 989, dense bf16) or, without one, its achieved FLOP/s (cpu: a measured rate)")
     p.add_argument("--partitioning", default="auto",
-                   help="zero3, replicated, auto (the planner's choice for each point, with its reason) or a "
+                   help="zero3, hpz, replicated, auto (the planner's choice for each point, with its reason) or a "
                         "comma-separated list of them, each run at every point (e.g. zero3,replicated)")
     p.add_argument("--replan", action="store_true",
                    help="no training: plan the measured points of the report in --out again with the planner's "
@@ -98,9 +98,9 @@ def _main(args, out) -> int:
         workers = []
         problems.append(f"--workers {args.workers!r} is not a comma-separated list of integers (e.g. 1,2)")
     partitionings = [p for p in args.partitioning.split(",") if p]
-    bad = [p for p in partitionings if p not in ("zero3", "replicated", "auto")]
+    bad = [p for p in partitionings if p not in ("zero3", "hpz", "replicated", "auto")]
     if bad or not partitionings:
-        problems.append(f"--partitioning {args.partitioning!r}: each must be zero3, replicated or auto")
+        problems.append(f"--partitioning {args.partitioning!r}: each must be zero3, hpz, replicated or auto")
     if args.steps <= args.warmup:
         problems.append(f"--steps {args.steps} must exceed --warmup {args.warmup} (nothing would be measured)")
     if problems:

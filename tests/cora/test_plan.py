@@ -146,6 +146,47 @@ def test_the_choice_of_partitioning_changes_with_size():
     assert best.setup.partitioning == "zero3" and "replicated does not fit" in why
     best, why = choose(s, Hardware(**{**gpu.__dict__, "memory_bytes": 1e9}))
     assert why.startswith("nothing fits")
+    # 70B over 2 nodes of 8: whole it does not fit; hpz gathers the base within a node and fits beside zero3
+    huge = Shape.from_config({"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                              "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256})
+    nodes = Hardware(**{**gpu.__dict__, "inter_node_bandwidth": 5e10})
+    best, why = choose(Setup(**{**s.__dict__, "shape": huge, "world": 16, "node_ranks": 8}), nodes)
+    assert best.setup.partitioning == "hpz" and "zero3 would take" in why and "replicated does not fit" in why
+    best, why = choose(Setup(**{**s.__dict__, "shape": huge, "world": 8}), nodes)      # one node: zero3
+    assert best.setup.partitioning == "zero3"
+
+
+def test_hpz_and_the_traffic_between_nodes_by_hand():
+    import dataclasses
+    hw = dataclasses.replace(ROUND, inter_node_bandwidth=1e7)           # 10x slower between nodes
+    n, g = 3_219_776, 7144
+    zero3, hpz = (plan(setup(world=4, node_ranks=2, partitioning=p), hw) for p in ("zero3", "hpz"))
+    # hpz keeps a secondary partition of the base over the node's 2 ranks besides its quarter
+    assert zero3.memory["frozen"] == n * 4 / 4 and hpz.memory["frozen"] == n * 4 / 4 + n * 4 / 2
+    assert hpz.memory["gathered"] == zero3.memory["gathered"]
+    # zero3 over 2 nodes: 3/4 of the frozen and trainable bytes between nodes; 40 calls (see the step by hand)
+    assert zero3.time["gather"] == pytest.approx(0.75 * (n + g) * 4 / 1e7 + 40 * 1e-4)
+    # hpz: the base from within the node (1/2 of it, at the node's bandwidth), the trainable part over all ranks
+    assert hpz.time["gather"] == pytest.approx(0.5 * n * 4 / 1e8 + 0.75 * g * 4 / 1e7 + 40 * 1e-4)
+    assert hpz.time["reduce"] == zero3.time["reduce"] == pytest.approx(0.75 * g * 4 / 1e7)
+    # on one node the two gather the same bytes at the same bandwidth: zero3, which needs less memory, is chosen
+    one = {p: plan(setup(world=4, partitioning=p), hw) for p in ("zero3", "hpz")}
+    assert one["hpz"].time["step"] == pytest.approx(one["zero3"].time["step"])
+    assert one["hpz"].memory["frozen"] == n * 4 / 4 * 2
+    assert choose(setup(world=4), hw, partitionings=("zero3", "hpz"))[0].setup.partitioning == "zero3"
+    assert choose(setup(world=4, node_ranks=2), hw, partitionings=("zero3", "hpz"))[0].setup.partitioning == "hpz"
+    # no inter-node figure: the same bandwidth everywhere
+    assert plan(setup(world=4, node_ranks=2), ROUND).time["gather"] == pytest.approx(0.75 * (n + g) * 4 / 1e8 + 4e-3)
+
+
+def test_zero3s_hooks_have_their_own_activation_factor():
+    import dataclasses
+    hw = dataclasses.replace(ROUND, activation_factor=1.2, stage3_activation_factor=1.7)
+    act = 896 * 800 * 4 * 2
+    assert plan(setup(), hw).memory["activations"] == pytest.approx(1.7 * act)
+    assert plan(setup(partitioning="replicated"), hw).memory["activations"] == pytest.approx(1.2 * act)
+    assert plan(setup(partitioning="replicated", zero_stage=3), hw).memory["activations"] == pytest.approx(1.7 * act)
+    assert plan(setup(), ROUND).memory["activations"] == act                 # None: activation_factor (1)
 
 
 def test_bad_setups_are_refused_with_every_problem():
@@ -153,7 +194,11 @@ def test_bad_setups_are_refused_with_every_problem():
         plan(setup(world=0, dtype="int8", partitioning="fsdp", zero_stage=1), ROUND)
     assert "world must be >= 1, got 0" in str(e.value) and "dtype 'int8'" in str(e.value)
     assert "zero_stage 1 is not 2 or 3" in str(e.value)
-    assert "partitioning 'fsdp' is not one of zero3, replicated" in str(e.value)
+    assert "partitioning 'fsdp' is not one of zero3, hpz, replicated" in str(e.value)
+    with pytest.raises(ValueError, match=r"hpz needs the world \(6\) to be a multiple of the ranks per node \(4\)"):
+        plan(setup(world=6, node_ranks=4, partitioning="hpz"), ROUND)
+    with pytest.raises(ValueError, match="node_ranks must be >= 1 or None, got 0"):
+        plan(setup(node_ranks=0), ROUND)
     with pytest.raises(ValueError, match="lacks intermediate_size"):
         Shape.from_config({"model_type": "gpt2", "hidden_size": 64, "num_hidden_layers": 2,
                            "num_attention_heads": 4, "vocab_size": 10})

@@ -19,7 +19,8 @@ def test_frozen_weights_become_buffers_and_the_model_computes_the_same():
     # tied embeddings stay one tensor; frozen_weights lists each once, with every element
     assert llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
     held = frozen_weights(llm)
-    assert len(held) == len(before) and partition_stats(held) == {"held": 3_219_776, "total": 3_219_776, "share": 1.0}
+    assert len(held) == len(before) and partition_stats(held) == {"held": 3_219_776, "total": 3_219_776, "share": 1.0,
+                                                                 "secondary": 0}
     ids = torch.tensor([[1, 5, 9, 22, 7, 3]])
     assert torch.equal(llm(ids).logits, ref(ids).logits)
     # a later parameter (the injection's P) is a parameter as usual
@@ -28,7 +29,8 @@ def test_frozen_weights_become_buffers_and_the_model_computes_the_same():
 
 
 def test_the_partitioning_is_validated_and_auto_never_reaches_a_worker():
-    assert EngineConfig(partitioning="fsdp").validate() == ["partitioning must be zero3, replicated or auto, got 'fsdp'"]
+    assert EngineConfig(partitioning="fsdp").validate() == [
+        "partitioning must be zero3, hpz, replicated or auto, got 'fsdp'"]
     assert EngineConfig(partitioning="auto").validate() == []
     with pytest.raises(ValueError, match="'auto' is resolved by cora train"):
         build_llm(LLMConfig(name="tiny-llama"), {}, "auto")
@@ -55,3 +57,25 @@ def test_the_zero_stage_follows_the_partitioning_and_a_conflict_is_refused():
     assert two == {"stage": 2, "contiguous_gradients": True, "overlap_comm": False, "reduce_bucket_size": 64 ** 2}
     three = ds_config(EngineConfig(prefetch_bucket_size="auto"), 2, hidden_size=64)["zero_optimization"]
     assert three["stage"] == 3 and three["stage3_prefetch_bucket_size"] == int(0.9 * 64 ** 2)
+    assert "zero_hpz_partition_size" not in three
+
+
+def test_hpz_is_stage_3_with_a_secondary_group_of_a_nodes_ranks():
+    from cora.config import ConfigError, from_dict
+    from trainer.config import TrainConfig
+    assert EngineConfig(partitioning="hpz").stage == 3
+    assert EngineConfig(partitioning="hpz", zero_stage=2).validate() == [
+        "zero_stage 2 needs the frozen base whole on every rank, but partitioning is hpz: set "
+        "engine.partitioning=replicated (or auto), or engine.zero_stage=3"]
+    assert EngineConfig(node_ranks=0).validate() == ["node_ranks must be >= 1 or 'auto', got 0"]
+    # auto: the ranks Ray Train put on this worker's node; a number: that, at most the world
+    zero = ds_config(EngineConfig(partitioning="hpz"), 16, local_ranks=8)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["zero_hpz_partition_size"] == 8
+    assert ds_config(EngineConfig(partitioning="hpz", node_ranks=4), 16, local_ranks=8)["zero_optimization"][
+        "zero_hpz_partition_size"] == 4
+    assert ds_config(EngineConfig(partitioning="hpz", node_ranks=8), 2)["zero_optimization"]["zero_hpz_partition_size"] == 2
+    with pytest.raises(ValueError, match="spans 3 ranks .* does not divide the 8 workers"):
+        ds_config(EngineConfig(partitioning="hpz"), 8, local_ranks=3)         # uneven placement
+    with pytest.raises(ConfigError, match="engine.node_ranks=3 does not divide run.workers=8"):
+        from_dict(TrainConfig, {"engine": {"partitioning": "hpz", "node_ranks": 3}, "run": {"workers": 8}})
+    assert from_dict(TrainConfig, {"engine": {"node_ranks": 8}, "run": {"workers": 2}}).validate() == []

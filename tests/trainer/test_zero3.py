@@ -145,17 +145,18 @@ def test_training_is_finite_falls_and_sees_each_sample_once_per_epoch(two_rank_r
 
 @pytest.mark.parametrize("checkpointing,partitioning,leaf_layers,stage", [
     (False, "zero3", False, 3), (True, "zero3", False, 3), (False, "replicated", False, 2),
-    (False, "replicated", True, 3), (True, "zero3", True, 3)],
+    (False, "replicated", True, 3), (True, "zero3", True, 3), (False, "hpz", False, 3)],
     ids=["plain", "activation_checkpointing", "replicated_base_stage2", "replicated_stage3_leaf_layers",
-         "activation_checkpointing_leaf_layers"])
+         "activation_checkpointing_leaf_layers", "hpz_secondary_partition"])
 def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, checkpointing, partitioning,
                                                                      leaf_layers, stage):
     """Same seed, same samples: rank 0's and rank 1's k-th batches together are the k-th batch of a
     plain single-process run (no DeepSpeed), which must give the same loss step after step; also with
     the LLM's activations recomputed in backward (the per-sample path must recompute identically), with
     the frozen LLM replicated (whole on each rank, the generator and P data-parallel under ZeRO stage 2,
-    its default, or ZeRO-3), and with ZeRO-3 hooking whole decoder layers (engine.leaf_layers: a layer's P
-    released before its backward used it would show here)."""
+    its default, or ZeRO-3), with ZeRO-3 hooking whole decoder layers (engine.leaf_layers: a layer's P
+    released before its backward used it would show here), and under hpz (its secondary partition spans
+    the node's 2 ranks: from the second step on every gather of the base reads it)."""
     import torch
     from torch import nn
 
@@ -195,6 +196,9 @@ def test_two_rank_losses_match_a_one_process_run_on_the_same_samples(tmp_path, c
         part = r["llm_partition"]
         assert part["total"] == 3_219_776 and part["share"] == pytest.approx(1.0 if partitioning == "replicated"
                                                                               else 0.5, abs=0.01)
+        # hpz: a secondary partition of every frozen weight over the node's 2 ranks (half of it: the LM head,
+        # tied to the embedding, is one tensor); none otherwise
+        assert part["secondary"] == (pytest.approx(3_219_776 / 2, rel=0.01) if partitioning == "hpz" else 0)
     ranks = [r["log"] for r in reports]
 
     torch.manual_seed(3)                                       # the reference: one process, batch 8
