@@ -56,8 +56,10 @@ def test_cora_scale_two_points_two_that_do_not_fit_and_two_that_fail(tmp_path, c
     for r in rows[:2]:                 # --partitioning auto (the default): the planner's choice, with its reason
         assert r["partitioning"] == "replicated" and "zero3 would take" in r["choice"]
         assert r["zero_stage"] == "2"          # as the ranks reported it: the generator and P under ZeRO stage 2
-    for r in rows[2:]:
-        assert r["partitioning"] == "zero3" and r["choice"].startswith("nothing fits")
+    for r in rows[2:]:       # the option needing least memory: at 2 workers zero3 (half the base each); at 1 it
+        # partitions nothing and its hooks raise the activations' peak (cora.plan.CPU.stage3_activation_factor)
+        assert r["partitioning"] == ("zero3" if r["workers"] == "2" else "replicated"), r
+        assert r["choice"].startswith("nothing fits")
     for r in rows[2:]:                                 # 70B in fp32 on this machine: planned, never started
         assert r["status"].startswith("does not fit: planned") and r["step_s"] == ""
         assert not (out / "runs" / f"llama-3-70b-shape-w{r['workers']}").exists()
