@@ -40,7 +40,8 @@ measures) and of the whole steps' (``*_step``). ``--partitioning replicated``: t
 rank instead of partitioned (``engine.partitioning``), the generator and P under ZeRO stage 2 (``--zero-stage``,
 ``engine.zero_stage``); ``cora_per_module`` is then replaced by ``cora_stage3`` (CoRA with them under ZeRO-3, as
 the trainer ran a replicated base before 2026-12-04; ``cora_over_cora_stage3``), or ``cora_stage2`` with
-``--zero-stage 3``. ``--leaf-layers``: ZeRO-3 hooks each decoder layer as one module (``engine.leaf_layers``).
+``--zero-stage 3``. ``--partitioning hpz``: partitioned, plus hpZ's secondary partition over the ranks (all on
+this one host: its gathers move the same bytes as zero3's). ``--leaf-layers``: ZeRO-3 hooks each decoder layer as one module (``engine.leaf_layers``).
 
 Throughput: ``tokens_per_s`` of each variant's median step (the training path: per rank, whole steps) and, with
 ``--peak-tflops``, ``mfu`` = 4 N_mm B T / (step s x peak), N_mm the decoder's matmul parameters.
@@ -237,7 +238,7 @@ def zero_stage(args) -> int:
 def zero3_variants(args) -> tuple[str, ...]:
     """frozen, lora, cora and the CoRA that cora is compared with: with a partitioned base, the Q-Former hooked
     per module; with a replicated one, the trainable part under the other ZeRO stage (``--zero-stage``)."""
-    if args.partitioning == "zero3":
+    if args.partitioning != "replicated":             # zero3, hpz
         return ZERO3_VARIANTS[:4]
     return ZERO3_VARIANTS[:3] + (("cora_stage2",) if zero_stage(args) == 3 else ("cora_stage3",))
 
@@ -371,8 +372,9 @@ def main() -> None:
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="glibc's allocator as it comes (else the memory a step frees is kept, as the trainer does)")
     ap.add_argument("--zero3-only", action="store_true", help="only the training path (skip the one-process part)")
-    ap.add_argument("--partitioning", default="zero3", choices=["zero3", "replicated"],
-                    help="the training path's frozen LLM: partitioned by ZeRO-3 or whole on every rank (engine.partitioning)")
+    ap.add_argument("--partitioning", default="zero3", choices=["zero3", "hpz", "replicated"],
+                    help="the training path's frozen LLM: partitioned by ZeRO-3 (hpz: with a secondary partition) or whole on "
+                         "every rank (engine.partitioning)")
     ap.add_argument("--zero-stage", default="auto", choices=["auto", "2", "3"],
                     help="the training path with --partitioning replicated: the ZeRO stage over the generator and P "
                          "(engine.zero_stage; auto: 2); the other stage's CoRA is timed beside it (cora_stage3 or "

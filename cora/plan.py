@@ -12,6 +12,7 @@ Notation
     L, h, I, V         layers, hidden size, MLP size, vocabulary
     d_q, d_kv          heads x head_dim, kv_heads x head_dim
     W      ranks; B micro-batch per rank; T tokens per sample (prompt length)
+    n      ranks per node (``Setup.node_ranks``; W when all ranks share one node)
     b      bytes per frozen weight and per activation element: 4 (float32) or 2 (bfloat16)
     G      trainable parameters: the generator (G_gen) and P (G_P = L x r x (d_q + 2 d_kv + h) for q/k/v/o)
     r      the injection rank; n_q = 4 generator queries

@@ -261,13 +261,13 @@ def build_partitioned_llm(llm_cfg, ds: dict):
         return build_partitioned_shape(llm_cfg, ds)
     if llm_cfg.name in PRESETS or llm_cfg.name in REAL_PRESETS:
         llm, tok = load_llm(llm_cfg)
-        deepspeed.zero.Init(module=llm, config_dict_or_path=ds)
+        deepspeed.zero.Init(module=llm, config_dict_or_path=ds, **hpz_group())
         return llm, tok
     hf_ds = HfDeepSpeedConfig(ds)          # while alive, from_pretrained loads under ZeRO-3
     # No dtype= here: with a config *and* a dtype, DeepSpeed 0.19.8's zero.Init ignores the dtype on an
     # accelerator without fp16 (the CPU) and partitions in bfloat16 (an operator-precedence slip in
     # Init._set_dtype). Without it the dtype comes from the config: bf16 when enabled, else fp32.
-    with deepspeed.zero.Init(config_dict_or_path=ds):
+    with deepspeed.zero.Init(config_dict_or_path=ds, **hpz_group()):
         llm, tok = load_llm(llm_cfg)
     del hf_ds
     return llm, tok
@@ -317,7 +317,15 @@ def init_without_broadcast(ds: dict):
         if not hasattr(deepspeed.zero.Init, name):
             raise RuntimeError(f"deepspeed {deepspeed.__version__}'s zero.Init has no {name}; the partitioned "
                                "shape build was written against deepspeed 0.19.8 (pyproject.toml): install that")
-    return InitWithoutBroadcast(config_dict_or_path=ds)
+    return InitWithoutBroadcast(config_dict_or_path=ds, **hpz_group())
+
+
+def hpz_group() -> dict:
+    """zero.Init's keyword for hpz's secondary group when this process made it already (a second model built
+    in one process: DeepSpeed creates the group once and refuses to create it again); {} otherwise."""
+    from deepspeed.utils import groups
+    group = groups._get_zero_param_intra_parallel_group()
+    return {} if group is None else {"zero_param_parallel_group": group}
 
 
 def zero3_slice(param):

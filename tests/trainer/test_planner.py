@@ -43,6 +43,13 @@ def test_cora_plan_auto_names_the_choice(capsys):
     one, two = capsys.readouterr().out.splitlines()[-2:]
     assert "[replicated without activation checkpointing: " in one
     assert "[replicated with activation checkpointing: " in two and "without activation checkpointing does not fit" in two
+    # 70B over 2 nodes of 8 GPUs: whole it fits nowhere, and hpz keeps the gathers of the base within a node
+    assert main(["plan", "--llm", "llama-3-70b-shape", "--workers", "8,16", "--node-ranks", "8", "--dtype", "bfloat16",
+                 "--hardware", "h100", "--partitioning", "auto", "--activation-checkpointing", "--json"]) == 0
+    eight, sixteen = json.loads(capsys.readouterr().out)
+    assert eight["setup"]["partitioning"] == "zero3" and "hpz would take" in eight["reason"]     # one node: a tie
+    assert sixteen["setup"]["partitioning"] == "hpz" and sixteen["setup"]["node_ranks"] == 8
+    assert "replicated does not fit" in sixteen["reason"]
 
 
 def test_cora_train_resolves_auto_partitioning_before_the_workers_start():
