@@ -93,7 +93,8 @@ class EngineConfig:
     node_ranks: int | Literal["auto"] = "auto"
     """Ranks per node: hpz's secondary group (DeepSpeed's zero_hpz_partition_size, which must divide the
     world) and, for the planner (partitioning auto), which collectives cross nodes. auto: in the workers, the
-    ranks Ray Train put on the worker's node; in the planner, every rank on one node (so it never picks hpz:
+    ranks Ray Train put on the worker's node (the same on every node, or hpz is refused: ``node_ranks_agreed``);
+    in the planner, every rank on one node (so it never picks hpz:
     set this on a multi-node cluster)."""
     zero_stage: Literal["auto", 2, 3] = "auto"
     """The ZeRO stage over the trainable generator and P. 3: partitioned, gathered by hooks on every module
@@ -194,6 +195,20 @@ def ds_config(cfg: EngineConfig, world_size: int, hidden_size: int | None = None
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+
+
+def node_ranks_agreed(local_ranks: int) -> int:
+    """This worker's node-local rank count, checked to be every worker's (a collective: every rank calls it).
+    hpz's secondary groups are whole nodes; with workers placed unevenly over the nodes, the ranks would build
+    different groups and DeepSpeed would wait forever."""
+    import torch.distributed as dist
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, local_ranks)
+    if len(set(counts)) > 1:
+        raise ValueError(f"engine.partitioning=hpz with engine.node_ranks=auto needs the same number of workers on "
+                         f"every node, but the nodes hold {sorted(set(counts))} (per rank: {counts}); place the "
+                         f"workers evenly, or set engine.node_ranks to a number that divides every node's count")
+    return local_ranks
 
 
 def build_llm(llm_cfg, ds: dict, partitioning: str):

@@ -206,7 +206,10 @@ class Recipe:
         if cfg.engine.needs_hidden_size:                       # a ZeRO-3 size sized to the model ('auto')
             from .planner import shape_of
             hidden = shape_of(cfg.llm.name).hidden
-        ds = eng.ds_config(cfg.engine, self.world, hidden, self.local_ranks)
+        local = self.local_ranks
+        if cfg.engine.partitioning == "hpz" and cfg.engine.node_ranks == "auto":
+            local = eng.node_ranks_agreed(local)
+        ds = eng.ds_config(cfg.engine, self.world, hidden, local)
         llm, tok = eng.build_llm(cfg.llm, ds, cfg.engine.partitioning)
         self.tok = tok
         if cfg.engine.activation_checkpointing not in (True, False):

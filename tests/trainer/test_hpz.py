@@ -2,7 +2,7 @@
 frozen base over each node's ranks): a shape preset built partitioned (the path where the secondary partitions
 were cut before the weights were written) scores exactly what one process's whole build scores, at the first
 forward (gathered over all ranks) and at the next ones (gathered within the node, from the secondary
-partitions), and the training step runs."""
+partitions), and the training step runs; workers placed unevenly over the nodes are refused on every rank."""
 
 import os
 import socket
@@ -43,8 +43,15 @@ def rank_main(rank: int, port: int, tmp: str) -> None:
     import deepspeed
 
     from cora.llm import LLMConfig
-    from trainer.engine import EngineConfig, build_llm, ds_config, frozen_weights, init_distributed, partition_stats
+    from trainer.engine import (EngineConfig, build_llm, ds_config, frozen_weights, init_distributed,
+                                node_ranks_agreed, partition_stats)
     init_distributed("cpu")
+    try:                               # workers placed unevenly (rank 0 alone on its node): refused on every rank
+        node_ranks_agreed(1 if rank == 0 else NODE)
+        uneven = ""
+    except ValueError as e:
+        uneven = str(e)
+    assert node_ranks_agreed(NODE) == NODE
     ds = ds_config(EngineConfig(partitioning="hpz", micro_batch_size=2), WORLD, local_ranks=NODE)
     llm, _ = build_llm(LLMConfig(name=TINY_SHAPE), ds, "hpz")
     model = Scalar(llm)
@@ -59,7 +66,7 @@ def rank_main(rank: int, port: int, tmp: str) -> None:
         logits.append(out.detach())
         if len(logits) == 1:
             after_first = partition_stats(frozen_weights(llm))
-    torch.save({"logits": logits, "after_first": after_first, "hpz": ds["zero_optimization"]["zero_hpz_partition_size"],
+    torch.save({"uneven": uneven, "logits": logits, "after_first": after_first, "hpz": ds["zero_optimization"]["zero_hpz_partition_size"],
                 "group": deepspeed.utils.groups._get_zero_param_intra_parallel_group_world_size()},
                Path(tmp, f"rank{rank}.pt"))
     deepspeed.comm.barrier()
@@ -82,6 +89,7 @@ def test_hpz_scores_what_one_process_scores_before_and_after_its_secondary_parti
     for r in range(WORLD):
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert got["hpz"] == NODE and got["group"] == NODE          # secondary groups of 2 ranks: two "nodes"
+        assert "the nodes hold [1, 2] (per rank: [1, 2, 2, 2])" in got["uneven"]
         stats = got["after_first"]
         # a quarter of every frozen weight as the primary partition, half of it as the node's secondary one
         assert stats["share"] == pytest.approx(1 / WORLD, abs=0.01)
