@@ -110,6 +110,13 @@ def gather_constants() -> tuple[float, float]:
     return bandwidth, latency
 
 
+def solve2(first: tuple, second: tuple) -> tuple[float, float]:
+    """(x, y) with a x + b y = c for both (a, b, c)."""
+    (a1, b1, c1), (a2, b2, c2) = first, second
+    det = a1 * b2 - a2 * b1
+    return (c1 * b2 - c2 * b1) / det, (a1 * c2 - a2 * c1) / det
+
+
 def fit(report: str, size: str, small: str, flops: float, latency: float) -> dict:
     """The step-level constants from a cora scale report (see the module docstring)."""
     import csv
@@ -144,31 +151,29 @@ def fit(report: str, size: str, small: str, flops: float, latency: float) -> dic
 
     def step(key):
         return float(rows[key]["step_s"])
-    t_r = {k: plan(setup(k), CPU).time for k in ((small, 1, "replicated"), (size, 1, "replicated"))}
-    (st, tt), (sl, tl) = [(step(k) - t["flops"] / flops - t["optimiser"], activation_elements(setup(k)))
-                          for k, t in t_r.items()]
-    element_s = (sl - st) / (tl - tt)
-    step_overhead = st - tt * element_s
-    # S_zero3 - S_replicated = frozen bytes x c + 2 x hooked modules x t_mod at both sizes (c = 1 / copy bandwidth)
-    (bs, hs, ds), (bl, hl, dl) = [
-        (gathers(setup(z))["elements"] * DTYPE_BYTES[setup(z).dtype],
-         2 * (hooked_modules(setup(z)) - hooked_modules(setup(r))), step(z) - step(r))
-        for z, r in (((k, 1, "zero3"), (k, 1, "replicated")) for k in (small, size))]
-    det = bs * hl - bl * hs
-    c, t_mod = (ds * hl - dl * hs) / det, (bs * dl - bl * ds) / det
+    def alone(k):                             # (activation elements, 1, S - products - AdamW) at W = 1, replicated
+        t = plan(setup((k, 1, "replicated")), CPU).time
+        return activation_elements(setup((k, 1, "replicated"))), 1.0, step((k, 1, "replicated")) - t["flops"] / flops - t["optimiser"]
+    element_s, step_overhead = solve2(alone(small), alone(size))
+    def zero3_over_replicated(k):              # (frozen bytes, hooked modules x passes, S_zero3 - S_replicated) at W = 1
+        z, r = setup((k, 1, "zero3")), setup((k, 1, "replicated"))
+        return (gathers(z)["elements"] * DTYPE_BYTES[z.dtype], 2 * (hooked_modules(z) - hooked_modules(r)),
+                step((k, 1, "zero3")) - step((k, 1, "replicated")))
+    # the difference = frozen bytes x c + hooked modules x passes x t_mod at both sizes (c = 1 / copy bandwidth)
+    c, t_mod = solve2(zero3_over_replicated(small), zero3_over_replicated(size))
     if c <= 0 or t_mod < 0:                   # noise beyond the small size's difference: the large one alone
+        bl, _, dl = zero3_over_replicated(size)
         c, t_mod = dl / bl, 0.0
     copy_bandwidth = 1 / c
     one = dataclasses.replace(CPU, flops=flops, latency=latency, element_s=element_s, step_overhead_s=step_overhead,
                               module_overhead_s=t_mod, copy_bandwidth=None, busy_slowdown=1.0, sync_overhead_s=0.0,
                               bandwidth=1e30)
-    # S = k_busy x (compute + element-wise) + the rest planned + t_sync, at both sizes
-    (cs, rs, ss), (cl, rl, sl2) = [
-        (t["compute"] + t["elementwise"], t["step"] - t["compute"] - t["elementwise"], step(k))
-        for k, t in ((k, plan(setup(k), dataclasses.replace(one, bandwidth=CPU.bandwidth)).time)
-                     for k in ((small, 2, "replicated"), (size, 2, "replicated")))]
-    busy = ((sl2 - rl) - (ss - rs)) / (cl - cs)
-    sync = (ss - rs) - busy * cs
+    def shared_cores(k):                      # (compute + element-wise, 1, S - everything else planned) at W = 2
+        t = plan(setup((k, 2, "replicated")), dataclasses.replace(one, bandwidth=CPU.bandwidth)).time
+        busy_part = t["compute"] + t["elementwise"]
+        return busy_part, 1.0, step((k, 2, "replicated")) - (t["step"] - busy_part)
+    # S - the rest = k_busy x (compute + element-wise) + t_sync at both sizes
+    busy, sync = solve2(shared_cores(small), shared_cores(size))
     two = dataclasses.replace(one, bandwidth=CPU.bandwidth, busy_slowdown=busy, sync_overhead_s=sync)
     z2 = setup((size, 2, "zero3"))
     frozen = (z2.world - 1) / z2.world * gathers(z2)["elements"] * DTYPE_BYTES[z2.dtype]

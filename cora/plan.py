@@ -87,9 +87,9 @@ Step time per rank (seconds), ``plan(...).time``
                  of the base reads it (the first step's gathers span all ranks; not planned)
     reduce       (W - 1)/W x 4 G / BW (the trainable gradients' reduce-scatter, over all ranks)
     optimiser    G / W x t_p (AdamW per parameter, memory-bound; ``Hardware.optim_s_per_param``)
-    overhead     passes x (M x t_mod + L x t_L) + t_0 [+ t_sync when W > 1]: host time per module holding ZeRO-3
-                 parameters and per
-                 pass (ZeRO-3's pre/post module hooks), per decoder layer and pass whatever the partitioning
+    overhead     passes x (M x t_mod + L x t_L) + t_0 [+ t_sync when W > 1]: host time per module holding
+                 ZeRO-3 parameters and per pass (ZeRO-3's pre/post module hooks), per decoder layer and pass
+                 whatever the partitioning
                  (its operators' launches and the hooks on its modules: ``Hardware.layer_overhead_s``, the
                  term that sets a GPU's step at small batches), and per micro-batch whatever the model
                  (``Hardware.step_overhead_s``), and, with several ranks, per micro-batch for the step's fixed
@@ -258,8 +258,7 @@ CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo
                bandwidth=248.7e6, latency=0.2756e-3, optim_s_per_param=0.7e-9, module_overhead_s=0.1348e-3,
                runtime_bytes=670.3e6, comm_bytes=28.48e6, memory_bytes=22 * 2**30, shared_by=2, element_s=5.31e-9,
                step_overhead_s=0.0138, sync_overhead_s=0.01817, copy_bandwidth=2.559e9, busy_slowdown=1.164,
-               activation_factor=1.457,
-               stage3_activation_factor=1.956, gathered_factor=2.182)
+               activation_factor=1.457, stage3_activation_factor=1.956, gathered_factor=2.182)
 # One H100/H200 SXM per rank. The products at 40% of the dense bf16 peak (989 TFLOP/s): the frozen 7B shape's
 # one-process step reached 43% on an H200 (README "On a GPU"). The host terms (t_L, t_mod, t_0) and the
 # activations' factor fitted, by relative least squares, on the six points of `bash benchmarks/gpu_scale.sh`
@@ -322,9 +321,9 @@ class Setup:
             problems.append(f"partitioning {self.partitioning!r} is not one of {', '.join(PARTITIONINGS)}")
         if self.node_ranks is not None and self.node_ranks < 1:
             problems.append(f"node_ranks must be >= 1 or None, got {self.node_ranks}")
-        elif self.partitioning == "hpz" and self.world % self.node_ranks_ != 0:
+        elif self.partitioning == "hpz" and self.world % self.ranks_per_node != 0:
             problems.append(f"hpz needs the world ({self.world}) to be a multiple of the ranks per node "
-                            f"({self.node_ranks_}): DeepSpeed's secondary groups are whole nodes")
+                            f"({self.ranks_per_node}): DeepSpeed's secondary groups are whole nodes")
         if self.zero_stage not in (2, 3):
             problems.append(f"zero_stage {self.zero_stage!r} is not 2 or 3")
         return problems
@@ -340,13 +339,13 @@ class Setup:
         return self.partitioning != "replicated"
 
     @property
-    def node_ranks_(self) -> int:
+    def ranks_per_node(self) -> int:
         """n: the ranks of one node (``node_ranks``, None resolved: all of them)."""
         return min(self.node_ranks or self.world, self.world)
 
     @property
     def multi_node(self) -> bool:
-        return self.world > self.node_ranks_
+        return self.world > self.ranks_per_node
 
 
 @dataclass
@@ -399,7 +398,7 @@ def memory(s: Setup, hw: Hardware) -> dict:
         whole = sh.small_params(s.persistence_threshold)
         frozen = ((sh.params - whole) / w + whole) * b
         if s.partitioning == "hpz":             # + the secondary partition, over the node's n ranks
-            frozen += (sh.params - whole) / s.node_ranks_ * b
+            frozen += (sh.params - whole) / s.ranks_per_node * b
         used = gathers(s)
         gathered = max(used["embedding"], used["kept"]) * b if w > 1 else 0.0
     else:
@@ -428,7 +427,7 @@ def activation_factor(s: Setup, hw: Hardware) -> float:
 def bandwidths(s: Setup, hw: Hardware) -> tuple[float, float]:
     """(BW of a collective over all ranks, BW of the frozen base's gathers): the inter-node bandwidth when the
     ranks span nodes; hpz gathers the base from its node's secondary partition, at ``Hardware.bandwidth``."""
-    world = hw.inter_node_bandwidth or hw.bandwidth if s.multi_node else hw.bandwidth
+    world = (hw.inter_node_bandwidth or hw.bandwidth) if s.multi_node else hw.bandwidth
     return world, hw.bandwidth if s.partitioning == "hpz" else world
 
 
@@ -469,25 +468,30 @@ def gathers(s: Setup) -> dict:
     return {"embedding": embedding, "kept": kept, "elements": elements + embedding, "calls": calls + bool(embedding)}
 
 
+def trainable_modules(s: Setup) -> int:
+    """The modules holding trainable parameters: the injection's P (q/k/v/o in every layer) and the generator's."""
+    return 4 * s.shape.layers + s.generator_modules
+
+
 def hooked_modules(s: Setup) -> int:
     """M: the modules holding ZeRO-3 parameters, each with ZeRO-3's hooks (see the docstring)."""
-    return (s.shape.modules if s.partitioned else 0) + (4 * s.shape.layers + s.generator_modules if s.stage == 3 else 0)
+    return (s.shape.modules if s.partitioned else 0) + (trainable_modules(s) if s.stage == 3 else 0)
 
 
 def step_time(s: Setup, hw: Hardware) -> dict:
     sh, w, b = s.shape, s.world, DTYPE_BYTES[s.dtype]
     passes = 3 if s.activation_checkpointing else 2
     f = flops(s)
-    g, trainable_modules = trainable_params(s), 4 * sh.layers + s.generator_modules
+    g = trainable_params(s)
     gather = 0.0
     bw_world, bw_frozen = bandwidths(s, hw)
     if w > 1:
         frozen = gathers(s) if s.partitioned else {"elements": 0, "calls": 0}
-        n = s.node_ranks_ if s.partitioning == "hpz" else w     # hpz: a gather among the node's n ranks
+        n = s.ranks_per_node if s.partitioning == "hpz" else w     # hpz: a gather among the node's n ranks
         # the trainable weights (a few MB) are held from forward to backward: gathered once (stage 3, a call
         # per module holding them), or all-gathered once after the optimiser step (stage 2, one call)
         gather = ((n - 1) / n * frozen["elements"] * b / bw_frozen + (w - 1) / w * 4 * g / bw_world
-                  + (frozen["calls"] + (trainable_modules if s.stage == 3 else 1)) * hw.latency)
+                  + (frozen["calls"] + (trainable_modules(s) if s.stage == 3 else 1)) * hw.latency)
     reduce = (w - 1) / w * g * 4 / bw_world
     if w == 1 and s.partitioned and hw.copy_bandwidth:
         gather = gathers(s)["elements"] * b / hw.copy_bandwidth
