@@ -13,9 +13,9 @@
         --flops 104.9e9 [--json]
 
 fits the constants only a training step shows, from a ``cora scale`` report run with ``--workers 1,2
---partitioning zero3,replicated``: the large size's four points, the small size's two replicated ones and
-its 1-worker zero3 one (every other point of the report is left to validate them). F, the latency and t_p
-are calibrate's own figures (given); S is a point's measured step, the planner's terms are taken at its
+--partitioning zero3,replicated``: the four points of each of the two sizes (every other point of the report
+is left to validate them). F and t_p are calibrate's own figures (given; the latency given is where the fit of
+the latency starts); S is a point's measured step, the planner's terms are taken at its
 measured prompt lengths (the mean for the time, the longest for the memory) and at the ZeRO stage it ran
 (the report's zero_stage: a replicated base's generator and P under stage 2 hook no module):
 
@@ -28,7 +28,11 @@ measured prompt lengths (the mean for the time, the longest for the memory) and 
   busy_slowdown, sync_overhead_s   from the two sizes' 2-worker replicated points: S = k_busy x (flops / F +
                      elements x t_e) + the trainable part's gathers, reduce and AdamW + t_0 + t_sync, two
                      equations (the two ranks share the 2 cores; the step's fixed collectives wait on each other)
-  bandwidth          the frozen base's gathered bytes / (S_zero3 - everything else planned), at W = 2
+  bandwidth, latency from the two sizes' 2-worker zero3 points: S - everything else planned = the bytes the
+                     step's collectives move / BW + their calls x lat, two equations (the large size's bytes
+                     set BW, the small size's ~60 calls the latency under the two ranks' contention). The two
+                     pairs lean on each other's constants a little (the trainable part's collectives): solved
+                     in turns until they settle
   runtime_bytes      R = the W = 1 replicated rank's resident set after set-up - its frozen and trainable bytes
   activation_factor  (peak - resident set after set-up) / planned activations, W = 1 replicated
   stage3_activation_factor   the same at W = 1, zero3 (ZeRO-3's module hooks)
@@ -127,8 +131,7 @@ def fit(report: str, size: str, small: str, flops: float, latency: float) -> dic
     from trainer.train import _cf_info
     rows = {(r["size"], int(r["workers"]), r["partitioning"]): r
             for r in csv.DictReader(open(Path(report, "scaling.csv"))) if r["status"] == "measured"}
-    need = ([(size, w, p) for w in (1, 2) for p in ("zero3", "replicated")] + [(small, w, "replicated") for w in (1, 2)]
-            + [(small, 1, "zero3")])
+    need = [(k, w, p) for k in (small, size) for w in (1, 2) for p in ("zero3", "replicated")]
     if [k for k in need if k not in rows]:
         raise SystemExit(f"--fit: {report} lacks the measured points {[k for k in need if k not in rows]}: run cora "
                          f"scale with --sizes {small},{size} --workers 1,2 --partitioning zero3,replicated")
@@ -166,18 +169,31 @@ def fit(report: str, size: str, small: str, flops: float, latency: float) -> dic
         c, t_mod = dl / bl, 0.0
     copy_bandwidth = 1 / c
     one = dataclasses.replace(CPU, flops=flops, latency=latency, element_s=element_s, step_overhead_s=step_overhead,
-                              module_overhead_s=t_mod, copy_bandwidth=None, busy_slowdown=1.0, sync_overhead_s=0.0,
-                              bandwidth=1e30)
-    def shared_cores(k):                      # (compute + element-wise, 1, S - everything else planned) at W = 2
-        t = plan(setup((k, 2, "replicated")), dataclasses.replace(one, bandwidth=CPU.bandwidth)).time
+                              module_overhead_s=t_mod, copy_bandwidth=None, busy_slowdown=1.0, sync_overhead_s=0.0)
+
+    def shared_cores(k, hw):                  # (compute + element-wise, 1, S - everything else planned) at W = 2
+        t = plan(setup((k, 2, "replicated")), hw).time
         busy_part = t["compute"] + t["elementwise"]
         return busy_part, 1.0, step((k, 2, "replicated")) - (t["step"] - busy_part)
-    # S - the rest = k_busy x (compute + element-wise) + t_sync at both sizes
-    busy, sync = solve2(shared_cores(small), shared_cores(size))
-    two = dataclasses.replace(one, bandwidth=CPU.bandwidth, busy_slowdown=busy, sync_overhead_s=sync)
-    z2 = setup((size, 2, "zero3"))
-    frozen = (z2.world - 1) / z2.world * gathers(z2)["elements"] * DTYPE_BYTES[z2.dtype]
-    bandwidth = frozen / (step((size, 2, "zero3")) - (plan(z2, two).time["step"] - frozen / CPU.bandwidth))
+
+    def communication(k, hw):                 # (bytes moved, collective calls, S - everything else planned) at W = 2
+        s, free = setup((k, 2, "zero3")), dataclasses.replace(hw, bandwidth=1e30, latency=0.0)
+        rest = plan(s, free).time["step"]
+        moved = plan(s, dataclasses.replace(free, bandwidth=1.0)).time["step"] - rest     # seconds at 1 B/s
+        calls = plan(s, dataclasses.replace(free, latency=1.0)).time["step"] - rest
+        return moved, calls, step((k, 2, "zero3")) - rest
+    # S - the rest = k_busy x (compute + element-wise) + t_sync at both sizes (replicated), and = bytes / BW +
+    # calls x lat (zero3); each pair leans on the other's constants a little: solved in turns until they settle
+    bandwidth, latency_fit = CPU.bandwidth, latency
+    for _ in range(8):
+        busy, sync = solve2(*(shared_cores(k, dataclasses.replace(one, bandwidth=bandwidth, latency=latency_fit))
+                              for k in (small, size)))
+        two = dataclasses.replace(one, busy_slowdown=busy, sync_overhead_s=sync)
+        per_byte, latency_fit = solve2(*(communication(k, two) for k in (small, size)))
+        if per_byte <= 0 or latency_fit < 0:  # noise beyond the small size's gathers: the large size's alone
+            moved, calls, left = communication(size, dataclasses.replace(two, latency=latency))
+            per_byte, latency_fit = (left - calls * latency) / moved, latency
+        bandwidth = 1 / per_byte
 
     unit = dataclasses.replace(CPU, activation_factor=1.0, gathered_factor=1.0, runtime_bytes=0.0, comm_bytes=0.0,
                                stage3_activation_factor=None)
@@ -195,7 +211,7 @@ def fit(report: str, size: str, small: str, flops: float, latency: float) -> dic
     comm = peak((small, 2, "replicated")) - (runtime + m2["frozen"] + m2["trainable"] + a_act * m2["activations"])
     m3 = memory(setup((size, 2, "zero3"), longest=True), unit)
     a_gat = (peak((size, 2, "zero3")) - (runtime + comm + m3["frozen"] + m3["trainable"] + a_act3 * m3["activations"])) / m3["gathered"]
-    return {"flops": flops, "latency": latency, "element_s": element_s, "step_overhead_s": step_overhead,
+    return {"flops": flops, "latency": latency_fit, "element_s": element_s, "step_overhead_s": step_overhead,
             "module_overhead_s": t_mod, "copy_bandwidth": copy_bandwidth, "busy_slowdown": busy,
             "sync_overhead_s": sync, "bandwidth": bandwidth,
             "runtime_bytes": runtime, "activation_factor": a_act, "stage3_activation_factor": a_act3,

@@ -241,23 +241,24 @@ class Hardware:
     slowest link sets it); None: ``bandwidth`` (one node, or not known)."""
 
 
-# This project's 2-core CPU machine (05 Dec 2026, 23:40-00:03 UTC). F and the latency by ``python
-# benchmarks/calibrate.py --json`` (104.9 GFLOP/s, 0.28 ms); t_p the fused AdamW's (0.5-0.8 ns; AdamW is a small
-# term: the fit subtracts it from each measured step). Every other constant fitted by ``python
-# benchmarks/calibrate.py --fit REPORT --size smollm2-360m-shape --small tiny-llama --flops 104.9e9 --latency
-# 0.2756e-3`` on the report of ``cora scale --config configs/demo.yaml --sizes tiny-llama,smollm2-135m-shape,
-# smollm2-360m-shape --workers 1,2 --partitioning zero3,replicated --steps 14 --warmup 4 data.max_length=192``
-# (the replicated points under ZeRO stage 2, their default): from the 360M shape's four points and tiny-llama's
-# two replicated ones and its 1-worker zero3 one. The 135M shape's four points and tiny-llama's 2-worker zero3
-# one validate them (the README's table). t_mod, 0.13 ms per ZeRO-3-hooked module and pass, is what separates
-# a zero3 step from a replicated one beside the handling of the frozen bytes; t_0 is what is left per step.
+# This project's 2-core CPU machine (05 Dec 2026, 23:40-00:03 UTC). F by ``python benchmarks/calibrate.py --json``
+# (104.9 GFLOP/s); t_p the fused AdamW's (0.5-0.8 ns; AdamW is a small term: the fit subtracts it from each measured
+# step). Every other constant fitted by ``python benchmarks/calibrate.py --fit REPORT --size smollm2-360m-shape
+# --small tiny-llama --flops 104.9e9 --latency 0.2756e-3`` on the report of ``cora scale --config configs/demo.yaml
+# --sizes tiny-llama,smollm2-135m-shape,smollm2-360m-shape --workers 1,2 --partitioning zero3,replicated --steps 14
+# --warmup 4 data.max_length=192`` (the replicated points under ZeRO stage 2, their default): from the four points
+# of the 360M shape and of tiny-llama. The 135M shape's four points validate them, and the hpz points of ``cora
+# scale ... --workers 2 --partitioning hpz`` (the README's tables). t_mod, 0.13 ms per ZeRO-3-hooked module and
+# pass, is what separates a zero3 step from a replicated one beside the handling of the frozen bytes; the latency
+# (41 us per collective under the two ranks' contention; calibrate measures 0.28 ms idle, which the fit starts
+# from) and the bandwidth are what a 2-rank zero3 step's gathers cost; t_0 is what is left per step.
 # The element-wise rate, the allocator's high-water factors and the two ranks' contention for the 2 cores are
 # properties of this machine, whose speed drifts by tens of percent between sessions (t_e was 2.6, 6.1 and now
 # 5.3 ns): fit them again on another.
 CPU = Hardware(name="cpu (this project's 2-core machine, 1 thread per rank, gloo)", flops=104.9e9,
-               bandwidth=248.7e6, latency=0.2756e-3, optim_s_per_param=0.7e-9, module_overhead_s=0.1348e-3,
+               bandwidth=240.1e6, latency=41.31e-6, optim_s_per_param=0.7e-9, module_overhead_s=0.1348e-3,
                runtime_bytes=670.3e6, comm_bytes=28.48e6, memory_bytes=22 * 2**30, shared_by=2, element_s=5.31e-9,
-               step_overhead_s=0.0138, sync_overhead_s=0.01817, copy_bandwidth=2.559e9, busy_slowdown=1.164,
+               step_overhead_s=0.0138, sync_overhead_s=0.01831, copy_bandwidth=2.559e9, busy_slowdown=1.164,
                activation_factor=1.457, stage3_activation_factor=1.956, gathered_factor=2.182)
 # One H100/H200 SXM per rank. The products at 40% of the dense bf16 peak (989 TFLOP/s): the frozen 7B shape's
 # one-process step reached 43% on an H200 (README "On a GPU"). The host terms (t_L, t_mod, t_0) and the
