@@ -225,7 +225,8 @@ def main() -> None:
     ap.add_argument("--size", help="with --fit: the size whose four points to fit on")
     ap.add_argument("--small", default="tiny-llama", help="with --fit: the small size (its 1-worker replicated point)")
     ap.add_argument("--flops", type=float, help="with --fit: F, calibrate's FLOP/s (default: measured now)")
-    ap.add_argument("--latency", type=float, default=0.29e-3, help="with --fit: seconds per gather call")
+    ap.add_argument("--latency", type=float, default=0.29e-3,
+                    help="with --fit: seconds per gather call to start the fit of the latency from")
     args = ap.parse_args()
     if args.fit:
         if not args.size:
