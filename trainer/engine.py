@@ -220,14 +220,7 @@ def build_llm(llm_cfg, ds: dict, partitioning: str):
     if partitioning not in ("zero3", "hpz"):
         raise ValueError(f"partitioning must be zero3, hpz or replicated here, got {partitioning!r} ('auto' is "
                          "resolved by cora train before the workers start)")
-    llm, tok = build_partitioned_llm(llm_cfg, ds)
-    for p in llm.parameters():
-        # hpz: zero.Init cut each weight's secondary partition from the tensor as it was then, before a shape
-        # preset's values were written into the primary partitions. Dropped, they are cut again from the
-        # whole weight at its first gather (a gather over all ranks, once).
-        if getattr(p, "ds_secondary_tensor", None) is not None:
-            p.ds_secondary_tensor = None
-    return llm, tok
+    return build_partitioned_llm(llm_cfg, ds)
 
 
 REPLICATED = "_cora_replicated"
@@ -308,6 +301,12 @@ def build_partitioned_shape(llm_cfg, ds: dict):
         llm = AutoModelForCausalLM.from_config(cfg, dtype=_DTYPES[llm_cfg.dtype])
     llm.tie_weights()
     init_shape_weights(llm, llm_cfg.seed, locate=zero3_slice)
+    for p in llm.parameters():
+        # hpz: zero.Init cut each weight's secondary partition from the tensor as it was then, before the values
+        # above were written into the primary partitions. Dropped, they are cut again from the whole weight at
+        # its first gather (a gather over all ranks, once).
+        if getattr(p, "ds_secondary_tensor", None) is not None:
+            p.ds_secondary_tensor = None
     llm.requires_grad_(False)
     llm.eval()
     return llm, tok
