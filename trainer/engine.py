@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from cora.plan import PARTITIONINGS
+
 
 
 
@@ -94,8 +96,7 @@ class EngineConfig:
     """Ranks per node: hpz's secondary group (DeepSpeed's zero_hpz_partition_size, which must divide the
     world) and, for the planner (partitioning auto), which collectives cross nodes. auto: in the workers, the
     ranks Ray Train put on the worker's node (the same on every node, or hpz is refused: ``node_ranks_agreed``);
-    in the planner, every rank on one node (so it never picks hpz:
-    set this on a multi-node cluster)."""
+    in the planner, every rank on one node (so it never picks hpz: set this on a multi-node cluster)."""
     zero_stage: Literal["auto", 2, 3] = "auto"
     """The ZeRO stage over the trainable generator and P. 3: partitioned, gathered by hooks on every module
     that holds them, before its forward and again before its backward. 2: whole on every rank (a few MB to
@@ -114,13 +115,13 @@ class EngineConfig:
                             f"and {self.gradient_accumulation}): the accumulation is derived from the global batch")
         if self.gradient_clipping < 0:
             problems.append(f"gradient_clipping must be >= 0, got {self.gradient_clipping}")
-        if self.partitioning not in ("zero3", "hpz", "replicated", "auto"):
-            problems.append(f"partitioning must be zero3, hpz, replicated or auto, got {self.partitioning!r}")
+        if self.partitioning not in (*PARTITIONINGS, "auto"):
+            problems.append(f"partitioning must be {', '.join(PARTITIONINGS)} or auto, got {self.partitioning!r}")
         if self.node_ranks != "auto" and (not isinstance(self.node_ranks, int) or self.node_ranks < 1):
             problems.append(f"node_ranks must be >= 1 or 'auto', got {self.node_ranks!r}")
         if self.zero_stage not in ("auto", 2, 3):
             problems.append(f"zero_stage must be 2, 3 or auto, got {self.zero_stage!r}")
-        elif self.zero_stage == 2 and self.partitioning in ("zero3", "hpz"):
+        elif self.zero_stage == 2 and self.partitioned:
             problems.append(f"zero_stage 2 needs the frozen base whole on every rank, but partitioning is "
                             f"{self.partitioning}: set engine.partitioning=replicated (or auto), or engine.zero_stage=3")
         problems += [f"{k} must be >= 0 or 'auto', got {getattr(self, k)}" for k in ("persistence_threshold",
@@ -134,9 +135,14 @@ class EngineConfig:
         if self.partitioning == "auto":
             raise ValueError("engine.partitioning is 'auto': cora train resolves it before the workers start "
                              "(trainer.planner.resolve_auto)")
-        if self.partitioning in ("zero3", "hpz"):    # also where 'auto' chose it: ZeRO-3 must gather the base
+        if self.partitioned:                      # also where 'auto' chose it: ZeRO-3 must gather the base
             return 3
         return self.replicated_stage
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether ZeRO-3 partitions the frozen base (zero3, hpz)."""
+        return self.partitioning in ("zero3", "hpz")
 
     @property
     def replicated_stage(self) -> int:

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from cora.plan import PARTITIONINGS
+
 GENERATORS = {"demo": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
               "paper": {}}
 """The demo config's small generator and the paper's Q-Former (hidden 512, 8 layers, 8 heads)."""
@@ -108,7 +110,7 @@ def resolve_auto(cfg, cf_dim: int) -> str:
 def choose_for(cfg, partitioning: str, hw, cf_dim: int):
     """(plan, reason) of ``cora.plan.choose`` for the config with ``partitioning`` ('auto': either) and its
     activation checkpointing ('auto': either); the config's engine is set to the choice (both concrete)."""
-    from cora.plan import PARTITIONINGS, choose
+    from cora.plan import choose
     e = cfg.engine
     best, why = choose(setup_of(cfg, "zero3", cf_dim), hw, checkpointing_options(cfg),
                        PARTITIONINGS if partitioning == "auto" else (partitioning,))
@@ -127,7 +129,7 @@ def add_parser(sub) -> None:
     p.add_argument("--activation-checkpointing", nargs="?", const="on", default="off", choices=["on", "off", "auto"],
                    help="recompute the activations in backward (the flag alone: on); auto: the planner's choice, "
                         "on only where the activations do not fit otherwise")
-    p.add_argument("--partitioning", choices=["zero3", "hpz", "replicated", "auto"], default="zero3",
+    p.add_argument("--partitioning", choices=[*PARTITIONINGS, "auto"], default="zero3",
                    help="auto: the fastest that fits, with the reason")
     p.add_argument("--node-ranks", type=int, help="ranks per node (default: every rank on one node): which "
                                                   "collectives cross nodes, and hpz's secondary group")
@@ -148,7 +150,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import dataclasses
 
-    from cora.plan import HARDWARE, PARTITIONINGS, choose, plan
+    from cora.plan import HARDWARE, choose, plan
     hw = HARDWARE[args.hardware]
     if args.memory_gib is not None:
         hw = dataclasses.replace(hw, memory_bytes=args.memory_gib * 2**30)

@@ -44,6 +44,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from cora.plan import PARTITIONINGS
+
 COLUMNS = ["size", "params", "workers", "micro_batch", "global_batch", "seq_len", "longest", "partitioning",
            "zero_stage", "status",
            "samples_per_s", "tokens_per_s", "tokens_per_s_per_worker", "mfu", "step_s", "peak_rss_mib",
@@ -98,9 +100,9 @@ def _main(args, out) -> int:
         workers = []
         problems.append(f"--workers {args.workers!r} is not a comma-separated list of integers (e.g. 1,2)")
     partitionings = [p for p in args.partitioning.split(",") if p]
-    bad = [p for p in partitionings if p not in ("zero3", "hpz", "replicated", "auto")]
+    bad = [p for p in partitionings if p not in (*PARTITIONINGS, "auto")]
     if bad or not partitionings:
-        problems.append(f"--partitioning {args.partitioning!r}: each must be zero3, hpz, replicated or auto")
+        problems.append(f"--partitioning {args.partitioning!r}: each must be {', '.join(PARTITIONINGS)} or auto")
     if args.steps <= args.warmup:
         problems.append(f"--steps {args.steps} must exceed --warmup {args.warmup} (nothing would be measured)")
     if problems:
