@@ -22,7 +22,7 @@ carry=(transformers peft webdataset braceexpand hjson pydantic pydantic-core ann
        typing-extensions jsonschema referencing rpds-py jsonschema-specifications aiohttp-cors colorful opencensus
        opencensus-context google-api-core googleapis-common-protos google-auth proto-plus pyasn1 pyasn1-modules
        cryptography cffi pycparser opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions
-       opentelemetry-proto opentelemetry-exporter-prometheus smart-open tensorboardx)
+       opentelemetry-proto opentelemetry-exporter-prometheus smart-open tensorboardx xxhash)
 platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
 tmp=$(mktemp -d)
@@ -32,7 +32,7 @@ mkdir -p "$out"
 
 echo "[bundle] resolving for CPython 3.12 ..." >&2
 "$venv/bin/python" -m pip download -q "${platform[@]}" -d "$tmp/all" "ray[default,train]==$(pin ray | cut -d= -f3)" \
-    "$(pin transformers)" "$(pin webdataset)" "$(pin peft)" \
+    "$(pin transformers)" "$(pin webdataset)" "$(pin peft)" "$(pin xxhash)" \
     pydantic hjson "typing-extensions>=4.16"
 for f in "$tmp"/all/*.whl; do
     name=$(basename "$f" | cut -d- -f1 | tr '_A-Z' '-a-z')

@@ -31,7 +31,6 @@ Dashboard metrics: ``cora_prefetch_depth`` (gauge, ready batches queued), ``cora
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import sys
@@ -45,7 +44,7 @@ import ray
 from ray.util.metrics import Counter, Gauge
 
 from cora.data.schema import manifest_domains, read_manifest
-from cora.fileio import entry_problem, is_remote, join, open_fs, storage_env
+from cora.fileio import entry_digest, entry_problem, hasher, is_remote, join, open_fs, storage_env
 from cora.prompts import pad_prompts
 
 from . import plan
@@ -71,19 +70,19 @@ def split_shards(manifest: dict, data_dir: str, split: str) -> tuple[list[str], 
 class _Hashing:
     """A read-only stream that counts and hashes what is read through it (a shard checked as it streams)."""
 
-    def __init__(self, raw):
-        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+    def __init__(self, raw, digest: str):
+        self.raw, self.hash, self.size = raw, hasher(digest), 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
-        self.sha.update(data)
+        self.hash.update(data)
         self.size += len(data)
         return data
 
 
 def read_shard(uri: str, entry: dict | str | None) -> list[dict]:
     """The samples of one WebDataset shard at a path or URI (``pyarrow.fs``), streamed: the tar is parsed
-    as its bytes arrive, never held whole, and its size and sha256 are checked against ``entry`` (its
+    as its bytes arrive, never held whole, and its size and digest are checked against ``entry`` (its
     dataset.json entry; None: unchecked, a directory written before checksums) once read to the end.
 
     The tar is read with the standard library's streaming ``tarfile`` mode, not webdataset's reader:
@@ -93,7 +92,7 @@ def read_shard(uri: str, entry: dict | str | None) -> list[dict]:
     fs, path = open_fs(uri)
     try:
         with fs.open_input_stream(path) as raw:
-            src = _Hashing(raw)
+            src = _Hashing(raw, entry_digest(entry)[0] if entry is not None else "sha256")
             with tarfile.open(fileobj=src, mode="r|") as tar:
                 samples = [json.loads(tar.extractfile(m).read()) for m in tar
                            if m.isfile() and m.name.endswith(".json")]
@@ -103,7 +102,7 @@ def read_shard(uri: str, entry: dict | str | None) -> list[dict]:
         raise DataError(f"shard file {uri} is missing; prepare the data again") from None
     except tarfile.TarError as e:
         raise DataError(f"shard file {uri} is not a readable tar ({e}); prepare the data again") from None
-    problem = entry_problem(entry, src.size, src.sha.hexdigest) if entry is not None else None
+    problem = entry_problem(entry, src.size, lambda name: src.hash.hexdigest()) if entry is not None else None
     if problem:
         raise DataError(f"shard file {uri} {problem} (dataset.json); prepare the data again")
     if src.size % 512:      # a tar cut at a member's header just ends; a whole one is whole 512-byte blocks

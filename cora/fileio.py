@@ -2,9 +2,14 @@
 and opening local or object-storage locations through ``pyarrow.fs``.
 
 Every manifest this project writes (a data directory's dataset.json, a CF run's cf.json, a
-checkpoint's manifest.json) lists its files in one format, ``"files": {name: {"size": bytes, "sha256":
-hex}}`` with ``"files_version": 1`` beside it (``file_entry``); ``entry_problem`` checks a file against
-an entry of this format or of the older ones (data: ``{"bytes", "sha256"}``; CF: the bare sha256).
+checkpoint's manifest.json) lists its files in one format, ``"files": {name: {"size": bytes, DIGEST:
+hex}}`` with ``"files_version": 2`` beside it (``file_entry``). DIGEST names the hash: ``"sha256"``, or
+``"xxh3_128"`` (xxHash's XXH3, 128 bits) for a checkpoint's tensor files, which are hashed as they are
+written while the ranks train: 14 GB/s against sha256's 1.4 GB/s on this project's machine, so a 372 MB
+checkpoint costs 0.03 s of CPU instead of 0.26 s. Version 1 entries hold sha256 only. ``entry_problem``
+checks a file against an entry of either version or of the older formats (data: ``{"bytes",
+"sha256"}``; CF: the bare sha256). Both hashes catch a truncated, corrupted or replaced file; neither is
+meant to resist someone who can also rewrite the manifest.
 
 Object storage: ``s3://bucket/path`` (``gs://``, ``hdfs://`` and ``file://`` work the same way).
 An S3-compatible server other than AWS is selected with ``CORA_S3_ENDPOINT`` (e.g.
@@ -36,35 +41,76 @@ SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 """Credentials (or where they are) that must not travel in a runtime_env: each node has its own."""
 
 
-FILES_VERSION = 1
+FILES_VERSION = 2
+"""2: an entry's digest is "sha256" or "xxh3_128"; 1: "sha256" only."""
+
+DIGESTS = ("sha256", "xxh3_128")
+
+
+def hasher(digest: str = "sha256"):
+    """A fresh hash object (``update``, ``hexdigest``) of one of ``DIGESTS``."""
+    if digest == "sha256":
+        return hashlib.sha256()
+    if digest == "xxh3_128":
+        import xxhash
+        return xxhash.xxh3_128()
+    raise ValueError(f"unknown digest {digest!r}; this version reads {', '.join(DIGESTS)}")
+
+
+def hexdigest(data: bytes, digest: str = "sha256") -> str:
+    """The hex digest of bytes in memory."""
+    h = hasher(digest)
+    h.update(data)
+    return h.hexdigest()
 
 
 def sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: str | Path, digest: str) -> str:
+    """Hex digest (one of ``DIGESTS``) of a file's bytes."""
+    h = hasher(digest)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def file_entry(source: str | Path | bytes) -> dict:
-    """The manifest entry of a file (a path) or of its bytes: {"size", "sha256"}."""
+def file_entry(source: str | Path | bytes, digest: str = "sha256") -> dict:
+    """The manifest entry of a file (a path) or of its bytes: {"size", digest}."""
     if isinstance(source, bytes):
-        return {"size": len(source), "sha256": hashlib.sha256(source).hexdigest()}
-    return {"size": Path(source).stat().st_size, "sha256": sha256(source)}
+        return {"size": len(source), digest: hexdigest(source, digest)}
+    return {"size": Path(source).stat().st_size, digest: file_digest(source, digest)}
 
 
-def entry_problem(entry: dict | str, size: int, digest: Callable[[], str]) -> str | None:
-    """Why a file of ``size`` bytes, whose sha256 ``digest()`` computes (only when the size matches), does
-    not match its manifest ``entry``; None when it does. Reads every entry format ever written."""
-    want_size, want_sha = (None, entry) if isinstance(entry, str) else (entry.get("size", entry.get("bytes")),
-                                                                         entry["sha256"])
+def entry_digest(entry: dict | str) -> tuple[str, str]:
+    """(digest name, hex) of a manifest entry of any format ever written."""
+    if isinstance(entry, str):
+        return "sha256", entry
+    for name in DIGESTS:
+        if name in entry:
+            return name, entry[name]
+    raise ValueError(f"a manifest entry without a digest this version reads ({', '.join(DIGESTS)}): {entry}")
+
+
+def entry_problem(entry: dict | str, size: int, digest: Callable[[str], str]) -> str | None:
+    """Why a file of ``size`` bytes, whose hex digest ``digest(name)`` computes (only when the size matches,
+    with the hash the entry names), does not match its manifest ``entry``; None when it does. Reads every
+    entry format ever written."""
+    want_size = None if isinstance(entry, str) else entry.get("size", entry.get("bytes"))
+    name, want = entry_digest(entry)
     if want_size is not None and size != want_size:
         return f"has {size} bytes where the manifest says {want_size} (truncated or replaced)"
-    if digest() != want_sha:
-        return "does not match the sha256 in the manifest (changed or corrupted)"
+    if digest(name) != want:
+        return f"does not match the {name} in the manifest (changed or corrupted)"
     return None
+
+
+def bytes_problem(data: bytes, entry: dict | str) -> str | None:
+    """``entry_problem`` of bytes in memory."""
+    return entry_problem(entry, len(data), lambda name: hexdigest(data, name))
 
 
 def file_problem(path: str | Path, entry: dict | str) -> str | None:
@@ -72,7 +118,7 @@ def file_problem(path: str | Path, entry: dict | str) -> str | None:
     path = Path(path)
     if not path.is_file():
         return "is missing"
-    return entry_problem(entry, path.stat().st_size, lambda: sha256(path))
+    return entry_problem(entry, path.stat().st_size, lambda name: file_digest(path, name))
 
 
 def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:

@@ -1,9 +1,12 @@
-"""The one manifest entry format (size + sha256) that data, CF runs and checkpoints share, and the older
-formats still read."""
+"""The one manifest entry format (size + a named digest) that data, CF runs and checkpoints share, and the
+older formats still read."""
 
 import hashlib
 
-from cora.fileio import file_entry, file_problem
+import pytest
+import xxhash
+
+from cora.fileio import bytes_problem, file_entry, file_problem
 
 
 def test_an_entry_catches_a_missing_truncated_or_altered_file_in_every_format(tmp_path):
@@ -23,3 +26,18 @@ def test_an_entry_catches_a_missing_truncated_or_altered_file_in_every_format(tm
     assert all("does not match the sha256" in file_problem(f, e) for e in (entry, old_data, old_cf))
     f.unlink()
     assert file_problem(f, entry) == "is missing"
+
+
+def test_an_xxh3_entry_is_checked_with_xxh3_and_an_unknown_digest_is_named():
+    """Checkpoints' tensor files carry xxh3-128 (cheap enough to hash while the ranks train): the entry names its
+    hash, which is the one checked; a digest this version does not know is an error naming it, not a pass."""
+    data = b"partition" * 1000
+    entry = file_entry(data, "xxh3_128")
+    assert entry == {"size": 9000, "xxh3_128": xxhash.xxh3_128(data).hexdigest()} and len(entry["xxh3_128"]) == 32
+    assert bytes_problem(data, entry) is None
+    assert bytes_problem(data, {"size": 9000, "sha256": hashlib.sha256(data).hexdigest()}) is None
+    altered = b"Partition" + data[9:]
+    assert bytes_problem(altered, entry) == "does not match the xxh3_128 in the manifest (changed or corrupted)"
+    assert "has 8999 bytes where the manifest says 9000" in bytes_problem(data[:-1], entry)
+    with pytest.raises(ValueError, match="without a digest this version reads .*'blake3'"):
+        bytes_problem(data, {"size": 9000, "blake3": "00"})

@@ -53,6 +53,8 @@ def test_commit_verify_and_load_back_exactly(uri, tmp_path):
     assert not list((tmp_path / "staging").iterdir())              # staged copies go once committed
     name, manifest, files = ck.latest_committed(uri)
     assert name == "step-000000006" and manifest["step"] == 6 and set(manifest["files"]) == set(ck.FILES)
+    assert manifest["files_version"] == 2 and all(set(manifest["files"][f]) == {"size", "xxh3_128"} for f in
+                                                  ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"))
     trainable, opt, rng, state = ck.parse(files)
     want = parts(6)
     for got, ref in zip((trainable, opt, rng), want[:3]):
@@ -246,7 +248,7 @@ def direct_io_works(folder) -> bool:
 @pytest.mark.parametrize("direct, buffer_bytes", [(True, 16 << 20), (True, 4096), (False, 8192)])
 def test_tensors_are_streamed_to_safetensors_from_their_pieces_with_the_manifest_entry(tmp_path, direct, buffer_bytes):
     """write_safetensors: a file safetensors reads back exactly (pieces concatenated and cut as given, every dtype a
-    checkpoint holds), whose size and sha256 are those of its bytes, written direct (no page cache) exactly where
+    checkpoint holds), whose size and xxh3-128 are those of its bytes, written direct (no page cache) exactly where
     the filesystem takes O_DIRECT, or buffered when asked; with a buffer of one 4 KiB block the stream crosses
     many buffer ends and the last block is padded and cut. A piece list that does not fill its shape is
     refused, as is a dtype safetensors has no name for."""
@@ -260,11 +262,11 @@ def test_tensors_are_streamed_to_safetensors_from_their_pieces_with_the_manifest
                "empty": torch.zeros(0, 4), "big": torch.randn(3001, generator=g)}
     out = ck.DirectFile(tmp_path / "mode", buffer_bytes, direct)
     out.write(b"x" * 5000)
-    assert out.close() == file_entry(b"x" * 5000) and (tmp_path / "mode").read_bytes() == b"x" * 5000
+    assert out.close() == file_entry(b"x" * 5000, "xxh3_128") and (tmp_path / "mode").read_bytes() == b"x" * 5000
     assert out.direct == (direct and direct_io_works(tmp_path))
     entry = ck.write_safetensors(tmp_path / "t.safetensors", tensors, buffer_bytes, direct)
     data = (tmp_path / "t.safetensors").read_bytes()
-    assert entry == file_entry(data) and int.from_bytes(data[:8], "little") % 8 == 0
+    assert entry == file_entry(data, "xxh3_128") and int.from_bytes(data[:8], "little") % 8 == 0
     back = load(data)
     assert torch.equal(back["w"], torch.cat([flat[0], flat[1][:5]]).view(3, 4))
     for name in ("rng", "half", "scalar", "empty"):

@@ -135,7 +135,7 @@ def test_bad_requests_are_clear_errors_with_exit_code_2(run, tmp_path, capsys):
     rc, _, err = cora_eval(capsys, "--run", str(run), "--checkpoint", "step-000000012", "--no-progress")
     assert rc == 2 and "no committed checkpoint step-000000012" in err           # staged, never committed
     rc, _, err = cora_eval(capsys, "--run", str(run), "--checkpoint", "10", "--no-progress")
-    assert rc == 2 and "step-000000010/trainable.safetensors" in err and "sha256" in err
+    assert rc == 2 and "step-000000010/trainable.safetensors" in err and "does not match the xxh3_128 in the manifest" in err
     rc, _, err = cora_eval(capsys, "--run", str(tmp_path / "nothing"), "--no-progress")
     assert rc == 2 and "is not a run directory (no config.json)" in err
     no_export = tmp_path / "no-export"

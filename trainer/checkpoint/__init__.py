@@ -6,7 +6,8 @@
                         rng.safetensors         every rank's torch RNG state
                         state.json              counters, AdamW step, LR schedule, the data cursor of every
                                                 rank, validation history, the run's config
-                        manifest.json           written last: size and sha256 of each file above
+                        manifest.json           written last: size and digest of each file above
+                                                (xxh3-128 for the safetensors files, sha256 for state.json)
 
 A checkpoint is committed by its manifest: one without it, or with a file that does not match it
 (missing, truncated, altered), is never loaded. The frozen LLM is never written. Nothing is unpickled

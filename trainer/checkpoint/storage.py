@@ -4,7 +4,6 @@ last; nothing is unpickled on load (safetensors and JSON only)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -15,7 +14,7 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 
-from cora.fileio import entry_problem, is_remote, open_fs
+from cora.fileio import bytes_problem, is_remote, open_fs
 
 MANIFEST = "manifest.json"
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
@@ -71,7 +70,7 @@ def read_checkpoint(uri: str, name: str) -> tuple[dict, dict[str, bytes]]:
             data = _read(fs, f"{root}/{name}/{fname}")
         except FileNotFoundError:
             raise CheckpointError(f"{uri}/{name}/{fname} is missing") from None
-        problem = entry_problem(meta, len(data), lambda: hashlib.sha256(data).hexdigest())
+        problem = bytes_problem(data, meta)
         if problem:
             raise CheckpointError(f"{uri}/{name}/{fname} {problem}")
         files[fname] = data
@@ -86,7 +85,7 @@ def newest_state(uri: str) -> tuple[str, dict] | None:
         try:
             entry = read_commit(uri, name).get("files", {})["state.json"]
             data = _read(fs, f"{root}/{name}/state.json")
-            if entry_problem(entry, len(data), lambda: hashlib.sha256(data).hexdigest()) is None:
+            if bytes_problem(data, entry) is None:
                 return name, json.loads(data)
         except (CheckpointError, KeyError, FileNotFoundError, json.JSONDecodeError):
             pass
