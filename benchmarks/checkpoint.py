@@ -25,6 +25,10 @@ checkpoints by up to 30% between runs.
 (``O_DIRECT``, the default) and buffered (through the page cache) in turns, every checkpoint kept until
 the end as a run keeps them; the staging thread's CPU time and wall time of each.
 
+``cost_per_save_s``: where a checkpointing block's extra time goes, per save (medians over the pairs): the loop
+held by the save, and the excess over the other block's median step of the first and second steps after a save
+and of the other steps.
+
 Also: the time from each save request to its commit by the background uploader, and the bytes committed
 per checkpoint against the trainable state's size (generator + P in fp32; a checkpoint also holds AdamW's
 two moments, the RNG states and JSON).
@@ -81,6 +85,38 @@ def block_rates(log: list[dict], batch: int, workers: int, blocks: list[bool]) -
     return out
 
 
+def cost_per_save(log: list[dict], kept: list[int], blocks: list[bool]) -> dict:
+    """Where a checkpointing block's extra time goes, per save, median over the kept pairs: the loop held by
+    the save itself, then each step's excess over the median step of the pair's block without checkpoints,
+    summed separately for the first and second step after a save and for the other steps (a uniform
+    slowdown: background threads taking the cores the ranks train on)."""
+    phases = ("data_wait", "forward", "backward", "optimizer")
+    parts: dict[str, list] = {"held": [], "first_step_after": [], "second_step_after": [], "other_steps": [],
+                              **{f"first_step_after_{ph}": [] for ph in phases}}
+    for p in kept:
+        none_k, every_k = (2 * p, 2 * p + 1) if not blocks[2 * p] else (2 * p + 1, 2 * p)
+        none = [r for r in log if r.get("block") == none_k]
+        base = statistics.median(r["seconds"] + r["data_wait"] for r in none)
+        base_phase = {ph: statistics.median(r[ph] for r in none) for ph in phases}
+        steps = [r for r in log if r.get("block") == every_k]
+        saves = sum(r["held"] > 0 for r in steps)
+        if not saves:
+            continue
+        got = dict.fromkeys(parts, 0.0)
+        since = None            # which step after the last save this is (a step's "held" is the save before it)
+        for r in steps:
+            since = 1 if r["held"] > 0 else (None if since is None else since + 1)
+            key = {1: "first_step_after", 2: "second_step_after"}.get(since, "other_steps")
+            got[key] += r["seconds"] + r["data_wait"] - base
+            got["held"] += r["held"]
+            if since == 1:
+                for ph in phases:
+                    got[f"first_step_after_{ph}"] += r[ph] - base_phase[ph]
+        for k in parts:
+            parts[k].append(got[k] / saves)
+    return {k: round(statistics.median(v), 4) for k, v in parts.items() if v}
+
+
 def in_one_run(args, data, cf, tmp) -> dict:
     blocks = [side for p in range(args.repeats) for side in ((False, True) if p % 2 == 0 else (True, False))]
     uri = args.uri.rstrip("/") + "/blocks" if args.uri else str(tmp / "ckpt")
@@ -96,7 +132,9 @@ def in_one_run(args, data, cf, tmp) -> dict:
             continue
         none, every = (a, b) if not a["every"] else (b, a)
         pairs.append((none["rate"], every["rate"]))
-    return {"pairs": pairs, "pairs_dropped": dropped, "report": ranks[0],
+    return {"pairs": pairs, "pairs_dropped": dropped, "report": ranks[0], "cost_per_save": cost_per_save(
+                ranks[0]["log"], [p for p in range(args.repeats) if rates[2 * p]["epochs"] == rates[2 * p + 1]["epochs"] == 1],
+                blocks),
             "saves_per_block": [r["saves"] for r in rates if r["every"]],
             "save_held_loop_s": [r["held"] for r in ranks[0]["log"] if r["held"] > 0]}   # the blocks' saves
 
@@ -202,6 +240,8 @@ def main() -> None:
            "request_to_commit_s_max": round(max(c["request_to_commit_s"] for c in commits), 4),
            "checkpoints_committed": len(commits), "bytes_per_checkpoint": commits[-1]["bytes"],
            "trainable_state_bytes": trainable, "bytes_ratio": round(commits[-1]["bytes"] / trainable, 3)}
+    if "cost_per_save" in got:
+        out["cost_per_save_s"] = got["cost_per_save"]
     if "saves_per_block" in got:
         out["saves_per_checkpointing_block"] = got["saves_per_block"]
     print(json.dumps(out, indent=1) if args.json else out, file=out_stream)
