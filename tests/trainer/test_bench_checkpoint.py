@@ -32,3 +32,23 @@ def test_blocks_switch_checkpointing_and_count_each_save_in_the_block_it_slows(t
     assert [r["saves"] for r in rates] == [0, 2, 2, 0] and all(r["epochs"] == 1 for r in rates)
     plain, held = 20 * 16 / (20 * 1.25), 20 * 16 / (20 * 1.25 + 2 * 0.5)
     assert [round(r["rate"], 6) for r in rates] == [round(x, 6) for x in (plain, held, held, plain)]
+
+
+def test_cost_per_save_splits_a_checkpointing_blocks_excess_into_the_save_and_the_steps_after_it():
+    """cost_per_save: against the pair's block without saves (1.0 s steps), a block whose saves hold the loop
+    0.5 s and slow the first step after each by 0.3 s (forward 0.1, backward 0.2) and the second by 0.1 s
+    reports exactly that per save, and nothing for the other steps."""
+    bench = load_benchmark("checkpoint")
+    blocks = [False, True, True, False]
+    log = []
+    for k, saves in enumerate(blocks):
+        for i in range(20):                 # a checkpointing block's saves precede its steps 0 and 10
+            after = i % 10 if saves else None
+            extra = {0: (0.1, 0.2), 1: (0.05, 0.05)}.get(after, (0.0, 0.0))
+            log.append({"block": k, "held": 0.5 if after == 0 else 0.0, "data_wait": 0.1, "forward": 0.4 + extra[0],
+                        "backward": 0.4 + extra[1], "optimizer": 0.1, "seconds": 0.9 + sum(extra)})
+    got = bench.cost_per_save(log, [0, 1], blocks)
+    want = {"held": 0.5, "first_step_after": 0.3, "second_step_after": 0.1, "other_steps": 0.0,
+            "first_step_after_forward": 0.1, "first_step_after_backward": 0.2, "first_step_after_optimizer": 0.0,
+            "first_step_after_data_wait": 0.0}
+    assert got == want
