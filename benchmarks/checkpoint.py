@@ -124,17 +124,16 @@ def in_one_run(args, data, cf, tmp) -> dict:
     ranks = train_ranks(2, data, cf, tmp, args, "blocks", ckpt,
                         hooks=(Alternate(args.warmup, args.block, args.every, blocks),))
     rates = block_rates(ranks[0]["log"], args.batch, 2, blocks)
-    pairs, dropped = [], 0
+    pairs, kept = [], []
     for p in range(args.repeats):
         a, b = rates[2 * p], rates[2 * p + 1]
         if a["epochs"] > 1 or b["epochs"] > 1:
-            dropped += 1
             continue
         none, every = (a, b) if not a["every"] else (b, a)
         pairs.append((none["rate"], every["rate"]))
-    return {"pairs": pairs, "pairs_dropped": dropped, "report": ranks[0], "cost_per_save": cost_per_save(
-                ranks[0]["log"], [p for p in range(args.repeats) if rates[2 * p]["epochs"] == rates[2 * p + 1]["epochs"] == 1],
-                blocks),
+        kept.append(p)
+    return {"pairs": pairs, "pairs_dropped": args.repeats - len(kept), "report": ranks[0],
+            "cost_per_save": cost_per_save(ranks[0]["log"], kept, blocks),
             "saves_per_block": [r["saves"] for r in rates if r["every"]],
             "save_held_loop_s": [r["held"] for r in ranks[0]["log"] if r["held"] > 0]}   # the blocks' saves
 

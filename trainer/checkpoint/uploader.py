@@ -172,7 +172,7 @@ class DirectFile:
 
     Why: staging a 372 MB checkpoint buffered cost 1.15-1.29 s of CPU on this 2-core VM, almost all of it
     the kernel allocating and filling fresh page-cache pages (every checkpoint's pages are new), against
-    0.29 s written direct and hashed with sha256, 0.26 s of which the hash, and 0.06 s with xxh3-128
+    0.29 s written direct and hashed with sha256 (0.26 s of it the hash), and 0.085 s with xxh3-128
     (``benchmarks/checkpoint.py --stage-only``; the ranks that train use both cores, so that CPU comes out of
     training). The copy into the buffer and the hashing release the
     GIL. Where ``O_DIRECT`` is refused (tmpfs before Linux 6.6, some network filesystems, not Linux) the same
