@@ -27,7 +27,7 @@ the end as a run keeps them; the staging thread's CPU time and wall time of each
 
 ``cost_per_save_s``: where a checkpointing block's extra time goes, per save (medians over the pairs): the loop
 held by the save, and the excess over the other block's median step of the first and second steps after a save
-and of the other steps.
+and of the other steps; rank 0's steps (it writes the checkpoint), and ``cost_per_save_s_rank1`` rank 1's.
 
 Also: the time from each save request to its commit by the background uploader, and the bytes committed
 per checkpoint against the trainable state's size (generator + P in fp32; a checkpoint also holds AdamW's
@@ -133,7 +133,7 @@ def in_one_run(args, data, cf, tmp) -> dict:
         pairs.append((none["rate"], every["rate"]))
         kept.append(p)
     return {"pairs": pairs, "pairs_dropped": args.repeats - len(kept), "report": ranks[0],
-            "cost_per_save": cost_per_save(ranks[0]["log"], kept, blocks),
+            "cost_per_save": [cost_per_save(r["log"], kept, blocks) for r in ranks],
             "saves_per_block": [r["saves"] for r in rates if r["every"]],
             "save_held_loop_s": [r["held"] for r in ranks[0]["log"] if r["held"] > 0]}   # the blocks' saves
 
@@ -240,7 +240,8 @@ def main() -> None:
            "checkpoints_committed": len(commits), "bytes_per_checkpoint": commits[-1]["bytes"],
            "trainable_state_bytes": trainable, "bytes_ratio": round(commits[-1]["bytes"] / trainable, 3)}
     if "cost_per_save" in got:
-        out["cost_per_save_s"] = got["cost_per_save"]
+        out["cost_per_save_s"] = got["cost_per_save"][0]
+        out["cost_per_save_s_rank1"] = got["cost_per_save"][1]
     if "saves_per_block" in got:
         out["saves_per_checkpointing_block"] = got["saves_per_block"]
     print(json.dumps(out, indent=1) if args.json else out, file=out_stream)
