@@ -92,7 +92,7 @@ def read_shard(uri: str, entry: dict | str | None) -> list[dict]:
     fs, path = open_fs(uri)
     try:
         with fs.open_input_stream(path) as raw:
-            src = _Hashing(raw, entry_digest(entry)[0] if entry is not None else "sha256")
+            src = _Hashing(raw, (entry_digest(entry)[0] if entry is not None else None) or "sha256")
             with tarfile.open(fileobj=src, mode="r|") as tar:
                 samples = [json.loads(tar.extractfile(m).read()) for m in tar
                            if m.isfile() and m.name.endswith(".json")]

@@ -85,14 +85,15 @@ def file_entry(source: str | Path | bytes, digest: str = "sha256") -> dict:
     return {"size": Path(source).stat().st_size, digest: file_digest(source, digest)}
 
 
-def entry_digest(entry: dict | str) -> tuple[str, str]:
-    """(digest name, hex) of a manifest entry of any format ever written."""
+def entry_digest(entry: dict | str) -> tuple[str | None, str | None]:
+    """(digest name, hex) of a manifest entry of any format ever written; (None, None) when it holds none of
+    ``DIGESTS`` (a newer version's hash)."""
     if isinstance(entry, str):
         return "sha256", entry
     for name in DIGESTS:
         if name in entry:
             return name, entry[name]
-    raise ValueError(f"a manifest entry without a digest this version reads ({', '.join(DIGESTS)}): {entry}")
+    return None, None
 
 
 def entry_problem(entry: dict | str, size: int, digest: Callable[[str], str]) -> str | None:
@@ -101,6 +102,9 @@ def entry_problem(entry: dict | str, size: int, digest: Callable[[str], str]) ->
     entry format ever written."""
     want_size = None if isinstance(entry, str) else entry.get("size", entry.get("bytes"))
     name, want = entry_digest(entry)
+    if name is None:
+        return (f"has a manifest entry with no digest this version reads ({', '.join(DIGESTS)}): "
+                f"{sorted(entry)}; read it with the version that wrote it")
     if want_size is not None and size != want_size:
         return f"has {size} bytes where the manifest says {want_size} (truncated or replaced)"
     if digest(name) != want:
