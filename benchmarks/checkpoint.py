@@ -25,6 +25,9 @@ checkpoints by up to 30% between runs.
 (``O_DIRECT``, the default) and buffered (through the page cache) in turns, every checkpoint kept until
 the end as a run keeps them; the staging thread's CPU time and wall time of each.
 
+``--no-write``: as the default, but the stager's writes are dropped (the files it commits are holes of the right
+size, never read): the difference from a default run is what writing the bytes to the disk costs training.
+
 ``cost_per_save_s``: where a checkpointing block's extra time goes, per save (medians over the pairs): the loop
 held by the save, and the excess over the other block's median step of the first and second steps after a save
 and of the other steps; rank 0's steps (it writes the checkpoint), and ``cost_per_save_s_rank1`` rank 1's.
@@ -58,8 +61,14 @@ class Alternate(Hooks):
     step s is the Checkpointer's, due when s is a multiple of ``every`` and the block of step s + 1
     checkpoints."""
 
-    def __init__(self, warmup: int, block: int, every: int, blocks: list[bool]):
+    def __init__(self, warmup: int, block: int, every: int, blocks: list[bool], write: bool = True):
         self.warmup, self.block, self.every, self.blocks, self.seen = warmup, block, every, blocks, 0
+        self.write = write
+
+    def after_setup(self, recipe) -> None:
+        if not self.write:      # --no-write: the stager copies and hashes every byte but writes none of them
+            from trainer.checkpoint import uploader
+            uploader._write_all = lambda fd, view: None
 
     def block_of(self, step: int) -> int:
         k = (step - 1 - self.warmup) // self.block
@@ -122,7 +131,7 @@ def in_one_run(args, data, cf, tmp) -> dict:
     uri = args.uri.rstrip("/") + "/blocks" if args.uri else str(tmp / "ckpt")
     ckpt = {"uri": uri, "every": args.every, "staging": str(tmp / "staging")}
     ranks = train_ranks(2, data, cf, tmp, args, "blocks", ckpt,
-                        hooks=(Alternate(args.warmup, args.block, args.every, blocks),))
+                        hooks=(Alternate(args.warmup, args.block, args.every, blocks, not args.no_write),))
     rates = block_rates(ranks[0]["log"], args.batch, 2, blocks)
     pairs, kept = [], []
     for p in range(args.repeats):
@@ -200,6 +209,8 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--generator", choices=["demo", "paper"], default="paper",
                     help="the generator (and so the checkpoint) size: demo (~0.1M) or the paper's (~25M)")
+    ap.add_argument("--no-write", action="store_true",
+                    help="the stager copies and hashes but writes nothing (files committed as holes): the disk's share")
     ap.add_argument("--stage-only", action="store_true", help="only the stager's cost, direct vs buffered")
     ap.add_argument("--stage-dir", help="with --stage-only: where to stage (default: the temporary directory)")
     args = ap.parse_args()
@@ -207,6 +218,8 @@ def main() -> None:
         got = stage_only(args.repeats, args.stage_dir)
         print(json.dumps(got, indent=1) if args.json else got)
         return
+    if args.no_write and args.legs:
+        ap.error("--no-write measures blocks in one run; drop --legs")
     if args.block % args.every or args.warmup % args.every:
         ap.error(f"--block ({args.block}) and --warmup ({args.warmup}) must be multiples of --every ({args.every})")
     args.activation_checkpointing, args.cpus_per_worker, args.peak_tflops = False, 1, None
@@ -225,6 +238,7 @@ def main() -> None:
     commits = report["checkpoints"]["commits"]
     trainable = report["trainable_bytes"]
     out = {"workers": 2, "method": "legs" if args.legs else "blocks in one run", "every": args.every,
+           "writes": "dropped (--no-write)" if args.no_write else "to the staging disk",
            "uri": args.uri or "local directory",
            **({"steps_per_leg": args.steps} if args.legs else {"block": args.block, "warmup": args.warmup}),
            "samples_per_s_without": round(statistics.mean(n for n, _ in got["pairs"]), 2),
