@@ -103,7 +103,25 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
-_DROPOUT_BITS = 15
+def drop_positions(n: int, p: float, chunk: int | None = None) -> torch.Tensor:
+    """The sorted positions of the failures among ``n`` independent Bernoulli trials that each fail with
+    probability ``p``: the gaps between failures are geometric (P(g kept before the next drop) = (1-p)^g p),
+    drawn by inversion, ``floor(log(1 - u) / log(1 - p))``, from float64 uniforms of torch's CPU generator
+    (seeded by ``torch.manual_seed``). ``chunk`` uniforms are drawn at a time (default n p + 8 sqrt(n p) + 16,
+    almost always enough: ~n p draws, not one per trial), again from where they stopped until they pass ``n``."""
+    mean = n * p
+    chunk = chunk or int(mean + 8 * math.sqrt(mean) + 16)
+    log_keep = math.log1p(-p)
+    out, start = [], 0
+    while True:
+        u = torch.empty(chunk, dtype=torch.float64).uniform_()
+        gaps = torch.log1p(u.neg_()).div_(log_keep).floor_().to(torch.int64).add_(1)
+        pos = gaps.cumsum_(0).add_(start - 1)
+        if pos[-1] >= n:
+            out.append(pos[:int(torch.searchsorted(pos, n))])
+            return out[0] if len(out) == 1 else torch.cat(out)
+        out.append(pos)
+        start = int(pos[-1]) + 1
 
 
 def adapter_dropout(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tensor, float]:
@@ -111,23 +129,18 @@ def adapter_dropout(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Te
     ``factor = 1 / (1 - p)`` into the small matrix A instead of rescaling the large activation.
 
     On CUDA this is ``F.dropout`` (a fused kernel). On the CPU, ``F.dropout`` spends most of its time
-    drawing one Bernoulli sample per element (about 30x the cost of the rank-16 ``bmm`` it feeds), so
-    the mask is made from the torch CPU generator's raw 64-bit words instead: each word gives four
-    15-bit uniform integers, compared against ``round(p * 2**15)``. Every element is still dropped
-    independently; the rate is ``p`` rounded to a multiple of 2**-15 (0.05 -> 0.049988), and the
-    factor uses that exact rate, so the expectation is unbiased. Seeded by ``torch.manual_seed``.
+    drawing one Bernoulli sample per element (about 30x the cost of the rank-16 ``bmm`` it feeds), so only
+    the dropped elements are drawn: their positions (``drop_positions``: ~p n draws) are zeroed in a copy
+    of ``x`` (``index_fill``; its backward zeroes the same positions of the gradient). Every element is
+    still dropped independently with probability exactly ``p``. Seeded by ``torch.manual_seed``, so
+    activation-checkpoint recomputation (which restores the generator) drops the same elements.
     """
     if not training or p == 0.0:
         return x, 1.0
     if x.device.type != "cpu":
         return F.dropout(x, p, True), 1.0
-    levels = 1 << _DROPOUT_BITS
-    threshold = round(p * levels)
-    n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()   # 63 uniform bits per word
-    draws = words.view(torch.int16)[:n].view(x.shape).bitwise_and_(levels - 1)  # 4 x 15 bits
-    keep = draws >= threshold
-    return torch.where(keep, x, 0.0), levels / (levels - threshold)
+    dropped = drop_positions(x.numel(), p)
+    return x.reshape(-1).index_fill(0, dropped, 0.0).view(x.shape), 1.0 / (1.0 - p)
 
 
 class SharedDown:

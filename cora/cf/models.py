@@ -203,7 +203,7 @@ class LightGCN(CFModel):
 
 # ----------------------------------------------------------------------------- SASRec
 class _Dropout(nn.Module):
-    """Dropout with the cheap CPU mask of cora.injection.adapter_dropout (F.dropout on CUDA)."""
+    """Dropout drawing only the dropped positions on the CPU (cora.injection.adapter_dropout; F.dropout on CUDA)."""
 
     def __init__(self, p: float):
         super().__init__()
