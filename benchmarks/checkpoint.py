@@ -214,12 +214,12 @@ def main() -> None:
     ap.add_argument("--stage-only", action="store_true", help="only the stager's cost, direct vs buffered")
     ap.add_argument("--stage-dir", help="with --stage-only: where to stage (default: the temporary directory)")
     args = ap.parse_args()
+    if args.no_write and (args.legs or args.stage_only):
+        ap.error("--no-write measures blocks in one run; drop --legs and --stage-only")
     if args.stage_only:
         got = stage_only(args.repeats, args.stage_dir)
         print(json.dumps(got, indent=1) if args.json else got)
         return
-    if args.no_write and args.legs:
-        ap.error("--no-write measures blocks in one run; drop --legs")
     if args.block % args.every or args.warmup % args.every:
         ap.error(f"--block ({args.block}) and --warmup ({args.warmup}) must be multiples of --every ({args.every})")
     args.activation_checkpointing, args.cpus_per_worker, args.peak_tflops = False, 1, None
