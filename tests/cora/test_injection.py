@@ -312,6 +312,33 @@ def test_drop_positions_drawn_in_small_chunks_are_the_same_positions():
         assert torch.equal(drop_positions(n, p, chunk=3), whole)
 
 
+def test_activation_checkpointing_recomputes_the_same_dropout(tokenizer, yes_id):
+    """With dropout 0.3 on every target, a step under (non-reentrant) activation checkpointing gives the loss and
+    gradients of the plain step from the same seed: the recomputation in backward drops the same elements
+    (``drop_positions`` draws from the generator that checkpointing restores). A different mask in the
+    recomputation would give other gradients; a different seed gives other ones, which the test also checks."""
+    def grads(checkpointing: bool, seed: int = 7):
+        llm = tiny("tiny-llama")
+        if checkpointing:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)
+        model = CoRAModel(llm, yes_id, 8, 8, InjectionConfig(targets=ALL, dropout=0.3), SMALL_GEN).train()
+        randomise_p(model)
+        torch.manual_seed(seed)
+        loss, _ = model.loss(_batch(tokenizer))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, plain = grads(False)
+    loss_ckpt, ckpt = grads(True)
+    assert torch.allclose(loss, loss_ckpt, atol=1e-6)
+    assert plain.keys() == ckpt.keys() and any("lora_P" in n for n in plain)
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], rtol=1e-4, atol=1e-6), n
+    _, other = grads(False, seed=8)
+    assert any(not torch.allclose(plain[n], other[n], rtol=1e-4, atol=1e-6) for n in plain if "lora_P" in n)
+
+
 def test_the_loss_ignores_weight_zero_padding_samples(tokenizer, yes_id):
     """The epoch plan pads a short rank's last batch with weight-0 copies: the loss of the padded batch
     equals the plain mean BCE of its real samples, whatever the padding's label."""
